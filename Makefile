@@ -1,0 +1,61 @@
+# Z-Image serving: a tuned inference server and a Kubernetes operator.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+HOST ?= 127.0.0.1
+PORT ?= 8000
+MODEL ?= builtin://tiny
+PYTEST_ARGS ?=
+
+.DEFAULT_GOAL := help
+
+.PHONY: help
+help: ## List the targets
+	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z0-9_-]+:.*## / {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[server,dev]'
+	touch $@
+
+.PHONY: install
+install: $(VENV)/.installed ## Create .venv and install the project with its server and dev extras
+
+.PHONY: run
+run: install ## Serve on http://127.0.0.1:8000 (override HOST, PORT, MODEL; default model builtin://tiny)
+	$(VENV)/bin/zimage-server serve --host $(HOST) --port $(PORT) --model $(MODEL)
+
+.PHONY: tiny-model
+tiny-model: install ## Write the built-in tiny pipeline to ./tiny-model
+	$(VENV)/bin/zimage-server make-tiny-model tiny-model
+
+.PHONY: lint
+lint: install ## ruff (lint and format check) and mypy
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+.PHONY: fmt
+fmt: install ## Format and auto-fix with ruff
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+.PHONY: test
+test: lint ## Lint, then run every test that can run on this machine (no GPU tests)
+	$(VENV)/bin/pytest -m "not gpu" $(PYTEST_ARGS)
+
+.PHONY: test-gpu
+test-gpu: install ## Run the GPU tests (needs an NVIDIA GPU)
+	$(VENV)/bin/pytest -m gpu $(PYTEST_ARGS)
+
+.PHONY: constraints
+constraints: install ## Re-pin constraints.txt from the current .venv
+	{ echo "# Versions the project is tested with; make install uses them as pip constraints."; \
+	  echo "# Refresh with: make constraints"; \
+	  $(PY) -m pip freeze --exclude-editable | grep -v '^zimage'; } > constraints.txt
+
+.PHONY: clean
+clean: ## Remove the virtual environment and caches
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info

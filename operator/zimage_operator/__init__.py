@@ -1,0 +1,1 @@
+"""Kubernetes operator that reconciles ZImageService resources (work in progress)."""

@@ -1,0 +1,109 @@
+"""HTTP routes. They stay thin: the service does the work, errors map in errors.py."""
+
+from __future__ import annotations
+
+import base64
+import time
+from typing import Any
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from .errors import bad_request
+from .protocol import MEDIA_TYPES, ImageData, ImageGenerationRequest, ImageGenerationResponse
+from .service import ImageService
+from .state import Phase, ServerState
+
+router = APIRouter()
+
+
+def _service(request: Request) -> ImageService:
+    service: ImageService = request.app.state.service
+    return service
+
+
+@router.post("/v1/images/generations", response_model=ImageGenerationResponse, tags=["images"])
+async def create_images(body: ImageGenerationRequest, request: Request) -> ImageGenerationResponse:
+    """Generate images; the OpenAI Images API shape, with ``seed`` and ``num_inference_steps``."""
+    service = _service(request)
+    params = service.params(body)
+    images = await service.generate(params, request)
+    encoded = await service.encode(images, params)
+    return ImageGenerationResponse(
+        created=int(time.time()),
+        data=[
+            ImageData(b64_json=base64.b64encode(data).decode("ascii"), seed=seed)
+            for data, seed in zip(encoded, params.seeds, strict=True)
+        ],
+        output_format=params.output_format,
+        size=params.size,
+    )
+
+
+@router.post(
+    "/generate",
+    tags=["images"],
+    response_class=Response,
+    responses={200: {"content": {media: {} for media in MEDIA_TYPES.values()}}},
+)
+async def generate(body: ImageGenerationRequest, request: Request) -> Response:
+    """Generate one image and return its bytes (``curl ... -o out.png``)."""
+    if body.n != 1:
+        raise bad_request("POST /generate returns one image; use /v1/images/generations for n > 1", param="n")
+    service = _service(request)
+    params = service.params(body)
+    images = await service.generate(params, request)
+    (data,) = await service.encode(images, params)
+    return Response(
+        content=data,
+        media_type=MEDIA_TYPES[params.output_format],
+        headers={"X-Seed": str(params.seeds[0]), "X-Size": params.size},
+    )
+
+
+@router.get("/v1/models", tags=["images"])
+async def list_models(request: Request) -> dict[str, Any]:
+    service = _service(request)
+    return {
+        "object": "list",
+        "data": [{"id": service.model_name, "object": "model", "created": 0, "owned_by": "zimage"}],
+    }
+
+
+def _health(ok: bool, state: ServerState, **extra: Any) -> JSONResponse:
+    body = {
+        "status": "ok" if ok else "unavailable",
+        "phase": state.phase.value,
+        "detail": state.detail,
+        **extra,
+    }
+    return JSONResponse(body, status_code=200 if ok else 503)
+
+
+@router.get("/healthz/live", tags=["health"])
+async def live(request: Request) -> JSONResponse:
+    """Fails when the process can no longer serve: the model failed to load or the worker died."""
+    state: ServerState = request.app.state.server_state
+    engine_alive = _service(request).engine.alive
+    return _health(state.phase is not Phase.FAILED and engine_alive, state, engine_alive=engine_alive)
+
+
+@router.get("/healthz/ready", tags=["health"])
+async def ready(request: Request) -> JSONResponse:
+    """503 until the model is loaded and warmed up."""
+    state: ServerState = request.app.state.server_state
+    return _health(state.ready, state)
+
+
+@router.get("/healthz/startup", tags=["health"])
+async def startup(request: Request) -> JSONResponse:
+    """Passes once loading and warm-up are done; the kubelet holds other probes until then."""
+    state: ServerState = request.app.state.server_state
+    return _health(state.ready, state)
+
+
+@router.get("/metrics", tags=["health"])
+async def metrics(request: Request) -> Response:
+    registry = request.app.state.metrics.registry
+    return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)

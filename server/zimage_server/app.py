@@ -1,0 +1,87 @@
+"""Builds the FastAPI application and runs model loading and warm-up in the background."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+
+from fastapi import FastAPI
+
+from . import __version__
+from .api import router
+from .config import Settings
+from .engine import Engine
+from .errors import install_error_handlers
+from .metrics import Metrics
+from .middleware import RequestMetricsMiddleware
+from .runner import BatchSpec, PipelineRunner
+from .service import ImageService
+from .state import Phase, ServerState
+
+logger = logging.getLogger(__name__)
+
+
+def create_app(settings: Settings) -> FastAPI:
+    metrics = Metrics()
+    state = ServerState()
+    runner = PipelineRunner(settings)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        engine = Engine(runner, settings, metrics)
+        encoder = ThreadPoolExecutor(max_workers=settings.encode_threads, thread_name_prefix="zimage-encode")
+        app.state.service = ImageService(settings, engine, metrics, state, encoder)
+        engine.start()
+        loader = asyncio.create_task(_load_and_warm_up(runner, engine, state, metrics, settings))
+        try:
+            yield
+        finally:
+            loader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await loader
+            await engine.stop()
+            encoder.shutdown(wait=False, cancel_futures=True)
+
+    app = FastAPI(
+        title="Z-Image server",
+        version=__version__,
+        description="Z-Image-Turbo text-to-image over an OpenAI-compatible images API.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.metrics = metrics
+    app.state.server_state = state
+    app.state.runner = runner
+    install_error_handlers(app)
+    app.add_middleware(RequestMetricsMiddleware, metrics=metrics)
+    app.include_router(router)
+    return app
+
+
+async def _load_and_warm_up(
+    runner: PipelineRunner, engine: Engine, state: ServerState, metrics: Metrics, settings: Settings
+) -> None:
+    loop = asyncio.get_running_loop()
+    try:
+        state.set(Phase.LOADING, f"loading {runner.source}")
+        await loop.run_in_executor(engine.gpu, runner.load)
+        for size in settings.warmup_sizes:
+            width, height = settings.check_size(size)
+            state.set(Phase.WARMING, f"warming up at {size}")
+            started = time.perf_counter()
+            spec = BatchSpec(["warm-up"], [0], width, height, settings.warmup_steps)
+            await loop.run_in_executor(engine.gpu, runner.generate, spec)
+            logger.info("warm-up at %s took %.2fs", size, time.perf_counter() - started)
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:
+        logger.exception("the model could not be loaded")
+        state.set(Phase.FAILED, f"model load failed: {exc}")
+        return
+    state.set(Phase.READY, f"serving {runner.source}")
+    metrics.ready.set(1)
+    logger.info("ready: serving %s", runner.source)

@@ -1,0 +1,72 @@
+"""``zimage-server``: ``serve`` (the default) and ``make-tiny-model DIR``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+USAGE = """usage: zimage-server [serve] [--FLAG VALUE ...]
+       zimage-server make-tiny-model DIR
+
+commands:
+  serve             run the HTTP server (the default); `zimage-server serve --help` lists the flags,
+                    each also read from the environment as ZIMAGE_<FLAG>
+  make-tiny-model   write the built-in tiny random-weight pipeline to DIR (save_pretrained layout)
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args and args[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        return 0
+    if args and args[0] == "make-tiny-model":
+        return _make_tiny_model(args[1:])
+    if args and args[0] == "serve":
+        args = args[1:]
+    return _serve(args)
+
+
+def _make_tiny_model(args: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="zimage-server make-tiny-model")
+    parser.add_argument("directory", help="where to write the pipeline")
+    ns = parser.parse_args(args)
+    from .tiny_model import make_tiny_model
+
+    path = make_tiny_model(ns.directory)
+    print(f"wrote the tiny Z-Image pipeline to {path}")
+    return 0
+
+
+def _serve(args: list[str]) -> int:
+    from pydantic import ValidationError
+    from pydantic_settings import CliApp
+
+    from .config import Settings
+    from .model_source import ModelSource, ModelSourceError
+
+    try:
+        settings = CliApp.run(Settings, cli_args=args)
+        ModelSource.parse(settings.model, settings.revision)
+    except (ValidationError, ModelSourceError) as exc:
+        print(f"zimage-server: invalid settings:\n{exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    import uvicorn
+
+    from .app import create_app
+
+    try:
+        app = create_app(settings)
+    except RuntimeError as exc:  # for example cuda asked for where there is none
+        print(f"zimage-server: {exc}", file=sys.stderr)
+        return 2
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level, access_log=False)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,123 @@
+"""Every server setting in one place: environment variables ``ZIMAGE_*`` or CLI flags."""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Literal
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+SIZE_RE = re.compile(r"^(\d{1,5})x(\d{1,5})$")
+# The VAE downsamples by 8 and the transformer patches by 2: sides must be multiples of 16.
+SIZE_MULTIPLE = 16
+
+
+def parse_size(value: str) -> tuple[int, int]:
+    """Parse ``"WxH"`` into ``(width, height)``; raise ``ValueError`` with a readable message."""
+    match = SIZE_RE.match(value.strip().lower())
+    if not match:
+        raise ValueError(f"size must look like '1024x1024' (width x height in pixels), got {value!r}")
+    return int(match.group(1)), int(match.group(2))
+
+
+class Settings(BaseSettings):
+    """Z-Image inference server settings.
+
+    Each field is read from the environment as ``ZIMAGE_<NAME>`` (for example
+    ``ZIMAGE_MAX_BATCH_SIZE=4``) or given as a flag (``--max-batch-size 4``).
+    """
+
+    model_config = SettingsConfigDict(
+        env_prefix="ZIMAGE_",
+        cli_kebab_case=True,
+        cli_implicit_flags=True,
+        cli_prog_name="zimage-server serve",
+        cli_exit_on_error=True,
+        extra="ignore",
+    )
+
+    model: str = Field(
+        "builtin://tiny",
+        description="Model source: builtin://tiny, a local directory, file:///PATH or hf://REPO[@REVISION]",
+    )
+    revision: str = Field("main", description="Hub revision when model is hf://REPO without @REVISION")
+    hf_cache_dir: str | None = Field(None, description="Hugging Face cache directory (default: HF_HOME)")
+    hf_token: SecretStr | None = Field(None, description="Hub token for gated or private repositories")
+    served_model_names: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["z-image-turbo", "Tongyi-MAI/Z-Image-Turbo"],
+        description="Names a request's 'model' field may use (comma-separated); the first is reported",
+    )
+
+    host: str = Field("127.0.0.1", description="Address to listen on (0.0.0.0 in a container)")
+    port: int = Field(8000, ge=1, le=65535)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto", description="auto = bfloat16 on GPU, float32 on CPU"
+    )
+
+    max_batch_size: int = Field(4, ge=1, le=64, description="Most images in one forward pass")
+    batch_wait_ms: float = Field(10.0, ge=0, le=10_000, description="How long a batch waits to fill up")
+    max_queue: int = Field(32, ge=1, description="Requests allowed to wait; more get 429")
+    request_timeout_s: float = Field(120.0, gt=0, description="Seconds from arrival to answer; then 504")
+
+    min_size: int = Field(256, ge=SIZE_MULTIPLE, description="Smallest width or height in pixels")
+    max_size: int = Field(2048, ge=SIZE_MULTIPLE, description="Largest width or height in pixels")
+    default_size: str = "1024x1024"
+    max_n: int = Field(4, ge=1, le=64, description="Most images in one request")
+    default_steps: int = Field(8, ge=1, description="Denoising steps when a request names none")
+    max_steps: int = Field(50, ge=1)
+    max_prompt_chars: int = Field(4000, ge=1)
+
+    warmup_sizes: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["1024x1024"],
+        description="Sizes generated once before ready (comma-separated)",
+    )
+    warmup_steps: int = Field(2, ge=1)
+
+    png_compress_level: int = Field(1, ge=0, le=9, description="zlib level for PNG (1 is fast, 9 is small)")
+    default_quality: int = Field(90, ge=1, le=100, description="JPEG/WebP quality when a request names none")
+    encode_threads: int = Field(2, ge=1, le=64)
+
+    @field_validator("warmup_sizes", "served_model_names", mode="before")
+    @classmethod
+    def _split_commas(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @model_validator(mode="after")
+    def _check(self) -> Settings:
+        if self.min_size > self.max_size:
+            raise ValueError(f"min_size ({self.min_size}) must not exceed max_size ({self.max_size})")
+        for name in ("min_size", "max_size"):
+            if getattr(self, name) % SIZE_MULTIPLE:
+                raise ValueError(f"{name} must be a multiple of {SIZE_MULTIPLE}")
+        if self.default_steps > self.max_steps:
+            raise ValueError("default_steps must not exceed max_steps")
+        if not self.served_model_names:
+            raise ValueError("served_model_names needs at least one name")
+        for size in [self.default_size, *self.warmup_sizes]:
+            self.check_size(size)
+        return self
+
+    def check_size(self, size: str) -> tuple[int, int]:
+        """Return (width, height) or raise ``ValueError`` saying what is wrong with ``size``."""
+        width, height = parse_size(size)
+        for side in (width, height):
+            if side % SIZE_MULTIPLE:
+                raise ValueError(
+                    f"size {size!r}: width and height must be multiples of {SIZE_MULTIPLE}; "
+                    f"try {_round(width)}x{_round(height)}"
+                )
+            if not self.min_size <= side <= self.max_size:
+                raise ValueError(
+                    f"size {size!r}: width and height must be between {self.min_size} and {self.max_size}"
+                )
+        return width, height
+
+
+def _round(side: int) -> int:
+    return max(SIZE_MULTIPLE, round(side / SIZE_MULTIPLE) * SIZE_MULTIPLE)

@@ -1,0 +1,226 @@
+"""The request engine: a queue of jobs feeding one GPU worker, with batching of compatible work.
+
+Each job asks for ``n`` images of one size and step count. The worker takes the oldest job,
+fills a batch of up to ``max_batch_size`` images from it and from any later job with the same
+size and steps, waits at most ``batch_wait_ms`` for the batch to fill, and runs the pipeline
+once for the whole batch on a single worker thread. A job that is cancelled (timeout, client
+gone) before its images are taken costs no GPU time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from PIL import Image
+
+from .config import Settings
+from .errors import APIError
+from .metrics import Metrics
+from .runner import BatchResult, BatchSpec, PipelineRunner
+
+logger = logging.getLogger(__name__)
+
+BatchKey = tuple[int, int, int]  # width, height, steps
+
+
+@dataclass(eq=False)
+class Job:
+    prompt: str
+    width: int
+    height: int
+    steps: int
+    seeds: list[int]
+    arrived: float = field(default_factory=time.monotonic)
+    future: asyncio.Future[list[Image.Image]] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
+    images: dict[int, Image.Image] = field(default_factory=dict)
+    taken: int = 0
+    cancelled: bool = False
+
+    @property
+    def key(self) -> BatchKey:
+        return (self.width, self.height, self.steps)
+
+    @property
+    def remaining(self) -> int:
+        return len(self.seeds) - self.taken
+
+
+class Engine:
+    def __init__(self, runner: PipelineRunner, settings: Settings, metrics: Metrics) -> None:
+        self.runner = runner
+        self.settings = settings
+        self.metrics = metrics
+        self.gpu = ThreadPoolExecutor(max_workers=1, thread_name_prefix="zimage-gpu")
+        self._jobs: deque[Job] = deque()
+        self._arrived = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._seconds_per_image = 1.0  # refined from measured batches
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="zimage-engine")
+
+    @property
+    def alive(self) -> bool:
+        return self._task is not None and not self._task.done()
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        while self._jobs:
+            job = self._jobs.popleft()
+            if not job.future.done():
+                job.future.set_exception(APIError(503, "the server is shutting down", type="server_error"))
+        self._update_gauges()
+        self.gpu.shutdown(wait=False, cancel_futures=True)
+
+    # -- submission ------------------------------------------------------------------------
+
+    @property
+    def waiting(self) -> int:
+        return sum(1 for job in self._jobs if job.taken == 0)
+
+    def retry_after(self) -> int:
+        """Seconds until the queue has likely drained enough to take a new request."""
+        images = sum(job.remaining for job in self._jobs)
+        return max(1, math.ceil(images * self._seconds_per_image))
+
+    def submit(self, job: Job) -> None:
+        if self.waiting >= self.settings.max_queue:
+            self.metrics.cancelled.labels("queue_full").inc()
+            raise APIError(
+                429,
+                f"the queue is full ({self.settings.max_queue} requests waiting); retry later",
+                type="rate_limit_error",
+                code="queue_full",
+                headers={"Retry-After": str(self.retry_after())},
+            )
+        self._jobs.append(job)
+        self._update_gauges()
+        self._arrived.set()
+
+    def cancel(self, job: Job, reason: str) -> None:
+        """Drop what is left of ``job``; images already on the GPU finish but are thrown away."""
+        if job.cancelled or job.future.done():
+            return
+        job.cancelled = True
+        if job.taken == 0:
+            self.metrics.cancelled.labels(reason).inc()
+            logger.info("dropped a queued request before it reached the GPU (%s)", reason)
+        with contextlib.suppress(ValueError):
+            self._jobs.remove(job)
+        self._update_gauges()
+
+    # -- worker ----------------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                await self._run_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # the loop must outlive any one batch
+                logger.exception("engine iteration failed")
+
+    async def _run_once(self) -> None:
+        while not self._jobs:
+            self._arrived.clear()
+            await self._arrived.wait()
+        key = self._jobs[0].key
+        await self._wait_to_fill(key)
+        batch = self._take(key)
+        if not batch:
+            return
+        jobs = list(dict.fromkeys(job for job, _ in batch))
+        self.metrics.in_flight.inc(len(jobs))
+        self._update_gauges()
+        spec = BatchSpec(
+            prompts=[job.prompt for job, _ in batch],
+            seeds=[job.seeds[i] for job, i in batch],
+            width=key[0],
+            height=key[1],
+            steps=key[2],
+        )
+        try:
+            result = await asyncio.get_running_loop().run_in_executor(self.gpu, self.runner.generate, spec)
+        except Exception as exc:
+            logger.exception("a batch of %d images failed", len(batch))
+            for job in jobs:
+                self._fail(job, exc)
+        else:
+            self._record(result, len(batch))
+            for (job, index), image in zip(batch, result.images, strict=True):
+                self._deliver(job, index, image)
+        finally:
+            self.metrics.in_flight.dec(len(jobs))
+
+    async def _wait_to_fill(self, key: BatchKey) -> None:
+        wait = self.settings.batch_wait_ms / 1000.0
+        deadline = time.monotonic() + wait
+        while self._fillable(key) < self.settings.max_batch_size:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            self._arrived.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._arrived.wait(), left)
+
+    def _fillable(self, key: BatchKey) -> int:
+        return sum(job.remaining for job in self._jobs if job.key == key)
+
+    def _take(self, key: BatchKey) -> list[tuple[Job, int]]:
+        room = self.settings.max_batch_size
+        now = time.monotonic()
+        batch: list[tuple[Job, int]] = []
+        for job in list(self._jobs):
+            if room == 0:
+                break
+            if job.key != key:
+                continue
+            if job.taken == 0:
+                self.metrics.queue_wait_seconds.observe(now - job.arrived)
+            count = min(room, job.remaining)
+            batch.extend((job, job.taken + i) for i in range(count))
+            job.taken += count
+            room -= count
+            if job.remaining == 0:
+                self._jobs.remove(job)
+        return batch
+
+    def _record(self, result: BatchResult, size: int) -> None:
+        self.metrics.generation_seconds.observe(result.seconds)
+        self.metrics.batch_size.observe(size)
+        self.metrics.images.inc(size)
+        for seconds in result.step_seconds:
+            self.metrics.step_seconds.observe(seconds)
+        per_image = result.seconds / size
+        self._seconds_per_image = 0.8 * self._seconds_per_image + 0.2 * per_image
+
+    def _deliver(self, job: Job, index: int, image: Image.Image) -> None:
+        if job.cancelled or job.future.done():
+            return
+        job.images[index] = image
+        if len(job.images) == len(job.seeds):
+            job.future.set_result([job.images[i] for i in range(len(job.seeds))])
+
+    def _fail(self, job: Job, exc: Exception) -> None:
+        with contextlib.suppress(ValueError):
+            self._jobs.remove(job)
+        if not job.future.done():
+            job.future.set_exception(exc)
+
+    def _update_gauges(self) -> None:
+        self.metrics.queue_depth.set(self.waiting)
+        self.metrics.queue_images.set(sum(job.remaining for job in self._jobs))

@@ -1,0 +1,66 @@
+"""Prometheus metrics. Each server owns its registry, so several can live in one process."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+_LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 0.75, 1, 1.5, 2, 3, 5, 7.5, 10, 15, 20, 30, 60, 120, 300)
+_STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 1, 2, 5)
+_BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "zimage_requests",
+            "HTTP requests answered, by route and status code",
+            ["route", "status"],
+            registry=r,
+        )
+        self.request_seconds = Histogram(
+            "zimage_request_duration_seconds",
+            "Time from request arrival to response, by route",
+            ["route"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.queue_wait_seconds = Histogram(
+            "zimage_queue_wait_seconds",
+            "Time a request waited before its first image reached the GPU",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.generation_seconds = Histogram(
+            "zimage_batch_duration_seconds",
+            "Wall time of one pipeline call (text encoding, denoising and VAE decode)",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.step_seconds = Histogram(
+            "zimage_step_duration_seconds", "Time of one denoising step", buckets=_STEP_BUCKETS, registry=r
+        )
+        self.encode_seconds = Histogram(
+            "zimage_encode_duration_seconds",
+            "Time to encode one image, by format",
+            ["format"],
+            buckets=_STEP_BUCKETS,
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            "zimage_batch_size", "Images per forward batch", buckets=_BATCH_BUCKETS, registry=r
+        )
+        self.images = Counter("zimage_images_generated", "Images generated", registry=r)
+        self.queue_depth = Gauge("zimage_queue_depth", "Requests waiting for the GPU", registry=r)
+        self.queue_images = Gauge("zimage_queue_images", "Images waiting for the GPU", registry=r)
+        self.in_flight = Gauge(
+            "zimage_in_flight_requests", "Requests with images on the GPU right now", registry=r
+        )
+        self.cancelled = Counter(
+            "zimage_requests_cancelled",
+            "Requests dropped before their work reached the GPU, by reason",
+            ["reason"],
+            registry=r,
+        )
+        self.ready = Gauge("zimage_model_ready", "1 once the model is loaded and warmed up", registry=r)

@@ -1,0 +1,144 @@
+"""Loads a ``ZImagePipeline`` and runs batches on it. Everything here runs on one worker thread."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from .config import Settings
+from .model_source import ModelSource, resolve
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+# Z-Image-Turbo is distilled to run without classifier-free guidance.
+TURBO_GUIDANCE_SCALE = 0.0
+
+
+def pick_device(requested: str) -> torch.device:
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(requested)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device {requested!r} was asked for but CUDA is not available")
+    return device
+
+
+def pick_dtype(requested: str, device: torch.device) -> torch.dtype:
+    if requested == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return _DTYPES[requested]
+
+
+@dataclass(frozen=True)
+class BatchSpec:
+    """One forward batch: images that share size and step count."""
+
+    prompts: Sequence[str]
+    seeds: Sequence[int]
+    width: int
+    height: int
+    steps: int
+
+
+@dataclass(frozen=True)
+class BatchResult:
+    images: list[Image.Image]
+    step_seconds: list[float]
+    seconds: float
+
+
+class PipelineRunner:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.source = ModelSource.parse(settings.model, settings.revision)
+        self.device = pick_device(settings.device)
+        self.dtype = pick_dtype(settings.dtype, self.device)
+        self.pipe: Any = None
+        self.model_path: Path | None = None
+
+    def load(self) -> None:
+        from diffusers import ZImagePipeline
+        from diffusers.utils import logging as diffusers_logging
+        from transformers.utils import logging as transformers_logging
+
+        diffusers_logging.disable_progress_bar()
+        transformers_logging.disable_progress_bar()
+
+        token = self.settings.hf_token.get_secret_value() if self.settings.hf_token else None
+        self.model_path = resolve(self.source, self.settings.hf_cache_dir, token)
+        started = time.perf_counter()
+        pipe = ZImagePipeline.from_pretrained(str(self.model_path), dtype=self.dtype)
+        pipe.to(self.device)
+        pipe.set_progress_bar_config(disable=True)
+        self.pipe = pipe
+        logger.info(
+            "loaded %s from %s on %s as %s in %.1fs",
+            self.source,
+            self.model_path,
+            self.device,
+            str(self.dtype).removeprefix("torch."),
+            time.perf_counter() - started,
+        )
+
+    def generate(self, spec: BatchSpec) -> BatchResult:
+        if self.pipe is None:
+            raise RuntimeError("the pipeline is not loaded")
+        # CPU generators: the same seed gives the same starting noise on any device and in any batch.
+        generators = [torch.Generator("cpu").manual_seed(seed) for seed in spec.seeds]
+        timer = _StepTimer(self.device)
+        started = time.perf_counter()
+        output = self.pipe(
+            prompt=list(spec.prompts),
+            height=spec.height,
+            width=spec.width,
+            num_inference_steps=spec.steps,
+            guidance_scale=TURBO_GUIDANCE_SCALE,
+            generator=generators,
+            callback_on_step_end=timer,
+            output_type="pil",
+        )
+        return BatchResult(
+            images=list(output.images), step_seconds=timer.durations(), seconds=time.perf_counter() - started
+        )
+
+
+class _StepTimer:
+    """Times denoising steps; on CUDA through events, so it never stalls the stream."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.marks: list[Any] = []
+        self._mark()
+
+    def _mark(self) -> None:
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
+            event.record()
+            self.marks.append(event)
+        else:
+            self.marks.append(time.perf_counter())
+
+    def __call__(
+        self, pipe: Any, step: int, timestep: Any, callback_kwargs: dict[str, Any]
+    ) -> dict[str, Any]:
+        self._mark()
+        return callback_kwargs
+
+    def durations(self) -> list[float]:
+        """Seconds per denoising step. The first interval also holds text encoding, so it is
+        left out whenever a later step can speak for the step time."""
+        marks = self.marks[1:] if len(self.marks) > 2 else self.marks
+        pairs = itertools.pairwise(marks)
+        if self.cuda:
+            torch.cuda.synchronize()
+            return [start.elapsed_time(end) / 1000.0 for start, end in pairs]
+        return [end - start for start, end in pairs]

@@ -1,0 +1,167 @@
+"""The data plane: check a request against the server's limits, queue it, wait, encode."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import Request
+from PIL import Image
+
+from .config import Settings
+from .encoding import encode_image
+from .engine import Engine, Job
+from .errors import APIError, bad_request
+from .metrics import Metrics
+from .protocol import MAX_SEED, ImageGenerationRequest, OutputFormat
+from .state import ServerState
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    prompt: str
+    width: int
+    height: int
+    steps: int
+    seeds: list[int]
+    output_format: OutputFormat
+    quality: int
+
+    @property
+    def size(self) -> str:
+        return f"{self.width}x{self.height}"
+
+
+class ClientGoneError(APIError):
+    def __init__(self) -> None:
+        # 499: nginx's "client closed request"; nobody reads it, the metrics do.
+        super().__init__(499, "the client closed the connection", code="client_closed_request")
+
+
+class ImageService:
+    def __init__(
+        self,
+        settings: Settings,
+        engine: Engine,
+        metrics: Metrics,
+        state: ServerState,
+        encoder: ThreadPoolExecutor,
+    ) -> None:
+        self.settings = settings
+        self.engine = engine
+        self.metrics = metrics
+        self.state = state
+        self.encoder = encoder
+
+    @property
+    def model_name(self) -> str:
+        return self.settings.served_model_names[0]
+
+    def params(self, req: ImageGenerationRequest) -> GenerationParams:
+        """Check ``req`` against this server's limits; raise a 4xx ``APIError`` naming the fix."""
+        s = self.settings
+        if req.model is not None and req.model not in s.served_model_names:
+            raise APIError(
+                404,
+                f"model {req.model!r} is not served here; use {self.model_name!r} or leave 'model' out",
+                param="model",
+                code="model_not_found",
+            )
+        if req.response_format == "url":
+            raise bad_request(
+                "response_format 'url' is not supported: this server keeps no images to link to; "
+                "use 'b64_json' (the default), or POST /generate for the raw image bytes",
+                param="response_format",
+                code="unsupported_value",
+            )
+        if len(req.prompt) > s.max_prompt_chars:
+            raise bad_request(
+                f"the prompt is {len(req.prompt)} characters long; the limit is {s.max_prompt_chars}",
+                param="prompt",
+            )
+        if not 1 <= req.n <= s.max_n:
+            raise bad_request(f"'n' must be between 1 and {s.max_n}, got {req.n}", param="n")
+        size = s.default_size if req.size in (None, "auto") else req.size
+        try:
+            width, height = s.check_size(size)
+        except ValueError as exc:
+            raise bad_request(str(exc), param="size") from None
+        steps = s.default_steps if req.num_inference_steps is None else req.num_inference_steps
+        if not 1 <= steps <= s.max_steps:
+            raise bad_request(
+                f"'num_inference_steps' must be between 1 and {s.max_steps}, got {steps} "
+                f"(Z-Image-Turbo is made for {s.default_steps})",
+                param="num_inference_steps",
+            )
+        seed = secrets.randbelow(MAX_SEED + 1) if req.seed is None else req.seed
+        quality = s.default_quality if req.output_compression is None else max(1, req.output_compression)
+        return GenerationParams(
+            prompt=req.prompt,
+            width=width,
+            height=height,
+            steps=steps,
+            seeds=[(seed + i) % (MAX_SEED + 1) for i in range(req.n)],
+            output_format=req.output_format or "png",
+            quality=quality,
+        )
+
+    async def generate(self, params: GenerationParams, request: Request) -> list[Image.Image]:
+        """Queue the work and wait for it, giving up at the timeout or when the client leaves."""
+        if not self.state.ready:
+            raise APIError(
+                503,
+                f"the model is not ready yet ({self.state.detail}); retry shortly",
+                type="server_error",
+                code="model_not_ready",
+                headers={"Retry-After": "5"},
+            )
+        job = Job(params.prompt, params.width, params.height, params.steps, params.seeds)
+        self.engine.submit(job)
+        timeout = self.settings.request_timeout_s - (time.monotonic() - job.arrived)
+        gone = asyncio.create_task(_client_gone(request))
+        waiters: set[asyncio.Future[Any]] = {job.future, gone}
+        try:
+            await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+        if job.future.done():
+            return job.future.result()
+        if gone.done() and not gone.cancelled():
+            self.engine.cancel(job, "disconnect")
+            raise ClientGoneError()
+        self.engine.cancel(job, "timeout")
+        raise APIError(
+            504,
+            f"the request did not finish within {self.settings.request_timeout_s:g}s "
+            f"(server busy: {self.engine.waiting} requests waiting); retry later or ask for fewer images",
+            type="server_error",
+            code="timeout",
+        )
+
+    async def encode(self, images: list[Image.Image], params: GenerationParams) -> list[bytes]:
+        loop = asyncio.get_running_loop()
+        return list(
+            await asyncio.gather(
+                *(loop.run_in_executor(self.encoder, self._encode_one, image, params) for image in images)
+            )
+        )
+
+    def _encode_one(self, image: Image.Image, params: GenerationParams) -> bytes:
+        started = time.perf_counter()
+        data = encode_image(image, params.output_format, params.quality, self.settings.png_compress_level)
+        self.metrics.encode_seconds.labels(params.output_format).observe(time.perf_counter() - started)
+        return data
+
+
+async def _client_gone(request: Request) -> None:
+    """Return when the client disconnects. The body has been read, so the next message the
+    server can deliver is ``http.disconnect``."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+        await asyncio.sleep(0.05)  # an unexpected body chunk: do not spin

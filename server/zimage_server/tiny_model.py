@@ -1,0 +1,154 @@
+"""A tiny random-weight Z-Image pipeline built from the real classes.
+
+The server loads it through the same ``from_pretrained`` path as the real weights, so
+everything but the numbers is exercised: component classes, configs, tokenizer and chat
+template, scheduler, VAE scaling. It keeps the real model's geometry where a client can see
+it (16 latent channels, VAE scale factor 8 and patch size 2, so sizes are multiples of 16).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+# Bump when the recipe below changes, so cached copies are rebuilt.
+TINY_MODEL_VERSION = "1"
+TINY_SEED = 0
+
+_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n"
+    "{% if enable_thinking is defined and not enable_thinking %}<think>\n\n</think>\n\n{% endif %}"
+    "{% endif %}"
+)
+_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+
+def build_tokenizer(directory: Path) -> int:
+    """Write a byte-level BPE tokenizer (no merges: one token per byte) and return its vocab size."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {ch: i for i, ch in enumerate(alphabet)}
+    for token in _SPECIAL_TOKENS:
+        vocab[token] = len(vocab)
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        additional_special_tokens=["<|im_start|>"],
+        model_max_length=512,
+    )
+    fast.chat_template = _CHAT_TEMPLATE
+    fast.save_pretrained(str(directory))
+    return len(vocab)
+
+
+def build_tiny_pipeline(vocab_size: int, tokenizer_dir: Path):  # type: ignore[no-untyped-def]
+    import torch
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        ZImagePipeline,
+        ZImageTransformer2DModel,
+    )
+    from transformers import AutoTokenizer, Qwen3Config, Qwen3Model
+
+    torch.manual_seed(TINY_SEED)
+    text_hidden = 32
+    text_encoder = Qwen3Model(
+        Qwen3Config(
+            vocab_size=vocab_size,
+            hidden_size=text_hidden,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            head_dim=16,
+            max_position_embeddings=1024,
+            tie_word_embeddings=False,
+        )
+    ).eval()
+    transformer = ZImageTransformer2DModel(
+        all_patch_size=(2,),
+        all_f_patch_size=(1,),
+        in_channels=16,
+        dim=32,
+        n_layers=2,
+        n_refiner_layers=1,
+        n_heads=2,
+        n_kv_heads=2,
+        cap_feat_dim=text_hidden,
+        axes_dims=[8, 4, 4],
+        axes_lens=[256, 128, 128],
+    ).eval()
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 8, 8, 8),
+        layers_per_block=1,
+        latent_channels=16,
+        norm_num_groups=4,
+        sample_size=256,
+        scaling_factor=0.3611,
+        shift_factor=0.1159,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+    ).eval()
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=False
+    )
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    return ZImagePipeline(
+        scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer
+    )
+
+
+def make_tiny_model(directory: str | os.PathLike[str]) -> Path:
+    """Build the tiny pipeline and save it to ``directory`` with ``save_pretrained``."""
+    target = Path(directory)
+    target.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as scratch:
+        vocab_size = build_tokenizer(Path(scratch))
+        pipe = build_tiny_pipeline(vocab_size, Path(scratch))
+        pipe.save_pretrained(str(target), safe_serialization=True)
+    (target / "zimage_tiny.json").write_text(json.dumps({"version": TINY_MODEL_VERSION, "seed": TINY_SEED}))
+    return target
+
+
+def default_tiny_model_dir() -> Path:
+    cache = Path(os.environ.get("ZIMAGE_CACHE_DIR") or Path.home() / ".cache" / "zimage")
+    return cache / f"tiny-model-v{TINY_MODEL_VERSION}"
+
+
+def ensure_tiny_model(directory: Path | None = None) -> Path:
+    """Return a directory holding the tiny model, building it once if it is missing."""
+    target = directory or default_tiny_model_dir()
+    if (target / "zimage_tiny.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    logger.info("building the built-in tiny model in %s", target)
+    # Build beside the target and rename, so a concurrent reader never sees half a model.
+    staging = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
+    make_tiny_model(staging)
+    try:
+        staging.rename(target)
+    except OSError:
+        # Another process won the race; its copy is identical.
+        import shutil
+
+        shutil.rmtree(staging, ignore_errors=True)
+    return target

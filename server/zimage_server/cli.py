@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
+from types import FrameType
 
 USAGE = """usage: zimage-server [serve] [--FLAG VALUE ...]
        zimage-server make-tiny-model DIR
@@ -64,8 +66,15 @@ def _serve(args: list[str]) -> int:
     except RuntimeError as exc:  # for example cuda asked for where there is none
         print(f"zimage-server: {exc}", file=sys.stderr)
         return 2
+    # uvicorn shuts down gracefully on SIGTERM, restores the handler it found and raises the
+    # signal again. Finding this one, the process then exits 0: a normal stop, not a crash.
+    signal.signal(signal.SIGTERM, _exit_cleanly)
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level, access_log=False)
     return 0
+
+
+def _exit_cleanly(signum: int, frame: FrameType | None) -> None:
+    raise SystemExit(0)
 
 
 if __name__ == "__main__":

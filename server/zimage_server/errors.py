@@ -72,7 +72,9 @@ def describe_validation_error(exc: RequestValidationError) -> APIError:
         return bad_request(f"'{param}' is required", param=param, code="missing_required_parameter")
     if kind == "missing" or (kind in ("model_attributes_type", "dict_type") and not param):
         return bad_request(
-            'the request body must be a JSON object such as {"prompt": "a red fox"}', code="invalid_body"
+            'the request body must be a JSON object such as {"prompt": "a red fox"}, '
+            "sent with Content-Type: application/json",
+            code="invalid_body",
         )
     if kind == "extra_forbidden" and param:
         return bad_request(

@@ -1,0 +1,118 @@
+"""Fixtures that run the real server, with the real tiny pipeline, over real HTTP on loopback."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import uvicorn
+from prometheus_client.parser import text_string_to_metric_families
+
+from zimage_server.app import create_app
+from zimage_server.config import Settings
+from zimage_server.tiny_model import make_tiny_model
+
+# A request that keeps the tiny model busy for a second or more on a 2-core machine.
+SLOW = {"size": "1024x1024", "num_inference_steps": 30}
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_model(tmp_path_factory.mktemp("tiny-model"))
+
+
+class RunningServer:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.app = create_app(settings)
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", 0))
+        self.port = sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._sock = sock
+        config = uvicorn.Config(self.app, log_level="warning", access_log=False, lifespan="on")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("the server did not start")
+            time.sleep(0.02)
+
+    def wait_ready(self, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if httpx.get(f"{self.url}/healthz/ready").status_code == 200:
+                return
+            time.sleep(0.05)
+        raise RuntimeError("the server did not become ready")
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+        self._sock.close()
+        assert not self.thread.is_alive(), "the server thread did not stop"
+
+    def metrics(self) -> dict[str, float]:
+        """Every sample of /metrics as ``name{label="value",...}`` -> value."""
+        text = httpx.get(f"{self.url}/metrics").text
+        samples: dict[str, float] = {}
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
+                samples[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
+        return samples
+
+    def wait_metric(self, name: str, predicate: Callable[[float], bool], timeout: float = 30) -> float:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            value = self.metrics().get(name, 0.0)
+            if predicate(value):
+                return value
+            time.sleep(0.02)
+        raise AssertionError(f"{name} never met the condition (last value {self.metrics().get(name)})")
+
+    def wait_idle(self) -> None:
+        self.wait_metric("zimage_in_flight_requests", lambda v: v == 0)
+        self.wait_metric("zimage_queue_depth", lambda v: v == 0)
+
+
+ServerFactory = Callable[..., RunningServer]
+
+
+@pytest.fixture
+def serve(tiny_model_dir: Path) -> Iterator[ServerFactory]:
+    """Start a server on a free loopback port with the given settings; stopped after the test."""
+    started: list[RunningServer] = []
+
+    def start(wait_ready: bool = True, **overrides: Any) -> RunningServer:
+        values: dict[str, Any] = {"model": str(tiny_model_dir), "warmup_sizes": ["256x256"], "min_size": 64}
+        values.update(overrides)
+        server = RunningServer(Settings(_env_file=None, **values))
+        started.append(server)
+        server.start()
+        if wait_ready:
+            server.wait_ready()
+        return server
+
+    yield start
+    for server in started:
+        with contextlib.suppress(Exception):
+            server.stop()
+
+
+@pytest.fixture
+def server(serve: ServerFactory) -> RunningServer:
+    """A default server: batches of up to 4, a short batch wait."""
+    return serve()

@@ -1,0 +1,74 @@
+"""The installed command, as `make run` starts it: a real process serving on loopback."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def test_make_tiny_model_writes_a_loadable_pipeline(tmp_path: Path) -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "zimage_server", "make-tiny-model", str(tmp_path / "tiny")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    assert "wrote the tiny Z-Image pipeline" in out.stdout
+    for part in ("model_index.json", "transformer", "text_encoder", "vae", "tokenizer", "scheduler"):
+        assert (tmp_path / "tiny" / part).exists(), part
+
+
+def test_serve_defaults_to_the_builtin_tiny_model(tmp_path: Path) -> None:
+    port = _free_port()
+    env = {**os.environ, "ZIMAGE_CACHE_DIR": str(tmp_path / "cache"), "ZIMAGE_WARMUP_SIZES": "256x256"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "zimage_server", "serve", "--port", str(port)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, proc.stdout.read() if proc.stdout else "server exited"
+            try:
+                if httpx.get(f"{url}/healthz/ready").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "server did not become ready"
+            time.sleep(0.1)
+        response = httpx.post(f"{url}/generate", json={"prompt": "a red fox", "size": "256x256"}, timeout=60)
+        assert response.status_code == 200
+        assert response.headers["content-type"] == "image/png"
+        assert response.content.startswith(b"\x89PNG\r\n\x1a\n")
+        assert (tmp_path / "cache" / "tiny-model-v1" / "model_index.json").is_file()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0
+    assert proc.stdout is not None
+    assert "Application shutdown complete" in proc.stdout.read()

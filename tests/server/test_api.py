@@ -30,6 +30,7 @@ def test_openai_client_generates_an_image(server: RunningServer) -> None:
         extra_body={"seed": 11, "num_inference_steps": 2},
     )
     assert result.created > 0
+    assert result.data is not None
     assert len(result.data) == 2
     images = [_decode(base64.b64decode(item.b64_json or "")) for item in result.data]
     assert all(image.format == "PNG" and image.size == (256, 256) for image in images)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 from pydantic import ValidationError
 from pydantic_settings import CliApp
@@ -58,7 +60,7 @@ def test_defaults_suit_turbo() -> None:
         ({"default_steps": 60}, "default_steps must not exceed max_steps"),
     ],
 )
-def test_invalid_settings_are_refused(overrides: dict[str, object], words: str) -> None:
+def test_invalid_settings_are_refused(overrides: dict[str, Any], words: str) -> None:
     with pytest.raises(ValidationError, match=words):
         Settings(_env_file=None, **overrides)
 

@@ -97,7 +97,13 @@ def serve(tiny_model_dir: Path) -> Iterator[ServerFactory]:
     started: list[RunningServer] = []
 
     def start(wait_ready: bool = True, **overrides: Any) -> RunningServer:
-        values: dict[str, Any] = {"model": str(tiny_model_dir), "warmup_sizes": ["256x256"], "min_size": 64}
+        # The CPU by default: the timing-based tests count on the tiny model's CPU speed.
+        values: dict[str, Any] = {
+            "model": str(tiny_model_dir),
+            "device": "cpu",
+            "warmup_sizes": ["256x256"],
+            "min_size": 64,
+        }
         values.update(overrides)
         server = RunningServer(Settings(_env_file=None, **values))
         started.append(server)

@@ -98,7 +98,7 @@ def test_asking_for_cuda_without_a_gpu_is_a_clear_error() -> None:
 
 
 def test_tiny_model_uses_the_real_classes(tiny_model_dir: Path) -> None:
-    runner = PipelineRunner(Settings(_env_file=None, model=str(tiny_model_dir)))
+    runner = PipelineRunner(Settings(_env_file=None, model=str(tiny_model_dir), device="cpu"))
     runner.load()
     pipe = runner.pipe
     assert type(pipe).__name__ == "ZImagePipeline"

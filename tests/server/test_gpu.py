@@ -1,0 +1,54 @@
+"""The server on a real GPU: bf16 by default, CUDA-event step timing, batching and seeds."""
+
+from __future__ import annotations
+
+import base64
+
+import httpx
+import pytest
+import torch
+
+from .conftest import ServerFactory
+
+pytestmark = pytest.mark.gpu
+
+
+def test_the_gpu_is_chosen_with_bfloat16_by_default(serve: ServerFactory) -> None:
+    server = serve(device="auto", max_batch_size=4, batch_wait_ms=500)
+    runner = server.app.state.runner
+    assert runner.device.type == "cuda"
+    assert runner.pipe.transformer.dtype == torch.bfloat16
+    assert next(runner.pipe.transformer.parameters()).device.type == "cuda"
+
+    body = {"prompt": "a red fox", "size": "512x512", "num_inference_steps": 8}
+    responses = [
+        httpx.post(f"{server.url}/v1/images/generations", json={**body, "seed": 9}, timeout=60)
+        for _ in range(2)
+    ]
+    assert [r.status_code for r in responses] == [200, 200]
+    first, second = (base64.b64decode(r.json()["data"][0]["b64_json"]) for r in responses)
+    assert first == second, "the same seed gives the same image on the GPU"
+
+    metrics = server.metrics()
+    assert metrics["zimage_step_duration_seconds_count"] >= 14  # 7 timed steps per 8-step request
+    assert 0 < metrics["zimage_step_duration_seconds_sum"] < 10
+
+
+def test_the_gpu_batches_concurrent_requests(serve: ServerFactory) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    server = serve(device="auto", max_batch_size=4, batch_wait_ms=1500)
+    body = {"prompt": "a tree", "size": "1024x1024", "num_inference_steps": 8}
+    with ThreadPoolExecutor(4) as pool:
+        responses = list(
+            pool.map(
+                lambda i: httpx.post(
+                    f"{server.url}/v1/images/generations", json={**body, "seed": i}, timeout=60
+                ),
+                range(4),
+            )
+        )
+    assert [r.status_code for r in responses] == [200] * 4
+    metrics = server.metrics()
+    assert metrics["zimage_batch_size_count"] == 1
+    assert metrics["zimage_batch_size_sum"] == 4

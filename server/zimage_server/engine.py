@@ -218,7 +218,7 @@ class Engine:
     def _fail(self, job: Job, exc: Exception) -> None:
         with contextlib.suppress(ValueError):
             self._jobs.remove(job)
-        if not job.future.done():
+        if not job.cancelled and not job.future.done():
             job.future.set_exception(exc)
 
     def _update_gauges(self) -> None:

@@ -50,6 +50,18 @@ test: lint ## Lint, then run every test that can run on this machine (no GPU tes
 test-gpu: install ## Run the GPU tests (needs an NVIDIA GPU)
 	$(VENV)/bin/pytest -m gpu $(PYTEST_ARGS)
 
+.PHONY: cluster-binaries
+cluster-binaries: ## Build kube-apiserver, kube-controller-manager, kube-scheduler, kubectl, etcd, kwok and helm (cached)
+	bash tests/cluster/build-binaries.sh
+
+.PHONY: cluster-up
+cluster-up: install ## Start a local control plane with two simulated GPU nodes in .cluster/
+	$(PY) -m tests.cluster.local_cluster up --dir .cluster
+
+.PHONY: cluster-down
+cluster-down: install ## Stop the local control plane started by cluster-up
+	$(PY) -m tests.cluster.local_cluster down --dir .cluster
+
 .PHONY: constraints
 constraints: install ## Re-pin constraints.txt from the current .venv
 	{ echo "# Versions the project is tested with; make install uses them as pip constraints."; \

@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# Builds the local test cluster's programs from Go modules into a cache keyed by version:
+# kube-apiserver, kube-controller-manager, kube-scheduler, kubectl, etcd, kwok and helm.
+# Each program's version comes from the go.mod of its module under tools/; a program already
+# in the cache is not built again. Prints the folder that holds the binaries.
+set -euo pipefail
+
+here=$(cd "$(dirname "$0")" && pwd)
+cache=${ZIMAGE_CLUSTER_CACHE:-$HOME/.cache/zimage/cluster-bin}
+go_version=$(go env GOVERSION)
+export CGO_ENABLED=0
+
+module_version() { # module folder, module path
+	(cd "$here/tools/$1" && go list -m -f '{{.Version}}' "$2")
+}
+
+k8s=$(module_version kubernetes k8s.io/kubernetes)
+etcd=$(module_version etcd go.etcd.io/etcd/server/v3)
+kwok=$(module_version kwok sigs.k8s.io/kwok)
+helm=$(module_version helm helm.sh/helm/v3)
+key="k8s-$k8s-etcd-$etcd-kwok-$kwok-helm-$helm-$go_version"
+bin="$cache/$key"
+mkdir -p "$bin"
+
+build() { # name, module folder, package, ldflags
+	local name=$1 folder=$2 package=$3 ldflags=$4
+	if [[ -x "$bin/$name" ]]; then
+		return
+	fi
+	echo "building $name ($package)" >&2
+	local started=$SECONDS
+	(cd "$here/tools/$folder" && go build -trimpath -ldflags "-s -w $ldflags" -o "$bin/$name.partial" "$package")
+	mv "$bin/$name.partial" "$bin/$name"
+	echo "built $name in $((SECONDS - started))s" >&2
+}
+
+k8s_minor=$(echo "$k8s" | cut -d. -f2)
+k8s_stamp="-X k8s.io/component-base/version.gitVersion=$k8s -X k8s.io/component-base/version.gitMajor=1"
+k8s_stamp+=" -X k8s.io/component-base/version.gitMinor=$k8s_minor -X k8s.io/component-base/version.gitTreeState=clean"
+k8s_stamp+=" -X k8s.io/component-base/version.buildDate=1970-01-01T00:00:00Z"
+k8s_stamp+=" -X k8s.io/client-go/pkg/version.gitVersion=$k8s -X k8s.io/client-go/pkg/version.gitMajor=1"
+k8s_stamp+=" -X k8s.io/client-go/pkg/version.gitMinor=$k8s_minor"
+
+for component in kube-apiserver kube-controller-manager kube-scheduler kubectl; do
+	build "$component" kubernetes "k8s.io/kubernetes/cmd/$component" "$k8s_stamp"
+done
+build etcd etcd go.etcd.io/etcd/server/v3 "-X go.etcd.io/etcd/api/v3/version.GitSHA=module-$etcd"
+build kwok kwok sigs.k8s.io/kwok/cmd/kwok "-X sigs.k8s.io/kwok/pkg/consts.Version=${kwok#v}"
+helm_stamp="-X helm.sh/helm/v3/internal/version.version=$helm -X helm.sh/helm/v3/internal/version.gitTreeState=clean"
+helm_stamp+=" -X helm.sh/helm/v3/pkg/chartutil.k8sVersionMajor=1 -X helm.sh/helm/v3/pkg/chartutil.k8sVersionMinor=$k8s_minor"
+helm_stamp+=" -X helm.sh/helm/v3/pkg/lint/rules.k8sVersionMajor=1 -X helm.sh/helm/v3/pkg/lint/rules.k8sVersionMinor=$k8s_minor"
+build helm helm helm.sh/helm/v3/cmd/helm "$helm_stamp"
+
+echo "$bin"

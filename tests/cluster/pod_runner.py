@@ -1,0 +1,210 @@
+"""The local pod runner: real processes behind simulated pods.
+
+kwok makes pods Running on simulated nodes, but nothing runs in them. For pods whose container
+image is one of the project's (matched by image name, any registry or tag), this runner starts
+the real program on this machine, bound to the pod's loopback IP and container port, with the
+pod's environment, and stops it when the pod goes away. Everything stays on loopback.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from kubernetes import client, config
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_PORT = 8000
+
+
+@dataclass(frozen=True)
+class PodProcessSpec:
+    """What to run for one container: the command and the environment."""
+
+    command: list[str]
+    env: dict[str, str]
+
+
+def image_name(image: str) -> str:
+    """``registry.example/team/zimage-server:1.2@sha256:..`` -> ``zimage-server``."""
+    name = image.split("@", 1)[0].rsplit("/", 1)[-1]
+    return name.split(":", 1)[0]
+
+
+def server_process(pod: Any, container: Any, env: dict[str, str]) -> PodProcessSpec:
+    ports = container.ports or []
+    named = [item for item in ports if item.name == "http"]
+    port = (named or ports)[0].container_port if ports else DEFAULT_PORT
+    env = {**env, "ZIMAGE_HOST": pod.status.pod_ip, "ZIMAGE_PORT": str(port)}
+    return PodProcessSpec([sys.executable, "-m", "zimage_server", "serve"], env)
+
+
+# image name -> how to run it. Later work adds the operator.
+LAUNCHERS: dict[str, Callable[[Any, Any, dict[str, str]], PodProcessSpec]] = {"zimage-server": server_process}
+
+
+@dataclass
+class RunningPod:
+    uid: str
+    key: str
+    address: str
+    process: subprocess.Popen[bytes]
+    log: Path
+
+
+class LocalPodRunner:
+    def __init__(self, kubeconfig: Path, workdir: Path, poll_seconds: float = 0.3) -> None:
+        self.workdir = workdir
+        self.poll_seconds = poll_seconds
+        api_client = config.new_client_from_config(config_file=str(kubeconfig))
+        self.core = client.CoreV1Api(api_client)
+        self.running: dict[str, RunningPod] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="local-pod-runner", daemon=True)
+        self._lock = threading.Lock()
+
+    def start(self) -> LocalPodRunner:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
+        with self._lock:
+            for uid in list(self.running):
+                self._terminate(uid)
+
+    def __enter__(self) -> LocalPodRunner:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def pids(self) -> list[int]:
+        with self._lock:
+            return [pod.process.pid for pod in self.running.values()]
+
+    def address_of(self, namespace: str, name: str) -> str | None:
+        with self._lock:
+            for pod in self.running.values():
+                if pod.key == f"{namespace}/{name}":
+                    return pod.address
+        return None
+
+    # -- the loop ----------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.sync_once()
+            except Exception:  # the API may be briefly unavailable; try again
+                logger.exception("pod runner sync failed")
+            self._stop.wait(self.poll_seconds)
+
+    def sync_once(self) -> None:
+        pods = self.core.list_pod_for_all_namespaces().items
+        wanted: dict[str, Any] = {}
+        for pod in pods:
+            if pod.metadata.deletion_timestamp or not pod.status.pod_ip or pod.status.phase != "Running":
+                continue
+            if any(image_name(c.image) in LAUNCHERS for c in pod.spec.containers):
+                wanted[pod.metadata.uid] = pod
+        with self._lock:
+            for uid in list(self.running):
+                if uid not in wanted:
+                    self._terminate(uid)
+            for uid, pod in wanted.items():
+                current = self.running.get(uid)
+                if current is not None and current.process.poll() is not None:
+                    logger.warning(
+                        "process for pod %s exited with %s", current.key, current.process.returncode
+                    )
+                if current is None:
+                    self._launch(pod)
+
+    def _launch(self, pod: Any) -> None:
+        container = next(c for c in pod.spec.containers if image_name(c.image) in LAUNCHERS)
+        env = self._environment(pod, container)
+        spec = LAUNCHERS[image_name(container.image)](pod, container, env)
+        key = f"{pod.metadata.namespace}/{pod.metadata.name}"
+        log = self.workdir / f"{pod.metadata.namespace}_{pod.metadata.name}.log"
+        with log.open("ab") as out:
+            process = subprocess.Popen(
+                spec.command,
+                env=spec.env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+        address = f"{spec.env.get('ZIMAGE_HOST', pod.status.pod_ip)}:{spec.env.get('ZIMAGE_PORT', '')}"
+        self.running[pod.metadata.uid] = RunningPod(pod.metadata.uid, key, address, process, log)
+        logger.info("started pid %d for pod %s at %s", process.pid, key, address)
+
+    def _terminate(self, uid: str, grace: float = 15) -> None:
+        pod = self.running.pop(uid)
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pod.process.pid, sig)
+            try:
+                pod.process.wait(timeout=grace)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        logger.info("stopped pod %s (pid %d)", pod.key, pod.process.pid)
+
+    def _environment(self, pod: Any, container: Any) -> dict[str, str]:
+        """This machine's environment plus the container's env (values, Secret and
+        ConfigMap references, and the pod fields a container commonly asks for)."""
+        env = dict(os.environ)
+        for item in container.env or []:
+            if item.value is not None:
+                env[item.name] = item.value
+            elif item.value_from is not None:
+                resolved = self._resolve(pod, item.value_from)
+                if resolved is not None:
+                    env[item.name] = resolved
+        return env
+
+    def _resolve(self, pod: Any, source: Any) -> str | None:
+        namespace = pod.metadata.namespace
+        if source.secret_key_ref is not None:
+            ref = source.secret_key_ref
+            secret = self.core.read_namespaced_secret(ref.name, namespace)
+            data = (secret.data or {}).get(ref.key)
+            return base64.b64decode(data).decode() if data is not None else None
+        if source.config_map_key_ref is not None:
+            ref = source.config_map_key_ref
+            return (self.core.read_namespaced_config_map(ref.name, namespace).data or {}).get(ref.key)
+        if source.field_ref is not None:
+            fields = {
+                "metadata.name": pod.metadata.name,
+                "metadata.namespace": namespace,
+                "status.podIP": pod.status.pod_ip,
+                "spec.nodeName": pod.spec.node_name,
+                "spec.serviceAccountName": pod.spec.service_account_name,
+            }
+            value = fields.get(source.field_ref.field_path)
+            return None if value is None else str(value)
+        return None
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float, what: str, interval: float = 0.1) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(interval)

@@ -43,7 +43,7 @@ fmt: install ## Format and auto-fix with ruff
 	$(VENV)/bin/ruff check --fix .
 
 .PHONY: test
-test: lint ## Lint, then run every test that can run on this machine (no GPU tests)
+test: lint cluster-binaries ## Lint, build the cluster binaries, run every test that can run here (no GPU)
 	$(VENV)/bin/pytest -m "not gpu" $(PYTEST_ARGS)
 
 .PHONY: test-gpu

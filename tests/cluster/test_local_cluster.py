@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import re
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -143,7 +145,7 @@ def test_a_namespace_deletion_completes(api: client.ApiClient) -> None:
         try:
             core.read_namespace("doomed")
         except ApiException as exc:
-            return exc.status == 404
+            return bool(exc.status == 404)
         return False
 
     _wait_for(gone, 90, "the namespace to finish deleting")
@@ -260,24 +262,31 @@ def test_helm_from_the_cache_installs_a_chart(cluster: LocalCluster, namespace: 
         "data:\n  greeting: {{ .Values.greeting | quote }}\n"
     )
     (chart / "values.yaml").write_text("greeting: hello\n")
-    helm = [str(cluster.binaries / "helm"), f"--kubeconfig={cluster.kubeconfig}", "-n", namespace]
     env = {
         "HELM_CACHE_HOME": str(tmp_path / "hc"),
         "HELM_CONFIG_HOME": str(tmp_path / "hg"),
         "PATH": "/usr/bin:/bin",
     }
-    run = {"capture_output": True, "text": True, "env": env, "timeout": 120}
-    installed = subprocess.run(
-        [*helm, "install", "demo", str(chart), "--set", "greeting=hi", "--wait"], **run
-    )
+
+    def helm(*args: str) -> subprocess.CompletedProcess[str]:
+        command = [
+            str(cluster.binaries / "helm"),
+            f"--kubeconfig={cluster.kubeconfig}",
+            "-n",
+            namespace,
+            *args,
+        ]
+        return subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
+
+    installed = helm("install", "demo", str(chart), "--set", "greeting=hi", "--wait")
     assert installed.returncode == 0, installed.stderr
-    releases = json.loads(subprocess.run([*helm, "list", "-o", "json"], check=True, **run).stdout)
+    releases = json.loads(helm("list", "-o", "json").stdout)
     assert [(r["name"], r["status"]) for r in releases] == [("demo", "deployed")]
     data = json.loads(
         cluster.kubectl("get", "configmap", "demo-greeting", "-n", namespace, "-o", "json").stdout
     )
     assert data["data"] == {"greeting": "hi"}
-    assert subprocess.run([*helm, "uninstall", "demo", "--wait"], **run).returncode == 0
+    assert helm("uninstall", "demo", "--wait").returncode == 0
     assert cluster.kubectl("get", "configmap", "demo-greeting", "-n", namespace, check=False).returncode != 0
 
 
@@ -314,27 +323,43 @@ def test_the_pod_runner_serves_behind_simulated_pods(
         assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2]
 
 
-def test_a_cluster_starts_quickly_and_leaves_no_process_behind(
-    cluster_binaries: Path, tmp_path: Path
-) -> None:
+def test_cluster_up_and_down_start_quickly_and_leave_no_process_behind(tmp_path: Path) -> None:
+    """`make cluster-up` / `make cluster-down`: the processes outlive `up` and `down` stops them all."""
     workdir = tmp_path / "second"
-    local = LocalCluster(workdir=workdir, binaries=cluster_binaries, gpu_nodes=1)
-    local.up()
+    command = [sys.executable, "-m", "tests.cluster.local_cluster"]
+    root = Path(__file__).resolve().parents[2]
+    up = subprocess.run(
+        [*command, "up", "--dir", str(workdir)], capture_output=True, text=True, timeout=180, cwd=root
+    )
     try:
-        pids = local.pids
-        assert len(pids) == 5
-        assert sorted(c.name for c in local.components) == [
-            "etcd",
-            "kube-apiserver",
-            "kube-controller-manager",
-            "kube-scheduler",
-            "kwok",
-        ]
-        assert processes_under(str(workdir)), "the components run with the work folder in their arguments"
-        print(f"local cluster up in {local.started_seconds:.1f}s")
-        assert local.started_seconds < 30
+        assert up.returncode == 0, up.stderr
+        seconds = float(re.search(r"cluster up in ([\d.]+)s", up.stdout).group(1))  # type: ignore[union-attr]
+        print(f"local cluster up in {seconds:.1f}s")
+        assert seconds < 30
+        state = json.loads((workdir / "state.json").read_text())
+        names = sorted(c["name"] for c in state["components"])
+        assert names == ["etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok"]
+        pids = [c["pid"] for c in state["components"]]
+        assert all(Path(f"/proc/{pid}").exists() for pid in pids), "the cluster outlives the `up` command"
+        kubeconfig = workdir / "admin.kubeconfig"
+        nodes = subprocess.run(
+            [
+                str(Path(state["binaries"]) / "kubectl"),
+                f"--kubeconfig={kubeconfig}",
+                "get",
+                "nodes",
+                "-o",
+                "name",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert nodes.stdout.split() == ["node/gpu-node-0", "node/gpu-node-1"]
     finally:
-        local.down()
+        down = subprocess.run(
+            [*command, "down", "--dir", str(workdir)], capture_output=True, text=True, timeout=60, cwd=root
+        )
+    assert down.returncode == 0, down.stderr
     assert processes_under(str(workdir)) == []
-    for pid in pids:
-        assert not Path(f"/proc/{pid}").exists()
+    assert not (workdir / "state.json").exists()

@@ -1,0 +1,386 @@
+"""Pure builders: (owner, spec, settings) -> the desired children as plain manifests.
+
+Nothing here talks to the API server, so every property is unit-tested without a cluster.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from .config import OperatorSettings
+from .spec import ZImageServiceSpec
+
+GROUP = "zimage.dev"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+KIND = "ZImageService"
+PLURAL = "zimageservices"
+
+SERVER_PORT = 8000
+PORT_NAME = "http"
+MODEL_DIR = "/models"
+HUB_CACHE_DIR = f"{MODEL_DIR}/hub"
+PVC_MOUNT = f"{MODEL_DIR}/pvc"
+# The preStop pause lets endpoints drop the pod before the server starts refusing requests.
+PRESTOP_SECONDS = 5
+STARTUP_PERIOD_SECONDS = 10
+# Loading 6B parameters and compiling at each warm-up size can take minutes on a cold node.
+STARTUP_BUDGET_SECONDS = 1200
+
+Manifest = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Owner:
+    name: str
+    namespace: str
+    uid: str
+
+    def reference(self) -> Manifest:
+        return {
+            "apiVersion": API_VERSION,
+            "kind": KIND,
+            "name": self.name,
+            "uid": self.uid,
+            "controller": True,
+            "blockOwnerDeletion": True,
+        }
+
+
+def selector_labels(owner: Owner) -> dict[str, str]:
+    """Labels that select the pods; never changed after creation (a selector is immutable)."""
+    return {"app.kubernetes.io/name": "zimage-server", "app.kubernetes.io/instance": owner.name}
+
+
+def image_tag(image: str) -> str:
+    name = image.split("@", 1)[0].rsplit("/", 1)[-1]
+    return name.split(":", 1)[1] if ":" in name else "latest"
+
+
+def common_labels(owner: Owner, image: str | None = None) -> dict[str, str]:
+    labels = {
+        **selector_labels(owner),
+        "app.kubernetes.io/component": "inference",
+        "app.kubernetes.io/part-of": "zimage",
+        "app.kubernetes.io/managed-by": "zimage-operator",
+    }
+    if image:
+        labels["app.kubernetes.io/version"] = _label_value(image_tag(image))
+    return labels
+
+
+def _label_value(value: str) -> str:
+    cleaned = "".join(ch if ch.isalnum() or ch in "-_." else "-" for ch in value)[:63]
+    return cleaned.strip("-_.") or "unknown"
+
+
+def _metadata(owner: Owner, name: str, labels: dict[str, str]) -> Manifest:
+    return {
+        "name": name,
+        "namespace": owner.namespace,
+        "labels": labels,
+        "ownerReferences": [owner.reference()],
+    }
+
+
+def cache_claim_name(owner: Owner) -> str:
+    return f"{owner.name}-model-cache"
+
+
+def prefetch_job_name(owner: Owner) -> str:
+    return f"{owner.name}-prefetch"
+
+
+def endpoint(owner: Owner, spec: ZImageServiceSpec) -> str:
+    return f"http://{owner.name}.{owner.namespace}.svc:{spec.service.port}"
+
+
+def selector_string(owner: Owner) -> str:
+    return ",".join(f"{key}={value}" for key, value in selector_labels(owner).items())
+
+
+# -- the server pod ------------------------------------------------------------------------------
+
+
+def server_image(spec: ZImageServiceSpec, settings: OperatorSettings) -> str:
+    return spec.runtime.image or settings.default_server_image
+
+
+def model_env(spec: ZImageServiceSpec) -> list[Manifest]:
+    model = spec.model
+    if model.scheme == "builtin":
+        return [{"name": "ZIMAGE_MODEL", "value": model.source}]
+    if model.scheme == "file":
+        return [{"name": "ZIMAGE_MODEL", "value": model.source.removeprefix("file://")}]
+    if model.scheme == "pvc":
+        path = model.source.removeprefix("pvc://").partition("/")[2]
+        return [{"name": "ZIMAGE_MODEL", "value": f"{PVC_MOUNT}/{path}".rstrip("/")}]
+    env = [
+        {"name": "ZIMAGE_MODEL", "value": model.hub_source},
+        {"name": "ZIMAGE_HF_CACHE_DIR", "value": HUB_CACHE_DIR},
+    ]
+    if spec.needs_cache:
+        # The prefetch Job filled the cache; the servers only read it.
+        env.append({"name": "HF_HUB_OFFLINE", "value": "1"})
+    elif model.token_secret_ref is not None:
+        env.append(_token_env(spec))
+    return env
+
+
+def _token_env(spec: ZImageServiceSpec) -> Manifest:
+    ref = spec.model.token_secret_ref
+    assert ref is not None
+    return {"name": "ZIMAGE_HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}}
+
+
+def server_env(spec: ZImageServiceSpec) -> list[Manifest]:
+    """The server's settings as ``ZIMAGE_*`` variables (see docs/server.md)."""
+    runtime, vram = spec.runtime, spec.vram
+    settings = {
+        "ZIMAGE_HOST": "0.0.0.0",
+        "ZIMAGE_PORT": str(SERVER_PORT),
+        "ZIMAGE_DEVICE": "cuda",
+        "ZIMAGE_LOG_LEVEL": runtime.log_level,
+        "ZIMAGE_MAX_BATCH_SIZE": str(runtime.max_batch_size),
+        "ZIMAGE_BATCH_WAIT_MS": str(runtime.batch_wait_ms),
+        "ZIMAGE_MAX_QUEUE": str(runtime.max_queue),
+        "ZIMAGE_REQUEST_TIMEOUT_S": str(runtime.request_timeout_seconds),
+        "ZIMAGE_WARMUP_SIZES": ",".join(runtime.warmup_sizes),
+        "ZIMAGE_PRECISION": runtime.precision,
+        "ZIMAGE_ATTENTION_BACKEND": runtime.attention_backend,
+        "ZIMAGE_COMPILE": "true" if runtime.compile else "false",
+        "ZIMAGE_VRAM_LIMIT": vram.limit,
+        "ZIMAGE_VRAM_SCOPE": vram.scope,
+        "ZIMAGE_CACHE_DIR": "/tmp/zimage",
+        "HF_HOME": "/tmp/hf-home",
+    }
+    env: list[Manifest] = [{"name": key, "value": value} for key, value in settings.items()]
+    env.extend(model_env(spec))
+    if spec.auth.api_key_secret_ref is not None:
+        ref = spec.auth.api_key_secret_ref
+        env.append(
+            {"name": "ZIMAGE_API_KEYS", "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}}
+        )
+    return env
+
+
+def _volumes(owner: Owner, spec: ZImageServiceSpec) -> tuple[list[Manifest], list[Manifest]]:
+    volumes: list[Manifest] = [
+        {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "8Gi"}},
+        {"name": "tmp", "emptyDir": {}},
+    ]
+    mounts: list[Manifest] = [{"name": "dshm", "mountPath": "/dev/shm"}, {"name": "tmp", "mountPath": "/tmp"}]
+    scheme = spec.model.scheme
+    if scheme == "hf":
+        if spec.needs_cache:
+            source: Manifest = {"persistentVolumeClaim": {"claimName": cache_claim_name(owner)}}
+        else:
+            source = {"emptyDir": {}}
+        volumes.append({"name": "model-cache", **source})
+        mounts.append({"name": "model-cache", "mountPath": MODEL_DIR})
+    elif scheme == "pvc":
+        claim = spec.model.source.removeprefix("pvc://").partition("/")[0]
+        volumes.append({"name": "model", "persistentVolumeClaim": {"claimName": claim, "readOnly": True}})
+        mounts.append({"name": "model", "mountPath": PVC_MOUNT, "readOnly": True})
+    return volumes, mounts
+
+
+def _probe(path: str, period: int, failures: int, timeout: int = 5) -> Manifest:
+    return {
+        "httpGet": {"path": path, "port": PORT_NAME},
+        "periodSeconds": period,
+        "failureThreshold": failures,
+        "timeoutSeconds": timeout,
+    }
+
+
+def container_security_context() -> Manifest:
+    return {
+        "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": True,
+        "runAsNonRoot": True,
+        "capabilities": {"drop": ["ALL"]},
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
+def pod_security_context(settings: OperatorSettings) -> Manifest:
+    return {
+        "runAsNonRoot": True,
+        "runAsUser": settings.server_uid,
+        "runAsGroup": settings.server_uid,
+        "fsGroup": settings.server_uid,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
+def termination_grace_seconds(spec: ZImageServiceSpec) -> int:
+    """Long enough for the preStop pause plus a request that just started to finish."""
+    return PRESTOP_SECONDS + spec.runtime.request_timeout_seconds + 10
+
+
+def build_deployment(
+    owner: Owner, spec: ZImageServiceSpec, settings: OperatorSettings, replicas: int
+) -> Manifest:
+    image = server_image(spec, settings)
+    volumes, mounts = _volumes(owner, spec)
+    gpu = {spec.resources.gpu_resource_name: str(spec.resources.gpus)}
+    container: Manifest = {
+        "name": "server",
+        "image": image,
+        "args": ["serve"],
+        "ports": [{"name": PORT_NAME, "containerPort": SERVER_PORT, "protocol": "TCP"}],
+        "env": server_env(spec),
+        "resources": {
+            "requests": {"cpu": spec.resources.cpu, "memory": spec.resources.memory, **gpu},
+            "limits": {"memory": spec.resources.memory, **gpu},
+        },
+        "startupProbe": _probe(
+            "/healthz/startup", STARTUP_PERIOD_SECONDS, STARTUP_BUDGET_SECONDS // STARTUP_PERIOD_SECONDS
+        ),
+        "readinessProbe": _probe("/healthz/ready", 5, 2),
+        "livenessProbe": _probe("/healthz/live", spec.vram.period_seconds, spec.vram.failure_threshold),
+        "lifecycle": {"preStop": {"sleep": {"seconds": PRESTOP_SECONDS}}},
+        "securityContext": container_security_context(),
+        "volumeMounts": mounts,
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+    }
+    if spec.runtime.image_pull_policy:
+        container["imagePullPolicy"] = spec.runtime.image_pull_policy
+    pod_spec: Manifest = {
+        "containers": [container],
+        "volumes": volumes,
+        "securityContext": pod_security_context(settings),
+        "terminationGracePeriodSeconds": termination_grace_seconds(spec),
+        "enableServiceLinks": False,
+        "automountServiceAccountToken": False,
+    }
+    scheduling = spec.scheduling
+    if scheduling.node_selector:
+        pod_spec["nodeSelector"] = dict(scheduling.node_selector)
+    if scheduling.tolerations:
+        pod_spec["tolerations"] = list(scheduling.tolerations)
+    if scheduling.affinity:
+        pod_spec["affinity"] = dict(scheduling.affinity)
+    if scheduling.priority_class_name:
+        pod_spec["priorityClassName"] = scheduling.priority_class_name
+    if scheduling.runtime_class_name:
+        pod_spec["runtimeClassName"] = scheduling.runtime_class_name
+    labels = common_labels(owner, image)
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": _metadata(owner, owner.name, labels),
+        "spec": {
+            "replicas": replicas,
+            "selector": {"matchLabels": selector_labels(owner)},
+            # maxSurge 0: an upgrade replaces pods in place and never needs a spare GPU.
+            "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 0, "maxUnavailable": 1}},
+            "revisionHistoryLimit": 3,
+            "template": {"metadata": {"labels": labels}, "spec": pod_spec},
+        },
+    }
+
+
+def build_service(owner: Owner, spec: ZImageServiceSpec) -> Manifest:
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _metadata(owner, owner.name, common_labels(owner)),
+        "spec": {
+            "type": spec.service.type,
+            "selector": selector_labels(owner),
+            "ports": [
+                {"name": PORT_NAME, "port": spec.service.port, "targetPort": PORT_NAME, "protocol": "TCP"}
+            ],
+        },
+    }
+
+
+def build_pdb(owner: Owner, spec: ZImageServiceSpec) -> Manifest:
+    return {
+        "apiVersion": "policy/v1",
+        "kind": "PodDisruptionBudget",
+        "metadata": _metadata(owner, owner.name, common_labels(owner)),
+        "spec": {
+            "maxUnavailable": spec.disruption.max_unavailable,
+            "selector": {"matchLabels": selector_labels(owner)},
+        },
+    }
+
+
+def build_cache_claim(owner: Owner, spec: ZImageServiceSpec) -> Manifest | None:
+    cache = spec.model.cache
+    if not spec.needs_cache or cache is None:
+        return None
+    claim: Manifest = {
+        "apiVersion": "v1",
+        "kind": "PersistentVolumeClaim",
+        "metadata": _metadata(owner, cache_claim_name(owner), common_labels(owner)),
+        "spec": {"accessModes": list(cache.access_modes), "resources": {"requests": {"storage": cache.size}}},
+    }
+    if cache.storage_class_name:
+        claim["spec"]["storageClassName"] = cache.storage_class_name
+    return claim
+
+
+def build_prefetch_job(owner: Owner, spec: ZImageServiceSpec, settings: OperatorSettings) -> Manifest | None:
+    if not spec.needs_cache:
+        return None
+    env = [
+        {"name": "ZIMAGE_MODEL", "value": spec.model.hub_source},
+        {"name": "ZIMAGE_HF_CACHE_DIR", "value": HUB_CACHE_DIR},
+        {"name": "HF_HOME", "value": "/tmp/hf-home"},
+    ]
+    if spec.model.token_secret_ref is not None:
+        env.append(_token_env(spec))
+    labels = {**common_labels(owner), "app.kubernetes.io/component": "model-prefetch"}
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": _metadata(owner, prefetch_job_name(owner), labels),
+        "spec": {
+            "backoffLimit": 4,
+            "template": {
+                "metadata": {"labels": {"app.kubernetes.io/component": "model-prefetch"}},
+                "spec": {
+                    "restartPolicy": "OnFailure",
+                    "securityContext": pod_security_context(settings),
+                    "automountServiceAccountToken": False,
+                    "containers": [
+                        {
+                            "name": "prefetch",
+                            "image": server_image(spec, settings),
+                            "args": ["prefetch"],
+                            "env": env,
+                            "resources": {"requests": {"cpu": "1", "memory": "2Gi"}},
+                            "securityContext": container_security_context(),
+                            "volumeMounts": [
+                                {"name": "model-cache", "mountPath": MODEL_DIR},
+                                {"name": "tmp", "mountPath": "/tmp"},
+                            ],
+                        }
+                    ],
+                    "volumes": [
+                        {
+                            "name": "model-cache",
+                            "persistentVolumeClaim": {"claimName": cache_claim_name(owner)},
+                        },
+                        {"name": "tmp", "emptyDir": {}},
+                    ],
+                },
+            },
+        },
+    }
+
+
+def desired_replicas(spec: ZImageServiceSpec, current: int | None, model_ready: bool) -> int:
+    """Replicas to ask of the Deployment. Zero until the model cache is filled."""
+    if not model_ready:
+        return 0
+    if spec.autoscaling.mode == "none":
+        return spec.replicas
+    low, high = spec.autoscaling.min_replicas, spec.autoscaling.max_replicas
+    start = low if current is None else current
+    return max(low, min(high, start))

@@ -1,0 +1,41 @@
+"""Operator settings: environment variables ``ZIMAGE_OPERATOR_*`` or ``zimage-operator`` flags."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+FIELD_MANAGER = "zimage-operator"
+
+
+class OperatorSettings(BaseSettings):
+    """Settings of the ZImageService operator."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="ZIMAGE_OPERATOR_",
+        cli_kebab_case=True,
+        cli_implicit_flags=True,
+        cli_prog_name="zimage-operator",
+        extra="ignore",
+    )
+
+    namespaces: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Namespaces to watch (comma-separated); empty means all namespaces"
+    )
+    default_server_image: str = Field(
+        "zimage/zimage-server:0.1.0", description="Server image for a ZImageService that names none"
+    )
+    server_uid: int = Field(10001, description="Numeric user the server image runs as")
+    resync_seconds: float = Field(15.0, gt=0, description="How often each service is checked for drift")
+    health_host: str = Field("0.0.0.0", description="Address of the liveness endpoint")
+    health_port: int = Field(8080, ge=1, le=65535)
+    log_level: str = "info"
+
+    @field_validator("namespaces", mode="before")
+    @classmethod
+    def _split(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value

@@ -1,0 +1,140 @@
+"""The ZImageService spec as typed models.
+
+The API server validates and defaults the spec with the CRD's schema; these models repeat the
+defaults (so builders can be tested without a cluster) and catch what the schema cannot, such
+as a model source the operator cannot serve. They ignore unknown fields: the CRD is the
+authority on what a manifest may hold.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+DEFAULT_MODEL = "hf://Tongyi-MAI/Z-Image-Turbo"
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+
+
+class SecretKeyRef(_Model):
+    name: str
+    key: str = "token"
+
+
+class ModelCache(_Model):
+    size: str = "40Gi"
+    storage_class_name: str | None = Field(None, alias="storageClassName")
+    access_modes: list[str] = Field(default_factory=lambda: ["ReadWriteMany"], alias="accessModes")
+
+
+class ModelSpec(_Model):
+    source: str = DEFAULT_MODEL
+    revision: str = "main"
+    token_secret_ref: SecretKeyRef | None = Field(None, alias="tokenSecretRef")
+    cache: ModelCache | None = None
+
+    @property
+    def scheme(self) -> str:
+        return self.source.split("://", 1)[0]
+
+    @property
+    def hub_source(self) -> str:
+        """``hf://OWNER/NAME@REVISION``, the revision made explicit."""
+        return self.source if "@" in self.source else f"{self.source}@{self.revision}"
+
+
+class RuntimeSpec(_Model):
+    image: str | None = None
+    image_pull_policy: str | None = Field(None, alias="imagePullPolicy")
+    precision: Literal["bf16", "fp8"] = "bf16"
+    attention_backend: str = Field("auto", alias="attentionBackend")
+    compile: bool = True
+    max_batch_size: int = Field(4, alias="maxBatchSize")
+    batch_wait_ms: int = Field(10, alias="batchWaitMs")
+    max_queue: int = Field(32, alias="maxQueue")
+    request_timeout_seconds: int = Field(120, alias="requestTimeoutSeconds")
+    warmup_sizes: list[str] = Field(default_factory=lambda: ["1024x1024"], alias="warmupSizes")
+    log_level: str = Field("info", alias="logLevel")
+
+
+class ResourcesSpec(_Model):
+    gpus: int = 1
+    gpu_resource_name: str = Field("nvidia.com/gpu", alias="gpuResourceName")
+    memory: str = "48Gi"
+    cpu: str = "8"
+
+
+class VramSpec(_Model):
+    limit: str = "90%"
+    scope: Literal["process", "device"] = "process"
+    period_seconds: int = Field(10, alias="periodSeconds")
+    failure_threshold: int = Field(3, alias="failureThreshold")
+
+
+class AutoscalingSpec(_Model):
+    mode: Literal["builtin", "hpa", "keda", "none"] = "builtin"
+    min_replicas: int = Field(1, alias="minReplicas")
+    max_replicas: int = Field(4, alias="maxReplicas")
+    target_queue_per_replica: int = Field(4, alias="targetQueuePerReplica")
+    scale_down_stabilization_seconds: int = Field(300, alias="scaleDownStabilizationSeconds")
+
+
+class SchedulingSpec(_Model):
+    node_selector: dict[str, str] = Field(default_factory=dict, alias="nodeSelector")
+    tolerations: list[dict[str, Any]] = Field(default_factory=list)
+    affinity: dict[str, Any] = Field(default_factory=dict)
+    priority_class_name: str | None = Field(None, alias="priorityClassName")
+    runtime_class_name: str | None = Field(None, alias="runtimeClassName")
+
+
+class ServiceSpec(_Model):
+    type: Literal["ClusterIP", "NodePort", "LoadBalancer"] = "ClusterIP"
+    port: int = 80
+
+
+class DisruptionSpec(_Model):
+    max_unavailable: int | str = Field(1, alias="maxUnavailable")
+
+
+class AuthSpec(_Model):
+    api_key_secret_ref: SecretKeyRef | None = Field(None, alias="apiKeySecretRef")
+
+
+class ZImageServiceSpec(_Model):
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    runtime: RuntimeSpec = Field(default_factory=RuntimeSpec)
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+    vram: VramSpec = Field(default_factory=VramSpec)
+    autoscaling: AutoscalingSpec = Field(default_factory=AutoscalingSpec)
+    replicas: int = 1
+    scheduling: SchedulingSpec = Field(default_factory=SchedulingSpec)
+    service: ServiceSpec = Field(default_factory=ServiceSpec)
+    disruption: DisruptionSpec = Field(default_factory=DisruptionSpec)
+    auth: AuthSpec = Field(default_factory=AuthSpec)
+
+    @property
+    def needs_cache(self) -> bool:
+        return self.model.scheme == "hf" and self.model.cache is not None
+
+
+class InvalidSpecError(ValueError):
+    """A spec the schema admitted but the operator cannot act on; becomes a Degraded condition."""
+
+
+def parse_spec(raw: dict[str, Any] | None) -> ZImageServiceSpec:
+    try:
+        spec = ZImageServiceSpec.model_validate(raw or {})
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"])
+        raise InvalidSpecError(f"spec.{where}: {first['msg']}") from None
+    if spec.model.scheme not in ("hf", "pvc", "file", "builtin"):
+        raise InvalidSpecError(f"spec.model.source: unsupported scheme in {spec.model.source!r}")
+    if spec.model.scheme == "pvc" and not spec.model.source.removeprefix("pvc://").split("/", 1)[0]:
+        raise InvalidSpecError("spec.model.source: pvc:// needs a claim name, as in pvc://CLAIM/PATH")
+    if spec.autoscaling.min_replicas > spec.autoscaling.max_replicas:
+        raise InvalidSpecError("spec.autoscaling: minReplicas must not exceed maxReplicas")
+    return spec

@@ -17,11 +17,11 @@ help: ## List the targets
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -c constraints.txt -e '.[server,dev]'
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[server,operator,dev]'
 	touch $@
 
 .PHONY: install
-install: $(VENV)/.installed ## Create .venv and install the project with its server and dev extras
+install: $(VENV)/.installed ## Create .venv and install the project with its server, operator and dev extras
 
 .PHONY: run
 run: install ## Serve on http://127.0.0.1:8000 (override HOST, PORT, MODEL; default model builtin://tiny)

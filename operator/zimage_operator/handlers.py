@@ -1,0 +1,125 @@
+"""Kopf handlers: every event of a ZImageService or of one of its children, and a periodic
+resync, lead to the same level-triggered reconcile of the ZImageService."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+from typing import Any, cast
+
+import kopf
+from kubernetes import client, config
+
+from .builders import GROUP, KIND, PLURAL, VERSION
+from .config import OperatorSettings
+from .kube import Kube
+from .reconcile import Reconciler, TemporaryFailureError
+
+logger = logging.getLogger(__name__)
+
+MANAGED = {"app.kubernetes.io/managed-by": "zimage-operator"}
+CHILDREN = [
+    ("apps", "v1", "deployments"),
+    ("", "v1", "services"),
+    ("policy", "v1", "poddisruptionbudgets"),
+    ("batch", "v1", "jobs"),
+    ("", "v1", "persistentvolumeclaims"),
+]
+MAX_BACKOFF_SECONDS = 60.0
+
+
+def api_client() -> client.ApiClient:
+    """In a pod: its service account. Elsewhere: the kubeconfig (KUBECONFIG or ~/.kube/config)."""
+    try:
+        configuration = client.Configuration()
+        config.load_incluster_config(client_configuration=configuration)
+        return client.ApiClient(configuration)
+    except config.ConfigException:
+        return config.new_client_from_config()
+
+
+class Runner:
+    """Calls the reconciler, retrying temporary failures with exponential backoff."""
+
+    def __init__(self, reconciler: Reconciler) -> None:
+        self.reconciler = reconciler
+        self._attempts: dict[str, int] = {}
+        self._guard = threading.Lock()
+
+    def run(self, namespace: str, name: str) -> None:
+        key = f"{namespace}/{name}"
+        try:
+            self.reconciler.reconcile(namespace, name)
+        except TemporaryFailureError as exc:
+            with self._guard:
+                attempt = self._attempts.get(key, 0) + 1
+                self._attempts[key] = attempt
+            delay = min(MAX_BACKOFF_SECONDS, 2.0**attempt)
+            logger.warning("reconcile of %s failed (%s); retrying in %.0fs", key, exc, delay)
+            timer = threading.Timer(delay, self.run, args=(namespace, name))
+            timer.daemon = True
+            timer.start()
+        else:
+            with self._guard:
+                self._attempts.pop(key, None)
+
+
+def _post_event(body: dict[str, Any], kind: str, reason: str, message: str) -> None:
+    kopf.event(kopf.Body(cast(Any, body)), type=kind, reason=reason, message=message)
+
+
+@kopf.on.startup()
+async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+    # The project's own names for Kopf's bookkeeping.
+    settings.persistence.finalizer = f"{GROUP}/finalizer"
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=GROUP, key="last-handled-configuration"
+    )
+    settings.posting.level = logging.INFO
+    settings.execution.max_workers = 16
+    settings.watching.server_timeout = 300
+    settings.networking.request_timeout = 60
+    operator_settings: OperatorSettings = memo.settings
+    reconciler = Reconciler(Kube(api_client()), operator_settings, _post_event)
+    memo.runner = Runner(reconciler)
+    memo.resync = asyncio.create_task(_resync_forever(memo.runner, operator_settings.resync_seconds))
+
+
+@kopf.on.cleanup()
+async def stop(memo: kopf.Memo, **_: Any) -> None:
+    task: asyncio.Task[None] | None = getattr(memo, "resync", None)
+    if task is not None:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+async def _resync_forever(runner: Runner, interval: float) -> None:
+    """The safety net: drift that raised no event is found within one interval."""
+    loop = asyncio.get_running_loop()
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            await loop.run_in_executor(None, runner.reconciler.resync_all)
+        except Exception:
+            logger.exception("resync failed")
+
+
+@kopf.on.event(GROUP, VERSION, PLURAL)
+def service_changed(type: str | None, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    if type == "DELETED":
+        return
+    memo.runner.run(body.metadata.namespace, body.metadata.name)
+
+
+def child_changed(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    for ref in body.metadata.get("ownerReferences") or []:
+        if ref.get("kind") == KIND and ref.get("apiVersion", "").startswith(f"{GROUP}/"):
+            memo.runner.run(body.metadata.namespace, ref["name"])
+
+
+for _group, _version, _plural in CHILDREN:
+    kopf.on.event(_group, _version, _plural, labels=MANAGED, id=f"child-{_plural}")(child_changed)

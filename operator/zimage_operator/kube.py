@@ -1,0 +1,116 @@
+"""The few API calls the operator makes, over the official Kubernetes client.
+
+Children are written with server-side apply under one field manager. Every write goes through
+here and is counted, so "no change, no write" can be checked.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import threading
+from typing import Any
+
+from kubernetes import client
+from kubernetes.client.rest import ApiException
+from kubernetes.dynamic import DynamicClient
+from kubernetes.dynamic.exceptions import NotFoundError
+from prometheus_client import Counter
+
+from .builders import API_VERSION, KIND
+from .config import FIELD_MANAGER
+
+logger = logging.getLogger(__name__)
+
+WRITES = Counter("zimage_operator_writes", "Writes the operator sent to the API server", ["kind", "verb"])
+
+
+class Kube:
+    def __init__(self, api_client: client.ApiClient) -> None:
+        self.api_client = api_client
+        self.core = client.CoreV1Api(api_client)
+        self.custom = client.CustomObjectsApi(api_client)
+        self._dynamic: DynamicClient | None = None
+        self._lock = threading.Lock()
+        self._resources: dict[tuple[str, str], Any] = {}
+
+    def _resource(self, api_version: str, kind: str) -> Any:
+        key = (api_version, kind)
+        with self._lock:
+            if self._dynamic is None:
+                self._dynamic = DynamicClient(self.api_client)
+            if key not in self._resources:
+                self._resources[key] = self._dynamic.resources.get(api_version=api_version, kind=kind)
+            return self._resources[key]
+
+    def get(self, api_version: str, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
+        try:
+            obj = self._resource(api_version, kind).get(name=name, namespace=namespace)
+        except NotFoundError:
+            return None
+        result: dict[str, Any] = obj.to_dict()
+        return result
+
+    def list_objects(
+        self, api_version: str, kind: str, namespace: str, selector: str
+    ) -> list[dict[str, Any]]:
+        items = self._resource(api_version, kind).get(namespace=namespace, label_selector=selector).items
+        return [item.to_dict() for item in items]
+
+    def apply(self, manifest: dict[str, Any]) -> dict[str, Any]:
+        meta = manifest["metadata"]
+        WRITES.labels(manifest["kind"], "apply").inc()
+        logger.info("applying %s %s/%s", manifest["kind"], meta["namespace"], meta["name"])
+        obj = self._resource(manifest["apiVersion"], manifest["kind"]).server_side_apply(
+            body=manifest,
+            name=meta["name"],
+            namespace=meta["namespace"],
+            field_manager=FIELD_MANAGER,
+            force_conflicts=True,
+        )
+        result: dict[str, Any] = obj.to_dict()
+        return result
+
+    def delete(self, api_version: str, kind: str, namespace: str, name: str) -> None:
+        WRITES.labels(kind, "delete").inc()
+        logger.info("deleting %s %s/%s", kind, namespace, name)
+        with contextlib.suppress(NotFoundError):
+            self._resource(api_version, kind).delete(
+                name=name, namespace=namespace, body={"propagationPolicy": "Background"}
+            )
+
+    # -- the custom resource -----------------------------------------------------------------
+
+    def get_service(self, namespace: str, name: str) -> dict[str, Any] | None:
+        return self.get(API_VERSION, KIND, namespace, name)
+
+    def list_services(self, namespaces: list[str]) -> list[dict[str, Any]]:
+        resource = self._resource(API_VERSION, KIND)
+        if not namespaces:
+            return [item.to_dict() for item in resource.get().items]
+        found: list[dict[str, Any]] = []
+        for namespace in namespaces:
+            found.extend(item.to_dict() for item in resource.get(namespace=namespace).items)
+        return found
+
+    def patch_status(self, namespace: str, name: str, status: dict[str, Any]) -> None:
+        WRITES.labels(KIND, "status").inc()
+        self._resource(API_VERSION, KIND).status.patch(
+            body={"status": status},
+            name=name,
+            namespace=namespace,
+            content_type="application/merge-patch+json",
+        )
+
+
+def is_temporary(exc: ApiException) -> bool:
+    """Worth retrying: conflicts, throttling, server trouble. Other 4xx need a spec change."""
+    return exc.status in (409, 429) or exc.status is None or exc.status >= 500
+
+
+def api_message(exc: ApiException) -> str:
+    try:
+        return str(json.loads(exc.body or "{}").get("message") or exc.reason)
+    except ValueError:
+        return str(exc.reason)

@@ -1,0 +1,231 @@
+"""Level-triggered reconciliation of one ZImageService.
+
+Each pass reads the resource and its children as they are now, builds the desired children,
+applies only those that differ from what is live (a child deleted or edited by hand is put
+back), deletes children no longer wanted, and writes the status only when it changed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from kubernetes.client.rest import ApiException
+from kubernetes.utils.quantity import parse_quantity
+
+from . import builders
+from .builders import Manifest, Owner
+from .config import OperatorSettings
+from .kube import Kube, api_message, is_temporary
+from .spec import InvalidSpecError, ZImageServiceSpec, parse_spec
+from .status import compute_conditions, merge_conditions, model_state, now_rfc3339, transitions
+
+logger = logging.getLogger(__name__)
+
+# (type, reason, message): posted as a Kubernetes Event on the ZImageService.
+EventSink = Callable[[dict[str, Any], str, str, str], None]
+MANAGED_SELECTOR = "app.kubernetes.io/managed-by=zimage-operator"
+
+
+class TemporaryFailureError(RuntimeError):
+    """The API server could not take a write just now; try again after a pause."""
+
+
+def contains(live: Any, want: Any) -> bool:
+    """Whether everything in ``want`` is in ``live`` (the server adds defaults; that is fine)."""
+    if isinstance(want, dict):
+        return isinstance(live, dict) and all(
+            key in live and contains(live[key], value) for key, value in want.items()
+        )
+    if isinstance(want, list):
+        return (
+            isinstance(live, list)
+            and len(live) == len(want)
+            and all(contains(a, b) for a, b in zip(live, want, strict=True))
+        )
+    if isinstance(want, str) and isinstance(live, str) and want != live:
+        return _same_quantity(live, want)
+    return bool(live == want)
+
+
+def _same_quantity(a: str, b: str) -> bool:
+    try:
+        return bool(parse_quantity(a) == parse_quantity(b))
+    except ValueError:
+        return False
+
+
+def prefetch_name(owner: Owner, spec: ZImageServiceSpec) -> str:
+    # A Job's template cannot change; a new model gets a new Job.
+    digest = hashlib.sha256(spec.model.hub_source.encode()).hexdigest()[:8]
+    return f"{builders.prefetch_job_name(owner)}-{digest}"
+
+
+@dataclass
+class Reconciler:
+    kube: Kube
+    settings: OperatorSettings
+    post_event: EventSink
+    _locks: dict[str, threading.Lock] = field(default_factory=dict)
+    _guard: threading.Lock = field(default_factory=threading.Lock)
+
+    def _lock(self, key: str) -> threading.Lock:
+        with self._guard:
+            return self._locks.setdefault(key, threading.Lock())
+
+    def reconcile(self, namespace: str, name: str) -> None:
+        """Bring one ZImageService and its children to the desired state. Serialized per object."""
+        with self._lock(f"{namespace}/{name}"):
+            body = self.kube.get_service(namespace, name)
+            if body is None or body["metadata"].get("deletionTimestamp"):
+                return  # gone, or going: garbage collection removes the children
+            self._reconcile(body)
+
+    def _reconcile(self, body: dict[str, Any]) -> None:
+        meta = body["metadata"]
+        owner = Owner(meta["name"], meta["namespace"], meta["uid"])
+        generation = int(meta.get("generation") or 1)
+        try:
+            spec = parse_spec(body.get("spec"))
+        except InvalidSpecError as exc:
+            self._write_status(body, owner, None, str(exc), None, None, 0, [], generation)
+            return
+
+        job_name = prefetch_name(owner, spec)
+        job = self.kube.get("batch/v1", "Job", owner.namespace, job_name) if spec.needs_cache else None
+        model = model_state(spec.needs_cache, job)
+        live_deployment = self.kube.get("apps/v1", "Deployment", owner.namespace, owner.name)
+        current = None if live_deployment is None else (live_deployment.get("spec") or {}).get("replicas")
+        replicas = builders.desired_replicas(spec, current, model.ready)
+
+        desired: list[Manifest] = []
+        claim = builders.build_cache_claim(owner, spec)
+        if claim is not None:
+            desired.append(claim)
+        prefetch = builders.build_prefetch_job(owner, spec, self.settings)
+        if prefetch is not None:
+            prefetch["metadata"]["name"] = job_name
+            desired.append(prefetch)
+        desired.append(builders.build_deployment(owner, spec, self.settings, replicas))
+        desired.append(builders.build_service(owner, spec))
+        desired.append(builders.build_pdb(owner, spec))
+
+        apply_error = None
+        deployment = live_deployment
+        for manifest in desired:
+            try:
+                result = self._converge(
+                    manifest, live_deployment if manifest["kind"] == "Deployment" else None
+                )
+            except ApiException as exc:
+                if is_temporary(exc):
+                    raise TemporaryFailureError(f"{manifest['kind']}: {api_message(exc)}") from exc
+                apply_error = f"{manifest['kind']} {manifest['metadata']['name']}: {api_message(exc)}"
+                logger.warning("cannot apply %s", apply_error)
+                continue
+            if manifest["kind"] == "Deployment" and result is not None:
+                deployment = result
+        self._prune(owner, spec, job_name)
+
+        pods = self.kube.list_objects("v1", "Pod", owner.namespace, builders.selector_string(owner))
+        self._write_status(
+            body, owner, spec, None, apply_error, deployment, replicas, pods, generation, model
+        )
+
+    def _converge(self, manifest: Manifest, live: dict[str, Any] | None) -> dict[str, Any] | None:
+        """Apply ``manifest`` unless the live object already holds all of it."""
+        meta = manifest["metadata"]
+        if live is None:
+            live = self.kube.get(manifest["apiVersion"], manifest["kind"], meta["namespace"], meta["name"])
+        if live is not None and contains(live, manifest):
+            return live
+        return self.kube.apply(manifest)
+
+    def _prune(self, owner: Owner, spec: ZImageServiceSpec, job_name: str) -> None:
+        """Delete prefetch Jobs and cache claims this service owns but no longer wants."""
+        selector = f"{MANAGED_SELECTOR},app.kubernetes.io/instance={owner.name}"
+        for job in self.kube.list_objects("batch/v1", "Job", owner.namespace, selector):
+            name = job["metadata"]["name"]
+            if _owned_by(job, owner) and (not spec.needs_cache or name != job_name):
+                self.kube.delete("batch/v1", "Job", owner.namespace, name)
+        if not spec.needs_cache:
+            claim = self.kube.get(
+                "v1", "PersistentVolumeClaim", owner.namespace, builders.cache_claim_name(owner)
+            )
+            if claim is not None and _owned_by(claim, owner):
+                self.kube.delete("v1", "PersistentVolumeClaim", owner.namespace, claim["metadata"]["name"])
+
+    def _write_status(
+        self,
+        body: dict[str, Any],
+        owner: Owner,
+        spec: ZImageServiceSpec | None,
+        invalid: str | None,
+        apply_error: str | None,
+        deployment: dict[str, Any] | None,
+        replicas: int,
+        pods: list[dict[str, Any]],
+        generation: int,
+        model: Any = None,
+    ) -> None:
+        previous = body.get("status") or {}
+        conditions = compute_conditions(
+            invalid=invalid,
+            apply_error=apply_error,
+            model=model or model_state(False, None),
+            desired_replicas=replicas,
+            deployment=deployment,
+            pods=pods,
+        )
+        merged = merge_conditions(previous.get("conditions") or [], conditions, generation, now_rfc3339())
+        dep_status = (deployment or {}).get("status") or {}
+        status: dict[str, Any] = {
+            "observedGeneration": generation,
+            "replicas": int(dep_status.get("replicas") or 0),
+            "readyReplicas": int(dep_status.get("readyReplicas") or 0),
+            "updatedReplicas": int(dep_status.get("updatedReplicas") or 0),
+            "selector": builders.selector_string(owner),
+            "conditions": merged,
+        }
+        if spec is not None:
+            status["endpoint"] = builders.endpoint(owner, spec)
+        if _same(previous, status):
+            return
+        self.kube.patch_status(owner.namespace, owner.name, status)
+        for condition in transitions(previous.get("conditions") or [], merged):
+            kind = "Warning" if _bad(condition) else "Normal"
+            self.post_event(
+                body,
+                kind,
+                condition["reason"],
+                f"{condition['type']}={condition['status']}: {condition['message']}",
+            )
+
+    def resync_all(self) -> None:
+        for body in self.kube.list_services(self.settings.namespaces):
+            meta = body["metadata"]
+            try:
+                self.reconcile(meta["namespace"], meta["name"])
+            except Exception:
+                logger.exception("resync of %s/%s failed", meta["namespace"], meta["name"])
+
+
+def _owned_by(obj: dict[str, Any], owner: Owner) -> bool:
+    return any(ref.get("uid") == owner.uid for ref in obj["metadata"].get("ownerReferences") or [])
+
+
+def _bad(condition: dict[str, Any]) -> bool:
+    healthy = {"Ready": "True", "Degraded": "False", "ModelReady": "True"}
+    expected = healthy.get(condition["type"])
+    return expected is not None and condition["status"] != expected
+
+
+def _same(previous: dict[str, Any], status: dict[str, Any]) -> bool:
+    """Equal but for fields we do not own (such as status.autoscaling)."""
+    subset = {key: previous.get(key) for key in status}
+    return json.dumps(subset, sort_keys=True) == json.dumps(status, sort_keys=True)

@@ -1,0 +1,189 @@
+"""Status of a ZImageService, computed from its children: conditions keyed by type with
+CamelCase reasons, ``observedGeneration``, replica counts and the endpoint."""
+
+from __future__ import annotations
+
+import datetime
+from dataclasses import dataclass
+from typing import Any
+
+CONDITION_TYPES = ("Ready", "Progressing", "Degraded", "ModelReady")
+# Container states that mean a pod will not get better by itself.
+FAILING_REASONS = {
+    "CrashLoopBackOff",
+    "ImagePullBackOff",
+    "ErrImagePull",
+    "InvalidImageName",
+    "CreateContainerConfigError",
+    "CreateContainerError",
+    "RunContainerError",
+}
+
+
+@dataclass(frozen=True)
+class Condition:
+    type: str
+    status: bool
+    reason: str
+    message: str
+
+    def as_dict(self, generation: int, now: str) -> dict[str, Any]:
+        return {
+            "type": self.type,
+            "status": "True" if self.status else "False",
+            "reason": self.reason,
+            "message": self.message,
+            "lastTransitionTime": now,
+            "observedGeneration": generation,
+        }
+
+
+@dataclass(frozen=True)
+class ModelState:
+    ready: bool
+    reason: str
+    message: str
+
+
+def now_rfc3339() -> str:
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def model_state(needs_cache: bool, job: dict[str, Any] | None) -> ModelState:
+    if not needs_cache:
+        return ModelState(True, "NoCacheNeeded", "the server loads the model itself")
+    if job is None:
+        return ModelState(False, "CachePending", "the prefetch Job is being created")
+    status = job.get("status") or {}
+    for condition in status.get("conditions") or []:
+        if condition.get("status") != "True":
+            continue
+        if condition.get("type") == "Complete":
+            return ModelState(True, "CachePopulated", "the model cache is filled")
+        if condition.get("type") == "Failed":
+            detail = condition.get("message") or condition.get("reason") or "it failed"
+            return ModelState(False, "CacheFailed", f"the prefetch Job failed: {detail}")
+    return ModelState(False, "CacheDownloading", "the prefetch Job is filling the model cache")
+
+
+def failing_pods(pods: list[dict[str, Any]]) -> list[str]:
+    """``pod: reason`` for each pod whose container is stuck in a failing state."""
+    found = []
+    for pod in pods:
+        for status in (pod.get("status") or {}).get("containerStatuses") or []:
+            waiting = (status.get("state") or {}).get("waiting") or {}
+            if waiting.get("reason") in FAILING_REASONS:
+                found.append(f"{pod['metadata']['name']}: {waiting['reason']}")
+    return found
+
+
+def compute_conditions(
+    *,
+    invalid: str | None,
+    apply_error: str | None,
+    model: ModelState,
+    desired_replicas: int,
+    deployment: dict[str, Any] | None,
+    pods: list[dict[str, Any]],
+) -> list[Condition]:
+    if invalid is not None:
+        return [
+            Condition("Ready", False, "InvalidSpec", invalid),
+            Condition("Progressing", False, "InvalidSpec", "fix the spec to continue"),
+            Condition("Degraded", True, "InvalidSpec", invalid),
+            Condition("ModelReady", False, "InvalidSpec", "fix the spec to continue"),
+        ]
+    dep_status = (deployment or {}).get("status") or {}
+    dep_meta = (deployment or {}).get("metadata") or {}
+    ready = int(dep_status.get("readyReplicas") or 0)
+    updated = int(dep_status.get("updatedReplicas") or 0)
+    total = int(dep_status.get("replicas") or 0)
+    observed = int(dep_status.get("observedGeneration") or 0) >= int(dep_meta.get("generation") or 1)
+    rolled_out = (
+        deployment is not None
+        and observed
+        and updated == desired_replicas
+        and total == desired_replicas
+        and ready == desired_replicas
+    )
+
+    if not model.ready:
+        ready_condition = Condition("Ready", False, "WaitingForModel", model.message)
+    elif desired_replicas == 0:
+        ready_condition = Condition("Ready", False, "ScaledToZero", "no replicas are requested")
+    elif ready > 0:
+        ready_condition = Condition("Ready", True, "Serving", f"{ready} of {desired_replicas} replicas ready")
+    else:
+        ready_condition = Condition(
+            "Ready", False, "NoReadyReplicas", f"0 of {desired_replicas} replicas ready"
+        )
+
+    if not model.ready:
+        progressing = Condition("Progressing", True, "WaitingForModel", model.message)
+    elif rolled_out:
+        progressing = Condition("Progressing", False, "RolloutComplete", f"{ready} replicas up to date")
+    else:
+        progressing = Condition(
+            "Progressing",
+            True,
+            "RollingOut",
+            f"{updated} of {desired_replicas} replicas updated, {ready} ready",
+        )
+
+    failing = failing_pods(pods)
+    dep_problem = _deployment_problem(dep_status)
+    if apply_error is not None:
+        degraded = Condition("Degraded", True, "ApplyFailed", apply_error)
+    elif model.reason == "CacheFailed":
+        degraded = Condition("Degraded", True, "CacheFailed", model.message)
+    elif failing:
+        degraded = Condition("Degraded", True, "PodsFailing", "; ".join(sorted(failing)[:5]))
+    elif dep_problem is not None:
+        degraded = Condition("Degraded", True, *dep_problem)
+    else:
+        degraded = Condition("Degraded", False, "AsExpected", "no problems found")
+
+    return [
+        ready_condition,
+        progressing,
+        degraded,
+        Condition("ModelReady", model.ready, model.reason, model.message),
+    ]
+
+
+def _deployment_problem(dep_status: dict[str, Any]) -> tuple[str, str] | None:
+    for condition in dep_status.get("conditions") or []:
+        if condition.get("type") == "ReplicaFailure" and condition.get("status") == "True":
+            return "ReplicaFailure", str(condition.get("message", ""))
+        if condition.get("type") == "Progressing" and condition.get("reason") == "ProgressDeadlineExceeded":
+            return "ProgressDeadlineExceeded", str(condition.get("message", ""))
+    return None
+
+
+def merge_conditions(
+    previous: list[dict[str, Any]], current: list[Condition], generation: int, now: str
+) -> list[dict[str, Any]]:
+    """New condition dicts, keeping ``lastTransitionTime`` where the status did not change."""
+    old = {c.get("type"): c for c in previous or []}
+    merged = []
+    for condition in current:
+        entry = condition.as_dict(generation, now)
+        before = old.get(condition.type)
+        if before is not None and before.get("status") == entry["status"]:
+            entry["lastTransitionTime"] = before.get("lastTransitionTime", now)
+        merged.append(entry)
+    return merged
+
+
+def transitions(previous: list[dict[str, Any]], current: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Conditions whose status or reason changed: each is worth an Event."""
+    old = {c.get("type"): c for c in previous or []}
+    changed = []
+    for condition in current:
+        before = old.get(condition["type"])
+        if before is None or (before.get("status"), before.get("reason")) != (
+            condition["status"],
+            condition["reason"],
+        ):
+            changed.append(condition)
+    return changed

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+# The local control plane's fixtures (cluster, api, namespace, pod_runner, operator) for every suite.
+pytest_plugins = ["tests.cluster.fixtures"]
+
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     import torch

@@ -32,19 +32,22 @@ MAX_BACKOFF_SECONDS = 60.0
 
 def api_client() -> client.ApiClient:
     """In a pod: its service account. Elsewhere: the kubeconfig (KUBECONFIG or ~/.kube/config)."""
+    configuration = client.Configuration()
     try:
-        configuration = client.Configuration()
         config.load_incluster_config(client_configuration=configuration)
-        return client.ApiClient(configuration)
     except config.ConfigException:
-        return config.new_client_from_config()
+        config.load_kube_config(client_configuration=configuration)
+    # One connection per handler thread, so concurrent reconciles do not queue for a socket.
+    configuration.connection_pool_maxsize = 32
+    return client.ApiClient(configuration)
 
 
 class Runner:
     """Calls the reconciler, retrying temporary failures with exponential backoff."""
 
-    def __init__(self, reconciler: Reconciler) -> None:
+    def __init__(self, reconciler: Reconciler, base_delay: float = 2.0) -> None:
         self.reconciler = reconciler
+        self.base_delay = base_delay
         self._attempts: dict[str, int] = {}
         self._guard = threading.Lock()
 
@@ -56,7 +59,7 @@ class Runner:
             with self._guard:
                 attempt = self._attempts.get(key, 0) + 1
                 self._attempts[key] = attempt
-            delay = min(MAX_BACKOFF_SECONDS, 2.0**attempt)
+            delay = min(MAX_BACKOFF_SECONDS, self.base_delay * 2.0 ** (attempt - 1))
             logger.warning("reconcile of %s failed (%s); retrying in %.0fs", key, exc, delay)
             timer = threading.Timer(delay, self.run, args=(namespace, name))
             timer.daemon = True

@@ -135,6 +135,13 @@ def parse_spec(raw: dict[str, Any] | None) -> ZImageServiceSpec:
         raise InvalidSpecError(f"spec.model.source: unsupported scheme in {spec.model.source!r}")
     if spec.model.scheme == "pvc" and not spec.model.source.removeprefix("pvc://").split("/", 1)[0]:
         raise InvalidSpecError("spec.model.source: pvc:// needs a claim name, as in pvc://CLAIM/PATH")
+    for size in spec.runtime.warmup_sizes:
+        width, _, height = size.partition("x")
+        if int(width) % 16 or int(height) % 16:
+            raise InvalidSpecError(
+                f"spec.runtime.warmupSizes: {size!r} is not a size the server accepts; "
+                "width and height must be multiples of 16"
+            )
     if spec.autoscaling.min_replicas > spec.autoscaling.max_replicas:
         raise InvalidSpecError("spec.autoscaling: minReplicas must not exceed maxReplicas")
     return spec

@@ -316,8 +316,13 @@ class LocalCluster:
         }
 
     def _create_gpu_nodes(self) -> None:
-        docs = [self.node_manifest(i) for i in range(self.gpu_nodes)]
+        self.add_gpu_nodes(range(self.gpu_nodes))
+
+    def add_gpu_nodes(self, indexes: range) -> list[str]:
+        """Create simulated GPU nodes ``gpu-node-<index>``; kwok makes them Ready."""
+        docs = [self.node_manifest(i) for i in indexes]
         self.kubectl("apply", "--server-side", "-f", "-", input=yaml.safe_dump_all(docs))
+        return [doc["metadata"]["name"] for doc in docs]
 
     def kubectl(
         self, *args: str, input: str | None = None, check: bool = True

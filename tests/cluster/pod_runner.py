@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import yaml
 from kubernetes import client, config
 
 logger = logging.getLogger(__name__)
@@ -43,7 +44,7 @@ def image_name(image: str) -> str:
     return name.split(":", 1)[0]
 
 
-def server_process(pod: Any, container: Any, env: dict[str, str]) -> PodProcessSpec:
+def server_process(runner: LocalPodRunner, pod: Any, container: Any, env: dict[str, str]) -> PodProcessSpec:
     ports = container.ports or []
     named = [item for item in ports if item.name == "http"]
     port = (named or ports)[0].container_port if ports else DEFAULT_PORT
@@ -51,8 +52,18 @@ def server_process(pod: Any, container: Any, env: dict[str, str]) -> PodProcessS
     return PodProcessSpec([sys.executable, "-m", "zimage_server", "serve"], env)
 
 
-# image name -> how to run it. Later work adds the operator.
-LAUNCHERS: dict[str, Callable[[Any, Any, dict[str, str]], PodProcessSpec]] = {"zimage-server": server_process}
+def operator_process(runner: LocalPodRunner, pod: Any, container: Any, env: dict[str, str]) -> PodProcessSpec:
+    """The operator, with the pod's service account: a kubeconfig holding a token from the
+    TokenRequest API, so the operator's RBAC is exercised for real."""
+    kubeconfig = runner.service_account_kubeconfig(pod)
+    env = {key: value for key, value in env.items() if not key.startswith("KUBERNETES_SERVICE")}
+    env.update(KUBECONFIG=str(kubeconfig), ZIMAGE_OPERATOR_HEALTH_HOST=pod.status.pod_ip)
+    return PodProcessSpec([sys.executable, "-m", "zimage_operator", *(container.args or [])], env)
+
+
+Launcher = Callable[["LocalPodRunner", Any, Any, dict[str, str]], PodProcessSpec]
+# image name -> how to run it
+LAUNCHERS: dict[str, Launcher] = {"zimage-server": server_process, "zimage-operator": operator_process}
 
 
 @dataclass
@@ -65,9 +76,18 @@ class RunningPod:
 
 
 class LocalPodRunner:
-    def __init__(self, kubeconfig: Path, workdir: Path, poll_seconds: float = 0.3) -> None:
+    def __init__(
+        self,
+        kubeconfig: Path,
+        workdir: Path,
+        poll_seconds: float = 0.3,
+        images: frozenset[str] = frozenset(LAUNCHERS),
+    ) -> None:
+        """``images``: the image names to run (default: all the project's)."""
+        self.kubeconfig = kubeconfig
         self.workdir = workdir
         self.poll_seconds = poll_seconds
+        self.images = images
         api_client = config.new_client_from_config(config_file=str(kubeconfig))
         self.core = client.CoreV1Api(api_client)
         self.running: dict[str, RunningPod] = {}
@@ -97,6 +117,13 @@ class LocalPodRunner:
         with self._lock:
             return [pod.process.pid for pod in self.running.values()]
 
+    def process_of(self, namespace: str, name: str) -> subprocess.Popen[bytes] | None:
+        with self._lock:
+            for pod in self.running.values():
+                if pod.key == f"{namespace}/{name}":
+                    return pod.process
+        return None
+
     def address_of(self, namespace: str, name: str) -> str | None:
         with self._lock:
             for pod in self.running.values():
@@ -120,7 +147,7 @@ class LocalPodRunner:
         for pod in pods:
             if pod.metadata.deletion_timestamp or not pod.status.pod_ip or pod.status.phase != "Running":
                 continue
-            if any(image_name(c.image) in LAUNCHERS for c in pod.spec.containers):
+            if any(image_name(c.image) in self.images for c in pod.spec.containers):
                 wanted[pod.metadata.uid] = pod
         with self._lock:
             for uid in list(self.running):
@@ -129,16 +156,21 @@ class LocalPodRunner:
             for uid, pod in wanted.items():
                 current = self.running.get(uid)
                 if current is not None and current.process.poll() is not None:
+                    # restartPolicy Always, as the kubelet would do
                     logger.warning(
-                        "process for pod %s exited with %s", current.key, current.process.returncode
+                        "process for pod %s exited with %s; restarting",
+                        current.key,
+                        current.process.returncode,
                     )
+                    del self.running[uid]
+                    current = None
                 if current is None:
                     self._launch(pod)
 
     def _launch(self, pod: Any) -> None:
-        container = next(c for c in pod.spec.containers if image_name(c.image) in LAUNCHERS)
+        container = next(c for c in pod.spec.containers if image_name(c.image) in self.images)
         env = self._environment(pod, container)
-        spec = LAUNCHERS[image_name(container.image)](pod, container, env)
+        spec = LAUNCHERS[image_name(container.image)](self, pod, container, env)
         key = f"{pod.metadata.namespace}/{pod.metadata.name}"
         log = self.workdir / f"{pod.metadata.namespace}_{pod.metadata.name}.log"
         with log.open("ab") as out:
@@ -153,6 +185,32 @@ class LocalPodRunner:
         address = f"{spec.env.get('ZIMAGE_HOST', pod.status.pod_ip)}:{spec.env.get('ZIMAGE_PORT', '')}"
         self.running[pod.metadata.uid] = RunningPod(pod.metadata.uid, key, address, process, log)
         logger.info("started pid %d for pod %s at %s", process.pid, key, address)
+
+    def service_account_kubeconfig(self, pod: Any) -> Path:
+        namespace, account = pod.metadata.namespace, pod.spec.service_account_name or "default"
+        request = client.AuthenticationV1TokenRequest(
+            spec=client.V1TokenRequestSpec(audiences=[], expiration_seconds=3600)
+        )
+        token = self.core.create_namespaced_service_account_token(account, namespace, request).status.token
+        admin = yaml.safe_load(self.kubeconfig.read_text())
+        cluster = admin["clusters"][0]["cluster"]
+        config_doc = {
+            "apiVersion": "v1",
+            "kind": "Config",
+            "clusters": [{"name": "local", "cluster": cluster}],
+            "users": [{"name": f"{namespace}:{account}", "user": {"token": token}}],
+            "contexts": [
+                {
+                    "name": "pod",
+                    "context": {"cluster": "local", "user": f"{namespace}:{account}", "namespace": namespace},
+                }
+            ],
+            "current-context": "pod",
+        }
+        path = self.workdir / f"{namespace}_{pod.metadata.name}.kubeconfig"
+        path.write_text(yaml.safe_dump(config_doc))
+        path.chmod(0o600)
+        return path
 
     def _terminate(self, uid: str, grace: float = 15) -> None:
         pod = self.running.pop(uid)

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
-import os
+import itertools
 import re
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from kubernetes import client, config
+from kubernetes.client.rest import ApiException
 
 from .local_cluster import LocalCluster, build_binaries, processes_under
-from .pod_runner import LocalPodRunner
+from .pod_runner import LocalPodRunner, wait_until
+
+_NAMESPACE_NUMBERS = itertools.count(1)
 
 
 @pytest.fixture(scope="session")
@@ -40,15 +43,39 @@ def api(cluster: LocalCluster) -> client.ApiClient:
 @pytest.fixture
 def namespace(api: client.ApiClient, request: pytest.FixtureRequest) -> Iterator[str]:
     """A fresh namespace per test, deleted afterwards (without waiting)."""
-    slug = re.sub(r"[^a-z0-9-]+", "-", request.node.name.lower())[:40].strip("-")
-    name = f"t{os.getpid() % 10000}-{slug}"
+    slug = re.sub(r"[^a-z0-9-]+", "-", request.node.name.lower().removeprefix("test_"))[:40].strip("-")
+    name = f"t{next(_NAMESPACE_NUMBERS)}-{slug}"
     core = client.CoreV1Api(api)
     core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=name)))
     yield name
-    core.delete_namespace(name)
+    try:
+        core.delete_namespace(name)
+    except ApiException as exc:
+        if exc.status != 404:  # the test may have deleted it already
+            raise
 
 
 @pytest.fixture
 def pod_runner(cluster: LocalCluster, tmp_path: Path) -> Iterator[LocalPodRunner]:
     with LocalPodRunner(cluster.kubeconfig, tmp_path / "pods") as runner:
         yield runner
+
+
+ROOT = Path(__file__).resolve().parents[2]
+OPERATOR_NAMESPACE = "zimage-system"
+
+
+@pytest.fixture(scope="session")
+def operator(cluster: LocalCluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalPodRunner]:
+    """The operator installed from deploy/ with `kubectl apply -k`; the local pod runner runs the
+    real operator process for its pod, with a token of its service account."""
+    cluster.kubectl("apply", "--server-side", "-k", str(ROOT / "deploy"))
+    cluster.kubectl("wait", "--for=condition=Established", "crd/zimageservices.zimage.dev", "--timeout=60s")
+    runner = LocalPodRunner(
+        cluster.kubeconfig, tmp_path_factory.mktemp("operator-pods"), images=frozenset({"zimage-operator"})
+    ).start()
+    try:
+        wait_until(lambda: bool(runner.pids()), 60, "the operator process to start")
+        yield runner
+    finally:
+        runner.stop()

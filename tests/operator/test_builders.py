@@ -1,0 +1,245 @@
+"""The pure builders, one property per test, with no cluster."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from zimage_operator import builders
+from zimage_operator.builders import Owner
+from zimage_operator.config import OperatorSettings
+from zimage_operator.spec import parse_spec
+
+OWNER = Owner(name="posters", namespace="ml", uid="1234")
+SETTINGS = OperatorSettings(_env_file=None, default_server_image="zimage/zimage-server:9.9")
+
+
+def deployment(spec: dict[str, Any] | None = None, replicas: int = 1) -> dict[str, Any]:
+    return builders.build_deployment(OWNER, parse_spec(spec), SETTINGS, replicas)
+
+
+def container(spec: dict[str, Any] | None = None) -> dict[str, Any]:
+    result: dict[str, Any] = deployment(spec)["spec"]["template"]["spec"]["containers"][0]
+    return result
+
+
+def env(spec: dict[str, Any] | None = None) -> dict[str, Any]:
+    return {item["name"]: item.get("value", item.get("valueFrom")) for item in container(spec)["env"]}
+
+
+def pod_spec(spec: dict[str, Any] | None = None) -> dict[str, Any]:
+    result: dict[str, Any] = deployment(spec)["spec"]["template"]["spec"]
+    return result
+
+
+def test_the_server_image_comes_from_the_spec() -> None:
+    assert (
+        container({"runtime": {"image": "r.example/zimage-server:2"}})["image"] == "r.example/zimage-server:2"
+    )
+
+
+def test_an_empty_image_takes_the_operators_default() -> None:
+    assert container()["image"] == "zimage/zimage-server:9.9"
+
+
+def test_runtime_settings_become_zimage_env() -> None:
+    values = env(
+        {
+            "runtime": {
+                "maxBatchSize": 8,
+                "maxQueue": 64,
+                "requestTimeoutSeconds": 30,
+                "warmupSizes": ["512x512", "1024x1024"],
+            }
+        }
+    )
+    assert values["ZIMAGE_MAX_BATCH_SIZE"] == "8"
+    assert values["ZIMAGE_MAX_QUEUE"] == "64"
+    assert values["ZIMAGE_REQUEST_TIMEOUT_S"] == "30"
+    assert values["ZIMAGE_WARMUP_SIZES"] == "512x512,1024x1024"
+    assert values["ZIMAGE_HOST"] == "0.0.0.0"
+
+
+def test_vram_settings_reach_the_server() -> None:
+    values = env({"vram": {"limit": "70Gi", "scope": "device"}})
+    assert (values["ZIMAGE_VRAM_LIMIT"], values["ZIMAGE_VRAM_SCOPE"]) == ("70Gi", "device")
+
+
+def test_gpus_are_limited_under_the_configured_resource_name() -> None:
+    resources = container({"resources": {"gpus": 2, "gpuResourceName": "amd.com/gpu"}})["resources"]
+    assert resources["limits"]["amd.com/gpu"] == "2"
+    assert resources["requests"]["amd.com/gpu"] == "2"
+
+
+def test_cpu_and_memory_come_from_the_spec() -> None:
+    resources = container({"resources": {"cpu": "4", "memory": "32Gi"}})["resources"]
+    assert resources["requests"]["cpu"] == "4"
+    assert resources["limits"]["memory"] == "32Gi"
+
+
+def test_probes_use_the_servers_endpoints() -> None:
+    main = container()
+    assert main["startupProbe"]["httpGet"]["path"] == "/healthz/startup"
+    assert main["readinessProbe"]["httpGet"]["path"] == "/healthz/ready"
+    assert main["livenessProbe"]["httpGet"]["path"] == "/healthz/live"
+
+
+def test_the_startup_probe_allows_minutes_for_loading_and_warm_up() -> None:
+    probe = container()["startupProbe"]
+    assert probe["periodSeconds"] * probe["failureThreshold"] >= 600
+
+
+def test_liveness_timing_comes_from_the_vram_spec() -> None:
+    probe = container({"vram": {"periodSeconds": 7, "failureThreshold": 4}})["livenessProbe"]
+    assert (probe["periodSeconds"], probe["failureThreshold"]) == (7, 4)
+
+
+def test_a_prestop_pause_and_grace_period_cover_the_request_timeout() -> None:
+    assert container()["lifecycle"]["preStop"]["sleep"]["seconds"] > 0
+    assert pod_spec({"runtime": {"requestTimeoutSeconds": 300}})["terminationGracePeriodSeconds"] > 300
+
+
+def test_the_security_context_is_restricted() -> None:
+    pod = pod_spec()
+    main = pod["containers"][0]["securityContext"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert main["allowPrivilegeEscalation"] is False
+    assert main["capabilities"] == {"drop": ["ALL"]}
+    assert main["readOnlyRootFilesystem"] is True
+
+
+def test_dev_shm_is_a_memory_backed_empty_dir() -> None:
+    pod = pod_spec()
+    volume = next(v for v in pod["volumes"] if v["name"] == "dshm")
+    assert volume["emptyDir"]["medium"] == "Memory"
+    assert {"name": "dshm", "mountPath": "/dev/shm"} in pod["containers"][0]["volumeMounts"]
+
+
+def test_a_cached_hub_model_mounts_the_cache_claim_read_offline() -> None:
+    spec = {"model": {"source": "hf://Tongyi-MAI/Z-Image-Turbo", "cache": {"size": "50Gi"}}}
+    volume = next(v for v in pod_spec(spec)["volumes"] if v["name"] == "model-cache")
+    assert volume["persistentVolumeClaim"]["claimName"] == "posters-model-cache"
+    assert env(spec)["HF_HUB_OFFLINE"] == "1"
+    assert env(spec)["ZIMAGE_MODEL"] == "hf://Tongyi-MAI/Z-Image-Turbo@main"
+
+
+def test_an_uncached_hub_model_downloads_into_an_empty_dir_with_the_token() -> None:
+    spec = {"model": {"source": "hf://o/m@v2", "tokenSecretRef": {"name": "hf", "key": "tok"}}}
+    volume = next(v for v in pod_spec(spec)["volumes"] if v["name"] == "model-cache")
+    assert volume == {"name": "model-cache", "emptyDir": {}}
+    assert env(spec)["ZIMAGE_HF_TOKEN"] == {"secretKeyRef": {"name": "hf", "key": "tok"}}
+    assert env(spec)["ZIMAGE_MODEL"] == "hf://o/m@v2"
+
+
+def test_a_pvc_source_is_mounted_read_only() -> None:
+    spec = {"model": {"source": "pvc://weights/z-image-turbo"}}
+    volume = next(v for v in pod_spec(spec)["volumes"] if v["name"] == "model")
+    assert volume["persistentVolumeClaim"] == {"claimName": "weights", "readOnly": True}
+    assert env(spec)["ZIMAGE_MODEL"] == "/models/pvc/z-image-turbo"
+
+
+@pytest.mark.parametrize(
+    ("source", "model"), [("builtin://tiny", "builtin://tiny"), ("file:///opt/zimage", "/opt/zimage")]
+)
+def test_builtin_and_file_sources_need_no_volume(source: str, model: str) -> None:
+    spec = {"model": {"source": source}}
+    assert env(spec)["ZIMAGE_MODEL"] == model
+    assert {v["name"] for v in pod_spec(spec)["volumes"]} == {"dshm", "tmp"}
+
+
+def test_scheduling_fields_are_copied() -> None:
+    scheduling = {
+        "nodeSelector": {"pool": "gpu"},
+        "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+        "affinity": {"nodeAffinity": {}},
+        "priorityClassName": "high",
+        "runtimeClassName": "nvidia",
+    }
+    pod = pod_spec({"scheduling": scheduling})
+    assert pod["nodeSelector"] == {"pool": "gpu"}
+    assert pod["tolerations"] == scheduling["tolerations"]
+    assert pod["affinity"] == {"nodeAffinity": {}}
+    assert (pod["priorityClassName"], pod["runtimeClassName"]) == ("high", "nvidia")
+
+
+def test_a_rollout_never_needs_a_spare_gpu() -> None:
+    assert deployment()["spec"]["strategy"]["rollingUpdate"]["maxSurge"] == 0
+
+
+def test_selector_labels_are_stable_and_apart_from_version_labels() -> None:
+    old = deployment({"runtime": {"image": "zimage-server:1"}})
+    new = deployment({"runtime": {"image": "zimage-server:2"}})
+    assert old["spec"]["selector"] == new["spec"]["selector"]
+    assert "app.kubernetes.io/version" not in old["spec"]["selector"]["matchLabels"]
+    assert new["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/version"] == "2"
+
+
+def test_children_are_owned_by_the_zimageservice() -> None:
+    (ref,) = deployment()["metadata"]["ownerReferences"]
+    assert (ref["kind"], ref["name"], ref["uid"], ref["controller"]) == (
+        "ZImageService",
+        "posters",
+        "1234",
+        True,
+    )
+
+
+def test_the_service_has_a_named_port_and_the_stable_selector() -> None:
+    service = builders.build_service(OWNER, parse_spec({"service": {"port": 8080, "type": "LoadBalancer"}}))
+    assert service["spec"]["ports"] == [
+        {"name": "http", "port": 8080, "targetPort": "http", "protocol": "TCP"}
+    ]
+    assert service["spec"]["selector"] == builders.selector_labels(OWNER)
+    assert service["spec"]["type"] == "LoadBalancer"
+
+
+def test_the_pdb_comes_from_the_disruption_spec() -> None:
+    pdb = builders.build_pdb(OWNER, parse_spec({"disruption": {"maxUnavailable": "25%"}}))
+    assert pdb["spec"]["maxUnavailable"] == "25%"
+    assert pdb["spec"]["selector"]["matchLabels"] == builders.selector_labels(OWNER)
+
+
+def test_a_cache_claim_is_built_only_for_a_cached_hub_model() -> None:
+    assert builders.build_cache_claim(OWNER, parse_spec({"model": {"source": "builtin://tiny"}})) is None
+    assert builders.build_cache_claim(OWNER, parse_spec({})) is None
+    claim = builders.build_cache_claim(
+        OWNER, parse_spec({"model": {"cache": {"size": "60Gi", "storageClassName": "fast"}}})
+    )
+    assert claim is not None
+    assert claim["spec"]["resources"]["requests"]["storage"] == "60Gi"
+    assert claim["spec"]["storageClassName"] == "fast"
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany"]
+
+
+def test_the_prefetch_job_gets_the_token_by_reference_only() -> None:
+    spec = parse_spec({"model": {"cache": {}, "tokenSecretRef": {"name": "hf-token"}}})
+    job = builders.build_prefetch_job(OWNER, spec, SETTINGS)
+    assert job is not None
+    main = job["spec"]["template"]["spec"]["containers"][0]
+    assert main["args"] == ["prefetch"]
+    token = next(item for item in main["env"] if item["name"] == "ZIMAGE_HF_TOKEN")
+    assert token == {
+        "name": "ZIMAGE_HF_TOKEN",
+        "valueFrom": {"secretKeyRef": {"name": "hf-token", "key": "token"}},
+    }
+    assert "hf-token" not in json.dumps(main["env"]).replace('"name": "hf-token"', "")
+
+
+@pytest.mark.parametrize(
+    ("autoscaling", "replicas", "current", "model_ready", "expected"),
+    [
+        ({"mode": "none"}, 3, None, True, 3),
+        ({"mode": "builtin", "minReplicas": 2, "maxReplicas": 5}, 1, None, True, 2),
+        ({"mode": "builtin", "minReplicas": 2, "maxReplicas": 5}, 1, 4, True, 4),
+        ({"mode": "builtin", "minReplicas": 2, "maxReplicas": 5}, 1, 9, True, 5),
+        ({"mode": "none"}, 3, None, False, 0),
+    ],
+)
+def test_desired_replicas(
+    autoscaling: dict[str, Any], replicas: int, current: int | None, model_ready: bool, expected: int
+) -> None:
+    spec = parse_spec({"autoscaling": autoscaling, "replicas": replicas})
+    assert builders.desired_replicas(spec, current, model_ready) == expected

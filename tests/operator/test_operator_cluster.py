@@ -1,0 +1,348 @@
+"""The operator, installed from deploy/ and run under its own service account, against the
+real local control plane."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from kubernetes import client
+from kubernetes.client.rest import ApiException
+
+from tests.cluster.local_cluster import LocalCluster
+from tests.cluster.pod_runner import LocalPodRunner
+
+pytestmark = pytest.mark.cluster
+
+ROOT = Path(__file__).resolve().parents[2]
+GROUP, VERSION, PLURAL = "zimage.dev", "v1alpha1", "zimageservices"
+SA = "system:serviceaccount:zimage-system:zimage-operator"
+
+
+def zis(name: str, **spec: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "ZImageService",
+        "metadata": {"name": name},
+        "spec": spec,
+    }
+
+
+def apply(cluster: LocalCluster, namespace: str, *docs: dict[str, Any]) -> subprocess.CompletedProcess[str]:
+    return cluster.kubectl("apply", "-n", namespace, "-f", "-", input=yaml.safe_dump_all(docs), check=False)
+
+
+def get(api: client.ApiClient, namespace: str, name: str) -> dict[str, Any]:
+    result: dict[str, Any] = client.CustomObjectsApi(api).get_namespaced_custom_object(
+        GROUP, VERSION, namespace, PLURAL, name
+    )
+    return result
+
+
+def condition(body: dict[str, Any], kind: str) -> dict[str, Any]:
+    for item in (body.get("status") or {}).get("conditions") or []:
+        if item["type"] == kind:
+            return dict(item)
+    return {}
+
+
+def wait_for(predicate: Any, timeout: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            result = predicate()
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+            result = None
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.2)
+
+
+def wait_ready(api: client.ApiClient, namespace: str, name: str, timeout: float = 60) -> dict[str, Any]:
+    def ready() -> dict[str, Any] | None:
+        body = get(api, namespace, name)
+        status = body.get("status") or {}
+        ok = condition(body, "Ready").get("status") == "True"
+        current = status.get("observedGeneration") == body["metadata"]["generation"]
+        return body if ok and current else None
+
+    result: dict[str, Any] = wait_for(ready, timeout, f"{namespace}/{name} to be Ready")
+    return result
+
+
+def versions(api: client.ApiClient, namespace: str, name: str) -> dict[str, str]:
+    apps, core, policy = client.AppsV1Api(api), client.CoreV1Api(api), client.PolicyV1Api(api)
+    return {
+        "zis": get(api, namespace, name)["metadata"]["resourceVersion"],
+        "deployment": apps.read_namespaced_deployment(name, namespace).metadata.resource_version,
+        "service": core.read_namespaced_service(name, namespace).metadata.resource_version,
+        "pdb": policy.read_namespaced_pod_disruption_budget(name, namespace).metadata.resource_version,
+    }
+
+
+def test_the_minimal_example_becomes_a_ready_gpu_service(
+    operator: LocalPodRunner, cluster: LocalCluster, api: client.ApiClient, namespace: str
+) -> None:
+    cluster.kubectl("apply", "-n", namespace, "-f", str(ROOT / "deploy/examples/minimal.yaml"))
+    body = wait_ready(api, namespace, "posters")
+
+    deployment = client.AppsV1Api(api).read_namespaced_deployment("posters", namespace)
+    main = deployment.spec.template.spec.containers[0]
+    assert main.resources.limits["nvidia.com/gpu"] == "1"
+    assert deployment.metadata.owner_references[0].kind == "ZImageService"
+    service = client.CoreV1Api(api).read_namespaced_service("posters", namespace)
+    assert service.spec.ports[0].name == "http"
+    assert service.spec.ports[0].port == 80
+    pdb = client.PolicyV1Api(api).read_namespaced_pod_disruption_budget("posters", namespace)
+    assert pdb.spec.max_unavailable == 1
+
+    pods = client.CoreV1Api(api).list_namespaced_pod(
+        namespace, label_selector="app.kubernetes.io/instance=posters"
+    )
+    assert [p.spec.node_name.startswith("gpu-node-") for p in pods.items] == [True]
+    assert body["status"]["endpoint"] == f"http://posters.{namespace}.svc:80"
+    assert body["status"]["readyReplicas"] == 1
+    assert condition(body, "ModelReady")["reason"] == "NoCacheNeeded"
+
+    table = cluster.kubectl("get", "zis", "-n", namespace).stdout.split("\n")
+    assert table[0].split() == ["NAME", "READY", "REPLICAS", "MODEL", "AGE"]
+    assert table[1].split()[:4] == ["posters", "True", "1", "hf://Tongyi-MAI/Z-Image-Turbo"]
+    events = cluster.kubectl("get", "events", "-n", namespace, "-o", "json").stdout
+    reasons = {
+        e["reason"] for e in json.loads(events)["items"] if e["involvedObject"]["kind"] == "ZImageService"
+    }
+    assert "Serving" in reasons
+
+
+INVALID: list[tuple[str, dict[str, Any], str]] = [
+    (
+        "min-above-max",
+        {"autoscaling": {"minReplicas": 5, "maxReplicas": 2}},
+        "minReplicas must not exceed maxReplicas",
+    ),
+    ("vram-not-a-size", {"vram": {"limit": "lots"}}, "spec.vram.limit: Invalid value"),
+    ("vram-over-100", {"vram": {"limit": "150%"}}, "at most 100%"),
+    ("no-gpu", {"resources": {"gpus": 0}}, "gpus must be at least 1"),
+    ("bad-scheme", {"model": {"source": "s3://bucket/z"}}, "must be hf://OWNER/NAME[@REVISION]"),
+    (
+        "cache-on-builtin",
+        {"model": {"source": "builtin://tiny", "cache": {}}},
+        "cache applies only to hf:// sources",
+    ),
+    (
+        "bad-precision",
+        {"runtime": {"precision": "int4"}},
+        'spec.runtime.precision: Unsupported value: "int4"',
+    ),
+    ("zero-batch", {"runtime": {"maxBatchSize": 0}}, "spec.runtime.maxBatchSize: Invalid value: 0"),
+    ("port-too-big", {"service": {"port": 70000}}, "spec.service.port: Invalid value: 70000"),
+    ("bad-warmup-size", {"runtime": {"warmupSizes": ["big"]}}, "spec.runtime.warmupSizes[0]"),
+    ("bad-mode", {"autoscaling": {"mode": "magic"}}, 'spec.autoscaling.mode: Unsupported value: "magic"'),
+    ("typo", {"replica": 2}, 'unknown field "spec.replica"'),
+    ("bad-max-unavailable", {"disruption": {"maxUnavailable": "half"}}, "a count such as 1 or a percentage"),
+]
+
+
+@pytest.mark.parametrize(("spec", "words"), [c[1:] for c in INVALID], ids=[c[0] for c in INVALID])
+def test_invalid_manifests_are_refused_at_apply(
+    operator: LocalPodRunner, cluster: LocalCluster, namespace: str, spec: dict[str, Any], words: str
+) -> None:
+    result = apply(cluster, namespace, zis("bad", **spec))
+    assert result.returncode != 0
+    assert words in result.stderr, result.stderr
+    assert cluster.kubectl("get", "zis", "bad", "-n", namespace, check=False).returncode != 0
+
+
+def test_a_spec_change_rolls_and_an_unchanged_spec_writes_nothing(
+    operator: LocalPodRunner, cluster: LocalCluster, api: client.ApiClient, namespace: str
+) -> None:
+    apply(cluster, namespace, zis("steady", autoscaling={"mode": "none"}, replicas=2))
+    wait_ready(api, namespace, "steady")
+    wait_for(
+        lambda: condition(get(api, namespace, "steady"), "Progressing").get("status") == "False",
+        60,
+        "rollout",
+    )
+    before = versions(api, namespace, "steady")
+    time.sleep(20)  # longer than the operator's resync interval
+    assert versions(api, namespace, "steady") == before, "an unchanged spec caused writes"
+
+    apps = client.AppsV1Api(api)
+    generation = apps.read_namespaced_deployment("steady", namespace).metadata.generation
+    apply(
+        cluster,
+        namespace,
+        zis("steady", autoscaling={"mode": "none"}, replicas=2, runtime={"maxBatchSize": 8}),
+    )
+
+    def rolled() -> bool:
+        deployment = apps.read_namespaced_deployment("steady", namespace)
+        env = {e.name: e.value for e in deployment.spec.template.spec.containers[0].env}
+        return bool(deployment.metadata.generation > generation and env["ZIMAGE_MAX_BATCH_SIZE"] == "8")
+
+    wait_for(rolled, 30, "the Deployment to roll")
+    body = wait_ready(api, namespace, "steady")
+    assert condition(body, "Ready")["observedGeneration"] == body["metadata"]["generation"]
+
+
+def test_drift_is_put_back(
+    operator: LocalPodRunner, cluster: LocalCluster, api: client.ApiClient, namespace: str
+) -> None:
+    apply(cluster, namespace, zis("drift", autoscaling={"mode": "none"}, replicas=1))
+    wait_ready(api, namespace, "drift")
+    core, apps = client.CoreV1Api(api), client.AppsV1Api(api)
+
+    core.delete_namespaced_service("drift", namespace)
+    wait_for(lambda: core.read_namespaced_service("drift", namespace), 30, "the Service to come back")
+
+    cluster.kubectl("set", "env", "deployment/drift", "-n", namespace, "ZIMAGE_MAX_QUEUE=999")
+    cluster.kubectl("scale", "deployment/drift", "-n", namespace, "--replicas=3")
+
+    def restored() -> bool:
+        deployment = apps.read_namespaced_deployment("drift", namespace)
+        env = {e.name: e.value for e in deployment.spec.template.spec.containers[0].env}
+        return bool(env["ZIMAGE_MAX_QUEUE"] == "32" and deployment.spec.replicas == 1)
+
+    wait_for(restored, 30, "the hand edits to be undone")
+
+    client.PolicyV1Api(api).delete_namespaced_pod_disruption_budget("drift", namespace)
+    wait_for(
+        lambda: client.PolicyV1Api(api).read_namespaced_pod_disruption_budget("drift", namespace),
+        30,
+        "the PDB",
+    )
+
+
+def test_deleting_the_service_collects_every_child(
+    operator: LocalPodRunner, cluster: LocalCluster, api: client.ApiClient, namespace: str
+) -> None:
+    apply(cluster, namespace, zis("doomed"))
+    wait_ready(api, namespace, "doomed")
+    cluster.kubectl("delete", "zis", "doomed", "-n", namespace, "--wait=true", "--timeout=60s")
+    selector = "app.kubernetes.io/instance=doomed"
+
+    def gone() -> bool:
+        leftovers = cluster.kubectl(
+            "get", "deployments,replicasets,pods,services,pdb", "-n", namespace, "-l", selector, "-o", "name"
+        )
+        return leftovers.stdout.strip() == ""
+
+    wait_for(gone, 60, "garbage collection of the children")
+
+
+def test_an_invalid_spec_the_schema_admits_is_degraded(
+    operator: LocalPodRunner, cluster: LocalCluster, api: client.ApiClient, namespace: str
+) -> None:
+    apply(cluster, namespace, zis("odd", runtime={"warmupSizes": ["1000x1000"]}))
+
+    def degraded() -> dict[str, Any] | None:
+        item = condition(get(api, namespace, "odd"), "Degraded")
+        return item if item.get("status") == "True" else None
+
+    item = wait_for(degraded, 30, "a Degraded condition")
+    assert item["reason"] == "InvalidSpec"
+    assert "warmupSizes" in item["message"]
+    assert condition(get(api, namespace, "odd"), "Ready")["status"] == "False"
+    # The operator is still working for everyone else.
+    apply(cluster, namespace, zis("fine"))
+    wait_ready(api, namespace, "fine")
+
+
+def _children_once(api: client.ApiClient, namespace: str, name: str) -> bool:
+    selector = f"app.kubernetes.io/instance={name}"
+    apps, core, policy = client.AppsV1Api(api), client.CoreV1Api(api), client.PolicyV1Api(api)
+    counts = [
+        len(apps.list_namespaced_deployment(namespace, label_selector=selector).items),
+        len(core.list_namespaced_service(namespace, label_selector=selector).items),
+        len(policy.list_namespaced_pod_disruption_budget(namespace, label_selector=selector).items),
+    ]
+    return counts == [1, 1, 1]
+
+
+def test_an_operator_killed_mid_reconcile_converges_without_duplicates(
+    operator: LocalPodRunner, cluster: LocalCluster, api: client.ApiClient, namespace: str
+) -> None:
+    names = [f"svc-{i}" for i in range(6)]
+    (before,) = operator.pids()
+    apply(cluster, namespace, *(zis(name) for name in names))
+    time.sleep(0.3)  # the operator is now in the middle of reconciling them
+    os.kill(before, signal.SIGKILL)
+    wait_for(lambda: operator.pids() and operator.pids() != [before], 30, "the operator to be restarted")
+    for name in names:
+        wait_ready(api, namespace, name)
+        assert _children_once(api, namespace, name)
+        replica_sets = client.AppsV1Api(api).list_namespaced_replica_set(
+            namespace, label_selector=f"app.kubernetes.io/instance={name}"
+        )
+        assert len(replica_sets.items) == 1, "a second rollout means the operator wrote two different specs"
+
+
+def test_twenty_services_applied_at_once_all_become_ready(
+    operator: LocalPodRunner, cluster: LocalCluster, api: client.ApiClient, namespace: str
+) -> None:
+    # 20 one-GPU services need more than the two 8-GPU nodes the cluster starts with.
+    extra = cluster.add_gpu_nodes(range(2, 5))
+    try:
+        names = [f"many-{i:02d}" for i in range(20)]
+        started = time.monotonic()
+        result = apply(cluster, namespace, *(zis(name) for name in names))
+        assert result.returncode == 0, result.stderr
+        for name in names:
+            wait_ready(api, namespace, name, timeout=120)
+        seconds = time.monotonic() - started
+        print(f"20 ZImageServices Ready in {seconds:.1f}s")
+        assert seconds < 60
+    finally:
+        cluster.kubectl("delete", "namespace", namespace, "--wait=true", "--timeout=120s", check=False)
+        cluster.kubectl("delete", "node", *extra, check=False)
+
+
+CAN = [
+    ("get", "zimageservices.zimage.dev", "-A"),
+    ("watch", "zimageservices.zimage.dev", "-A"),
+    ("patch", "zimageservices.zimage.dev", "--subresource=status", "-n", "default"),
+    ("create", "deployments.apps", "-n", "default"),
+    ("patch", "deployments.apps", "-n", "default"),
+    ("patch", "services", "-n", "default"),
+    ("patch", "poddisruptionbudgets.policy", "-n", "default"),
+    ("delete", "jobs.batch", "-n", "default"),
+    ("list", "pods", "-n", "default"),
+    ("create", "events", "-n", "default"),
+]
+CANNOT = [
+    ("list", "secrets", "-A"),
+    ("get", "secrets", "-n", "default"),
+    ("delete", "deployments.apps", "-n", "default"),
+    ("delete", "zimageservices.zimage.dev", "-n", "default"),
+    ("patch", "zimageservices.zimage.dev", "-n", "default"),
+    ("create", "clusterroles.rbac.authorization.k8s.io"),
+    ("create", "pods", "-n", "default"),
+    ("delete", "nodes"),
+    ("*", "*", "-A"),
+]
+
+
+def test_the_operator_account_can_do_what_it_needs_and_no_more(
+    operator: LocalPodRunner, cluster: LocalCluster
+) -> None:
+    for args in CAN:
+        result = cluster.kubectl("auth", "can-i", f"--as={SA}", *args, check=False)
+        assert result.stdout.strip() == "yes", args
+    for args in CANNOT:
+        result = cluster.kubectl("auth", "can-i", f"--as={SA}", *args, check=False)
+        assert result.stdout.strip() == "no", args
+    for doc in yaml.safe_load_all((ROOT / "deploy/operator/rbac.yaml").read_text()):
+        for rule in doc.get("rules", []):
+            assert "*" not in rule["verbs"], rule
+            assert "*" not in rule["resources"], rule

@@ -1,0 +1,174 @@
+"""Spec parsing, condition computation and the live-vs-desired comparison, without a cluster."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from zimage_operator.reconcile import contains
+from zimage_operator.spec import InvalidSpecError, parse_spec
+from zimage_operator.status import Condition, compute_conditions, merge_conditions, model_state, transitions
+
+NO_CACHE = model_state(False, None)
+
+
+def _deployment(
+    replicas: int, ready: int, updated: int, generation: int = 1, observed: int = 1
+) -> dict[str, Any]:
+    return {
+        "metadata": {"generation": generation},
+        "status": {
+            "replicas": replicas,
+            "readyReplicas": ready,
+            "updatedReplicas": updated,
+            "observedGeneration": observed,
+        },
+    }
+
+
+def _by_type(conditions: list[Condition]) -> dict[str, Condition]:
+    return {c.type: c for c in conditions}
+
+
+def _conditions(**kwargs: Any) -> dict[str, Condition]:
+    values: dict[str, Any] = {
+        "invalid": None,
+        "apply_error": None,
+        "model": NO_CACHE,
+        "desired_replicas": 2,
+        "pods": [],
+    }
+    values.update(kwargs)
+    return _by_type(compute_conditions(**values))
+
+
+def test_the_spec_takes_the_crd_defaults() -> None:
+    spec = parse_spec({})
+    assert spec.model.source == "hf://Tongyi-MAI/Z-Image-Turbo"
+    assert spec.runtime.max_batch_size == 4
+    assert spec.autoscaling.mode == "builtin"
+    assert spec.resources.gpu_resource_name == "nvidia.com/gpu"
+
+
+@pytest.mark.parametrize(
+    ("raw", "words"),
+    [
+        ({"runtime": {"precision": "int4"}}, "spec.runtime.precision"),
+        ({"model": {"source": "s3://bucket/x"}}, "unsupported scheme"),
+        ({"model": {"source": "pvc:///x"}}, "needs a claim name"),
+        ({"autoscaling": {"minReplicas": 5, "maxReplicas": 2}}, "minReplicas must not exceed maxReplicas"),
+        ({"runtime": {"warmupSizes": ["1000x1000"]}}, "multiples of 16"),
+    ],
+)
+def test_specs_the_operator_cannot_serve_are_explained(raw: dict[str, Any], words: str) -> None:
+    with pytest.raises(InvalidSpecError, match=words):
+        parse_spec(raw)
+
+
+def test_all_replicas_ready_is_ready_and_not_progressing() -> None:
+    conditions = _conditions(deployment=_deployment(2, 2, 2))
+    assert conditions["Ready"] == Condition("Ready", True, "Serving", "2 of 2 replicas ready")
+    assert conditions["Progressing"].status is False
+    assert conditions["Progressing"].reason == "RolloutComplete"
+    assert conditions["Degraded"].status is False
+
+
+def test_a_rollout_in_progress_is_progressing_but_still_ready() -> None:
+    conditions = _conditions(deployment=_deployment(2, 1, 1, generation=3, observed=3))
+    assert conditions["Ready"].status is True
+    assert conditions["Progressing"] == Condition(
+        "Progressing", True, "RollingOut", "1 of 2 replicas updated, 1 ready"
+    )
+
+
+def test_a_deployment_not_yet_observed_is_progressing() -> None:
+    assert (
+        _conditions(deployment=_deployment(2, 2, 2, generation=4, observed=3))["Progressing"].status is True
+    )
+
+
+def test_no_ready_replica_is_not_ready() -> None:
+    conditions = _conditions(deployment=_deployment(2, 0, 2))
+    assert conditions["Ready"] == Condition("Ready", False, "NoReadyReplicas", "0 of 2 replicas ready")
+
+
+def test_waiting_for_the_model_cache() -> None:
+    job = {"status": {"active": 1}}
+    conditions = _conditions(
+        model=model_state(True, job), desired_replicas=0, deployment=_deployment(0, 0, 0)
+    )
+    assert conditions["ModelReady"].reason == "CacheDownloading"
+    assert conditions["Ready"].reason == "WaitingForModel"
+    assert conditions["Progressing"].reason == "WaitingForModel"
+
+
+def test_a_filled_cache_is_model_ready() -> None:
+    job = {"status": {"conditions": [{"type": "Complete", "status": "True"}]}}
+    assert model_state(True, job).reason == "CachePopulated"
+
+
+def test_a_failed_prefetch_is_degraded() -> None:
+    job = {
+        "status": {"conditions": [{"type": "Failed", "status": "True", "message": "BackoffLimitExceeded"}]}
+    }
+    conditions = _conditions(model=model_state(True, job), desired_replicas=0, deployment=None)
+    assert conditions["Degraded"].status is True
+    assert "BackoffLimitExceeded" in conditions["Degraded"].message
+
+
+def test_crash_looping_pods_are_degraded() -> None:
+    pod = {
+        "metadata": {"name": "posters-abc"},
+        "status": {"containerStatuses": [{"state": {"waiting": {"reason": "CrashLoopBackOff"}}}]},
+    }
+    degraded = _conditions(deployment=_deployment(2, 1, 2), pods=[pod])["Degraded"]
+    assert degraded == Condition("Degraded", True, "PodsFailing", "posters-abc: CrashLoopBackOff")
+
+
+def test_an_invalid_spec_is_degraded_not_a_crash() -> None:
+    conditions = _conditions(invalid="spec.model.source: unsupported scheme", deployment=None)
+    assert conditions["Degraded"] == Condition(
+        "Degraded", True, "InvalidSpec", "spec.model.source: unsupported scheme"
+    )
+    assert conditions["Ready"].status is False
+
+
+def test_a_refused_write_is_degraded_with_the_api_message() -> None:
+    degraded = _conditions(
+        apply_error="Deployment posters: field is immutable", deployment=_deployment(2, 2, 2)
+    )["Degraded"]
+    assert (degraded.reason, degraded.message) == ("ApplyFailed", "Deployment posters: field is immutable")
+
+
+def test_transition_times_only_move_when_the_status_changes() -> None:
+    first = merge_conditions(
+        [], [Condition("Ready", False, "NoReadyReplicas", "0 of 1")], 1, "2026-01-01T00:00:00Z"
+    )
+    same = merge_conditions(
+        first, [Condition("Ready", False, "NoReadyReplicas", "0 of 2")], 2, "2026-01-01T00:01:00Z"
+    )
+    flipped = merge_conditions(
+        same, [Condition("Ready", True, "Serving", "1 of 2")], 2, "2026-01-01T00:02:00Z"
+    )
+    assert same[0]["lastTransitionTime"] == "2026-01-01T00:00:00Z"
+    assert flipped[0]["lastTransitionTime"] == "2026-01-01T00:02:00Z"
+    assert same[0]["observedGeneration"] == 2
+    assert transitions(first, same) == []
+    assert [c["reason"] for c in transitions(same, flipped)] == ["Serving"]
+
+
+@pytest.mark.parametrize(
+    ("live", "want", "expected"),
+    [
+        ({"a": 1, "b": 2}, {"a": 1}, True),
+        ({"a": 1}, {"a": 1, "b": 2}, False),
+        ({"l": [{"x": 1, "y": 2}]}, {"l": [{"x": 1}]}, True),
+        ({"l": [{"x": 1}, {"x": 2}]}, {"l": [{"x": 1}]}, False),
+        ({"cpu": "500m"}, {"cpu": "0.5"}, True),
+        ({"memory": "48Gi"}, {"memory": "49Gi"}, False),
+        ({"image": "a:1"}, {"image": "a:2"}, False),
+    ],
+)
+def test_contains(live: dict[str, Any], want: dict[str, Any], expected: bool) -> None:
+    assert contains(live, want) is expected

@@ -15,6 +15,8 @@ commands:
   serve             run the HTTP server (the default); `zimage-server serve --help` lists the flags,
                     each also read from the environment as ZIMAGE_<FLAG>
   make-tiny-model   write the built-in tiny random-weight pipeline to DIR (save_pretrained layout)
+  prefetch          download the configured model (ZIMAGE_MODEL, ZIMAGE_HF_CACHE_DIR, ...) into
+                    the cache and exit; the operator's model-cache Job runs it
 """
 
 
@@ -25,9 +27,30 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args and args[0] == "make-tiny-model":
         return _make_tiny_model(args[1:])
+    if args and args[0] == "prefetch":
+        return _prefetch(args[1:])
     if args and args[0] == "serve":
         args = args[1:]
     return _serve(args)
+
+
+def _prefetch(args: list[str]) -> int:
+    from pydantic import ValidationError
+    from pydantic_settings import CliApp
+
+    from .config import Settings
+    from .model_source import ModelSource, ModelSourceError, resolve
+
+    try:
+        settings = CliApp.run(Settings, cli_args=args)
+        source = ModelSource.parse(settings.model, settings.revision)
+        token = settings.hf_token.get_secret_value() if settings.hf_token else None
+        path = resolve(source, settings.hf_cache_dir, token)
+    except (ValidationError, ModelSourceError) as exc:
+        print(f"zimage-server prefetch: {exc}", file=sys.stderr)
+        return 1
+    print(f"{source} is in {path}")
+    return 0
 
 
 def _make_tiny_model(args: list[str]) -> int:

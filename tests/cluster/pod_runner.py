@@ -49,7 +49,7 @@ def server_process(runner: LocalPodRunner, pod: Any, container: Any, env: dict[s
     named = [item for item in ports if item.name == "http"]
     port = (named or ports)[0].container_port if ports else DEFAULT_PORT
     env = {**env, "ZIMAGE_HOST": pod.status.pod_ip, "ZIMAGE_PORT": str(port)}
-    return PodProcessSpec([sys.executable, "-m", "zimage_server", "serve"], env)
+    return PodProcessSpec([sys.executable, "-m", "zimage_server", *(container.args or ["serve"])], env)
 
 
 def operator_process(runner: LocalPodRunner, pod: Any, container: Any, env: dict[str, str]) -> PodProcessSpec:

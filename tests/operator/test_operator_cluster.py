@@ -346,3 +346,54 @@ def test_the_operator_account_can_do_what_it_needs_and_no_more(
         for rule in doc.get("rules", []):
             assert "*" not in rule["verbs"], rule
             assert "*" not in rule["resources"], rule
+
+
+def test_a_model_cache_is_prefetched_before_the_servers_start(
+    operator: LocalPodRunner, cluster: LocalCluster, api: client.ApiClient, namespace: str
+) -> None:
+    spec = {"model": {"source": "hf://Tongyi-MAI/Z-Image-Turbo", "cache": {"size": "40Gi"}}}
+    apply(cluster, namespace, zis("cached", **spec))
+
+    # No volume can be provisioned yet: the cache claim waits, and so does the service.
+    def waiting() -> dict[str, Any] | None:
+        body = get(api, namespace, "cached")
+        return body if condition(body, "ModelReady").get("status") == "False" else None
+
+    body = wait_for(waiting, 30, "ModelReady=False")
+    assert condition(body, "Ready")["reason"] == "WaitingForModel"
+    apps = client.AppsV1Api(api)
+    assert apps.read_namespaced_deployment("cached", namespace).spec.replicas == 0
+    claim = client.CoreV1Api(api).read_namespaced_persistent_volume_claim("cached-model-cache", namespace)
+    assert claim.spec.resources.requests["storage"] == "40Gi"
+
+    # A volume appears; the prefetch Job runs to completion, then the servers start.
+    volume = {
+        "apiVersion": "v1",
+        "kind": "PersistentVolume",
+        "metadata": {"name": f"{namespace}-cache"},
+        "spec": {
+            "capacity": {"storage": "40Gi"},
+            "accessModes": ["ReadWriteMany"],
+            "hostPath": {"path": "/tmp/zimage-test-cache"},
+            "claimRef": {"namespace": namespace, "name": "cached-model-cache"},
+        },
+    }
+    cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump(volume))
+    try:
+        body = wait_ready(api, namespace, "cached", timeout=90)
+        assert condition(body, "ModelReady")["reason"] == "CachePopulated"
+        deployment = apps.read_namespaced_deployment("cached", namespace)
+        env = {e.name: e.value for e in deployment.spec.template.spec.containers[0].env}
+        assert env["HF_HUB_OFFLINE"] == "1"
+        jobs = client.BatchV1Api(api).list_namespaced_job(namespace).items
+        assert [job.metadata.name.startswith("cached-prefetch-") for job in jobs] == [True]
+    finally:
+        cluster.kubectl("delete", "pv", f"{namespace}-cache", "--wait=false", check=False)
+
+
+def test_the_operator_answers_its_liveness_endpoint(operator: LocalPodRunner, api: client.ApiClient) -> None:
+    import httpx
+
+    (pod,) = client.CoreV1Api(api).list_namespaced_pod("zimage-system").items
+    response = httpx.get(f"http://{pod.status.pod_ip}:8080/healthz", timeout=5)
+    assert response.status_code == 200

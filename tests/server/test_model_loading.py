@@ -119,3 +119,26 @@ def test_dtype_can_be_overridden(tiny_model_dir: Path) -> None:
     result = runner.generate(BatchSpec(["a fox", "a hen"], [1, 2], 128, 128, 2))
     assert [image.size for image in result.images] == [(128, 128)] * 2
     assert len(result.step_seconds) == 1, "two steps: the first interval holds text encoding and is left out"
+
+
+def test_prefetch_finds_a_cached_snapshot(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from zimage_server.cli import main
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    snapshot = _hub_cache(tmp_path / "hub", tiny_model_dir)
+    assert (
+        main(["prefetch", "--model", "hf://acme/tiny-zimage", "--hf-cache-dir", str(tmp_path / "hub")]) == 0
+    )
+    assert str(snapshot) in capsys.readouterr().out
+
+
+def test_prefetch_reports_what_is_missing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from zimage_server.cli import main
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert main(["prefetch", "--model", "hf://acme/absent", "--hf-cache-dir", str(tmp_path)]) == 1
+    assert "HF_HUB_OFFLINE is set" in capsys.readouterr().err

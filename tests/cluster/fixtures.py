@@ -57,7 +57,8 @@ def namespace(api: client.ApiClient, request: pytest.FixtureRequest) -> Iterator
 
 @pytest.fixture
 def pod_runner(cluster: LocalCluster, tmp_path: Path) -> Iterator[LocalPodRunner]:
-    with LocalPodRunner(cluster.kubeconfig, tmp_path / "pods") as runner:
+    # Servers only: the operator fixture runs the operator's pod.
+    with LocalPodRunner(cluster.kubeconfig, tmp_path / "pods", images=frozenset({"zimage-server"})) as runner:
         yield runner
 
 

@@ -397,3 +397,47 @@ def test_the_operator_answers_its_liveness_endpoint(operator: LocalPodRunner, ap
     (pod,) = client.CoreV1Api(api).list_namespaced_pod("zimage-system").items
     response = httpx.get(f"http://{pod.status.pod_ip}:8080/healthz", timeout=5)
     assert response.status_code == 200
+
+
+def test_a_namespace_scoped_operator_serves_only_its_namespaces(
+    operator: LocalPodRunner, cluster: LocalCluster, api: client.ApiClient, namespace: str, tmp_path: Path
+) -> None:
+    import sys
+
+    other = f"{namespace}-x"[:63]
+    client.CoreV1Api(api).create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=other)))
+    cluster.kubectl("scale", "deployment/zimage-operator", "-n", "zimage-system", "--replicas=0")
+    wait_for(lambda: not operator.pids(), 30, "the cluster-wide operator to stop")
+    env = {**os.environ, "KUBECONFIG": str(cluster.kubeconfig), "ZIMAGE_OPERATOR_HEALTH_HOST": "127.0.0.1"}
+    env["ZIMAGE_OPERATOR_HEALTH_PORT"] = str(_free_port())
+    with (tmp_path / "operator.log").open("wb") as log:
+        scoped = subprocess.Popen(
+            [sys.executable, "-m", "zimage_operator", "--namespaces", namespace],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
+        )
+    try:
+        apply(cluster, namespace, zis("inside"))
+        apply(cluster, other, zis("outside"))
+        wait_ready(api, namespace, "inside")
+        time.sleep(3)
+        assert "status" not in get(api, other, "outside"), "a namespaced operator touched another namespace"
+    finally:
+        scoped.terminate()
+        scoped.wait(timeout=30)
+        cluster.kubectl("scale", "deployment/zimage-operator", "-n", "zimage-system", "--replicas=1")
+    try:
+        wait_for(lambda: operator.pids(), 60, "the cluster-wide operator to come back")
+        wait_ready(api, other, "outside")
+    finally:
+        cluster.kubectl("delete", "namespace", other, "--wait=false")
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])

@@ -23,7 +23,7 @@ from .builders import Manifest, Owner
 from .config import OperatorSettings
 from .kube import Kube, api_message, is_temporary
 from .spec import InvalidSpecError, ZImageServiceSpec, parse_spec
-from .status import compute_conditions, merge_conditions, model_state, now_rfc3339, transitions
+from .status import ModelState, compute_conditions, merge_conditions, model_state, now_rfc3339, transitions
 
 logger = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ class Reconciler:
         try:
             spec = parse_spec(body.get("spec"))
         except InvalidSpecError as exc:
-            self._write_status(body, owner, None, str(exc), None, None, 0, [], generation)
+            self._write_status(body, owner, generation, invalid=str(exc))
             return
 
         job_name = prefetch_name(owner, spec)
@@ -134,7 +134,15 @@ class Reconciler:
 
         pods = self.kube.list_objects("v1", "Pod", owner.namespace, builders.selector_string(owner))
         self._write_status(
-            body, owner, spec, None, apply_error, deployment, replicas, pods, generation, model
+            body,
+            owner,
+            generation,
+            spec=spec,
+            apply_error=apply_error,
+            deployment=deployment,
+            replicas=replicas,
+            pods=pods,
+            model=model,
         )
 
     def _converge(self, manifest: Manifest, live: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -164,14 +172,15 @@ class Reconciler:
         self,
         body: dict[str, Any],
         owner: Owner,
-        spec: ZImageServiceSpec | None,
-        invalid: str | None,
-        apply_error: str | None,
-        deployment: dict[str, Any] | None,
-        replicas: int,
-        pods: list[dict[str, Any]],
         generation: int,
-        model: Any = None,
+        *,
+        spec: ZImageServiceSpec | None = None,
+        invalid: str | None = None,
+        apply_error: str | None = None,
+        deployment: dict[str, Any] | None = None,
+        replicas: int = 0,
+        pods: list[dict[str, Any]] | None = None,
+        model: ModelState | None = None,
     ) -> None:
         previous = body.get("status") or {}
         conditions = compute_conditions(
@@ -180,7 +189,7 @@ class Reconciler:
             model=model or model_state(False, None),
             desired_replicas=replicas,
             deployment=deployment,
-            pods=pods,
+            pods=pods or [],
         )
         merged = merge_conditions(previous.get("conditions") or [], conditions, generation, now_rfc3339())
         dep_status = (deployment or {}).get("status") or {}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import datetime
 import time
 from typing import Any
 
@@ -14,6 +15,7 @@ from .errors import bad_request
 from .protocol import MEDIA_TYPES, ImageData, ImageGenerationRequest, ImageGenerationResponse
 from .service import ImageService
 from .state import Phase, ServerState
+from .vram import VramSampler
 
 router = APIRouter()
 
@@ -83,17 +85,41 @@ def _health(ok: bool, state: ServerState, **extra: Any) -> JSONResponse:
 
 @router.get("/healthz/live", tags=["health"])
 async def live(request: Request) -> JSONResponse:
-    """Fails when the process can no longer serve: the model failed to load or the worker died."""
+    """Fails when the process can no longer serve: the model failed to load, the worker died,
+    or GPU memory has stayed over the VRAM limit (the sampler's last verdict; no NVML call)."""
     state: ServerState = request.app.state.server_state
+    sampler: VramSampler = request.app.state.vram
     engine_alive = _service(request).engine.alive
-    return _health(state.phase is not Phase.FAILED and engine_alive, state, engine_alive=engine_alive)
+    vram = _vram_report(sampler)
+    ok = state.phase is not Phase.FAILED and engine_alive and not vram.get("over_limit", False)
+    return _health(ok, state, engine_alive=engine_alive, vram=vram)
+
+
+def _vram_report(sampler: VramSampler) -> dict[str, Any]:
+    if sampler.source.unavailable_reason is not None:
+        return {"available": False, "reason": sampler.source.unavailable_reason}
+    report: dict[str, Any] = {"available": True}
+    if sampler.latest is not None:
+        report.update(process_bytes=sampler.latest.process_bytes, device_bytes=sampler.latest.device_bytes)
+    verdict = sampler.policy.last if sampler.policy is not None else None
+    if sampler.policy is not None and verdict is not None:
+        report.update(
+            over_limit=verdict.over,
+            scope=sampler.policy.scope,
+            used_bytes=verdict.used_bytes,
+            limit_bytes=verdict.limit_bytes,
+            limit=str(sampler.policy.limit),
+        )
+        if verdict.since is not None:
+            report["since"] = datetime.datetime.fromtimestamp(verdict.since, datetime.UTC).isoformat()
+    return report
 
 
 @router.get("/healthz/ready", tags=["health"])
 async def ready(request: Request) -> JSONResponse:
-    """503 until the model is loaded and warmed up."""
+    """503 until the model is loaded and warmed up, and again while draining."""
     state: ServerState = request.app.state.server_state
-    return _health(state.ready, state)
+    return _health(state.serving, state, draining=state.draining)
 
 
 @router.get("/healthz/startup", tags=["health"])

@@ -21,14 +21,27 @@ from .middleware import RequestMetricsMiddleware
 from .runner import BatchSpec, PipelineRunner
 from .service import ImageService
 from .state import Phase, ServerState
+from .vram import (
+    MemorySource,
+    NvmlSource,
+    Sample,
+    Verdict,
+    VramLimit,
+    VramPolicy,
+    VramSampler,
+    release_torch_cache,
+    write_termination_message,
+)
 
 logger = logging.getLogger(__name__)
 
 
-def create_app(settings: Settings) -> FastAPI:
+def create_app(settings: Settings, memory_source: MemorySource | None = None) -> FastAPI:
+    """``memory_source``: where GPU memory is read (default: NVML)."""
     metrics = Metrics()
     state = ServerState()
     runner = PipelineRunner(settings)
+    sampler = make_vram_sampler(settings, metrics, memory_source)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -36,10 +49,12 @@ def create_app(settings: Settings) -> FastAPI:
         encoder = ThreadPoolExecutor(max_workers=settings.encode_threads, thread_name_prefix="zimage-encode")
         app.state.service = ImageService(settings, engine, metrics, state, encoder)
         engine.start()
+        sampler.start()
         loader = asyncio.create_task(_load_and_warm_up(runner, engine, state, metrics, settings))
         try:
             yield
         finally:
+            sampler.stop()
             loader.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await loader
@@ -56,10 +71,48 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.metrics = metrics
     app.state.server_state = state
     app.state.runner = runner
+    app.state.vram = sampler
     install_error_handlers(app)
     app.add_middleware(RequestMetricsMiddleware, metrics=metrics)
     app.include_router(router)
     return app
+
+
+def make_vram_sampler(settings: Settings, metrics: Metrics, source: MemorySource | None) -> VramSampler:
+    source = source if source is not None else NvmlSource()
+    policy = None
+    if settings.vram_limit is not None:
+        scope = settings.vram_scope
+
+        def over(verdict: Verdict) -> None:
+            logger.error(
+                "VRAM over the limit (%s): %d of %d bytes; liveness now fails",
+                scope,
+                verdict.used_bytes,
+                verdict.limit_bytes,
+            )
+            write_termination_message(settings.termination_log_path, verdict, scope)
+
+        policy = VramPolicy(
+            VramLimit.parse(settings.vram_limit),
+            scope,
+            consecutive=settings.vram_consecutive,
+            recover=settings.vram_recover,
+            hysteresis=settings.vram_hysteresis,
+            release_cache=release_torch_cache,
+            remeasure=source.read,
+            on_over=over,
+        )
+
+    def record(sample: Sample, verdict: Verdict | None) -> None:
+        metrics.vram_samples.inc()
+        metrics.vram_used.labels("process").set(sample.process_bytes)
+        metrics.vram_used.labels("device").set(sample.device_bytes)
+        if verdict is not None:
+            metrics.vram_limit.set(verdict.limit_bytes)
+            metrics.vram_over.set(1 if verdict.over else 0)
+
+    return VramSampler(source, policy, settings.vram_sample_period_s, on_sample=record)
 
 
 async def _load_and_warm_up(

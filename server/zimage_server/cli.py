@@ -89,10 +89,20 @@ def _serve(args: list[str]) -> int:
     except RuntimeError as exc:  # for example cuda asked for where there is none
         print(f"zimage-server: {exc}", file=sys.stderr)
         return 2
-    # uvicorn shuts down gracefully on SIGTERM, restores the handler it found and raises the
-    # signal again. Finding this one, the process then exits 0: a normal stop, not a crash.
+    from .drain import DrainingServer
+
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        access_log=False,
+        timeout_graceful_shutdown=10,
+    )
+    # After its shutdown uvicorn restores the SIGTERM handler it found and raises the signal
+    # again. Finding this one, the process exits 0: a drain is a normal stop, not a crash.
     signal.signal(signal.SIGTERM, _exit_cleanly)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level, access_log=False)
+    DrainingServer(config, app, settings.drain_seconds).run()
     return 0
 
 

@@ -77,6 +77,28 @@ class Settings(BaseSettings):
     )
     warmup_steps: int = Field(2, ge=1)
 
+    vram_limit: str | None = Field(
+        None,
+        description="Liveness fails above this GPU memory: bytes ('70Gi') or percent of the device ('90%')",
+    )
+    vram_scope: Literal["process", "device"] = Field(
+        "process", description="Count this process's GPU memory, or all of it on the device"
+    )
+    vram_sample_period_s: float = Field(1.0, gt=0, le=60, description="Seconds between GPU memory samples")
+    vram_consecutive: int = Field(
+        3, ge=1, le=100, description="Samples in a row over (or back under) the limit"
+    )
+    vram_recover: bool = Field(
+        True, description="Let liveness pass again once memory falls back under the limit"
+    )
+    vram_hysteresis: float = Field(0.05, ge=0, lt=1, description="Recovery needs memory this fraction under")
+    termination_log_path: str = Field(
+        "/dev/termination-log", description="Where the reason for a VRAM failure is written for the kubelet"
+    )
+    drain_timeout_s: float | None = Field(
+        None, gt=0, description="Most seconds to finish accepted work after SIGTERM (default: timeout + 5)"
+    )
+
     png_compress_level: int = Field(1, ge=0, le=9, description="zlib level for PNG (1 is fast, 9 is small)")
     default_quality: int = Field(90, ge=1, le=100, description="JPEG/WebP quality when a request names none")
     encode_threads: int = Field(2, ge=1, le=64)
@@ -101,7 +123,15 @@ class Settings(BaseSettings):
             raise ValueError("served_model_names needs at least one name")
         for size in [self.default_size, *self.warmup_sizes]:
             self.check_size(size)
+        if self.vram_limit is not None:
+            from .vram import VramLimit
+
+            VramLimit.parse(self.vram_limit)
         return self
+
+    @property
+    def drain_seconds(self) -> float:
+        return self.drain_timeout_s if self.drain_timeout_s is not None else self.request_timeout_s + 5
 
     def check_size(self, size: str) -> tuple[int, int]:
         """Return (width, height) or raise ``ValueError`` saying what is wrong with ``size``."""

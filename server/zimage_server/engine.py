@@ -64,6 +64,8 @@ class Engine:
         self._arrived = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._seconds_per_image = 1.0  # refined from measured batches
+        self._busy = 0  # batches on the GPU now
+        self._progress = asyncio.Event()  # set whenever work finishes or leaves the queue
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -87,6 +89,16 @@ class Engine:
         self.gpu.shutdown(wait=False, cancel_futures=True)
 
     # -- submission ------------------------------------------------------------------------
+
+    @property
+    def idle(self) -> bool:
+        return not self._jobs and self._busy == 0
+
+    async def wait_idle(self) -> None:
+        """Return once no work is queued or running."""
+        while not self.idle:
+            self._progress.clear()
+            await self._progress.wait()
 
     @property
     def waiting(self) -> int:
@@ -122,6 +134,7 @@ class Engine:
         with contextlib.suppress(ValueError):
             self._jobs.remove(job)
         self._update_gauges()
+        self._progress.set()
 
     # -- worker ----------------------------------------------------------------------------
 
@@ -145,6 +158,7 @@ class Engine:
             return
         jobs = list(dict.fromkeys(job for job, _ in batch))
         self.metrics.in_flight.inc(len(jobs))
+        self._busy += 1
         self._update_gauges()
         spec = BatchSpec(
             prompts=[job.prompt for job, _ in batch],
@@ -165,6 +179,8 @@ class Engine:
                 self._deliver(job, index, image)
         finally:
             self.metrics.in_flight.dec(len(jobs))
+            self._busy -= 1
+            self._progress.set()
 
     async def _wait_to_fill(self, key: BatchKey) -> None:
         wait = self.settings.batch_wait_ms / 1000.0

@@ -64,3 +64,13 @@ class Metrics:
             registry=r,
         )
         self.ready = Gauge("zimage_model_ready", "1 once the model is loaded and warmed up", registry=r)
+        self.draining = Gauge("zimage_draining", "1 while finishing accepted work before exit", registry=r)
+        self.vram_used = Gauge(
+            "zimage_vram_used_bytes",
+            "GPU memory in use on this process's GPUs, by scope",
+            ["scope"],
+            registry=r,
+        )
+        self.vram_limit = Gauge("zimage_vram_limit_bytes", "The VRAM limit in bytes (0: none)", registry=r)
+        self.vram_over = Gauge("zimage_vram_over_limit", "1 while liveness fails for VRAM", registry=r)
+        self.vram_samples = Counter("zimage_vram_samples", "GPU memory samples taken", registry=r)

@@ -111,6 +111,14 @@ class ImageService:
 
     async def generate(self, params: GenerationParams, request: Request) -> list[Image.Image]:
         """Queue the work and wait for it, giving up at the timeout or when the client leaves."""
+        if self.state.draining:
+            raise APIError(
+                503,
+                "the server is shutting down and takes no new work; retry, another replica will answer",
+                type="server_error",
+                code="draining",
+                headers={"Retry-After": "1"},
+            )
         if not self.state.ready:
             raise APIError(
                 503,

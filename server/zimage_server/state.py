@@ -19,6 +19,7 @@ class ServerState:
     phase: Phase = Phase.LOADING
     detail: str = "loading the model"
     since: float = field(default_factory=time.time)
+    draining: bool = False
 
     def set(self, phase: Phase, detail: str) -> None:
         self.phase = phase
@@ -28,3 +29,8 @@ class ServerState:
     @property
     def ready(self) -> bool:
         return self.phase is Phase.READY
+
+    @property
+    def serving(self) -> bool:
+        """Ready and not draining: what the readiness probe reports."""
+        return self.ready and not self.draining

@@ -29,9 +29,9 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 class RunningServer:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, memory_source: Any = None) -> None:
         self.settings = settings
-        self.app = create_app(settings)
+        self.app = create_app(settings, memory_source=memory_source)
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(("127.0.0.1", 0))
@@ -96,7 +96,7 @@ def serve(tiny_model_dir: Path) -> Iterator[ServerFactory]:
     """Start a server on a free loopback port with the given settings; stopped after the test."""
     started: list[RunningServer] = []
 
-    def start(wait_ready: bool = True, **overrides: Any) -> RunningServer:
+    def start(wait_ready: bool = True, memory_source: Any = None, **overrides: Any) -> RunningServer:
         # The CPU by default: the timing-based tests count on the tiny model's CPU speed.
         values: dict[str, Any] = {
             "model": str(tiny_model_dir),
@@ -105,7 +105,7 @@ def serve(tiny_model_dir: Path) -> Iterator[ServerFactory]:
             "min_size": 64,
         }
         values.update(overrides)
-        server = RunningServer(Settings(_env_file=None, **values))
+        server = RunningServer(Settings(_env_file=None, **values), memory_source)
         started.append(server)
         server.start()
         if wait_ready:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -72,3 +74,56 @@ def test_serve_defaults_to_the_builtin_tiny_model(tmp_path: Path) -> None:
     assert proc.returncode == 0
     assert proc.stdout is not None
     assert "Application shutdown complete" in proc.stdout.read()
+
+
+def test_sigterm_drains_accepted_work_refuses_new_and_exits_zero(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    port = _free_port()
+    proc = subprocess.Popen(
+        [
+            sys.executable, "-m", "zimage_server", "serve", "--port", str(port),
+            "--model", str(tiny_model_dir), "--device", "cpu", "--max-batch-size", "1",
+            "--batch-wait-ms", "0", "--warmup-sizes", "256x256", "--min-size", "64",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    body = {"prompt": "a queue of foxes", "size": "512x512", "num_inference_steps": 40}
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, proc.stdout.read() if proc.stdout else "server exited"
+            with contextlib.suppress(httpx.TransportError):
+                if httpx.get(f"{url}/healthz/ready").status_code == 200:
+                    break
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        with ThreadPoolExecutor(6) as pool:
+            accepted = [
+                pool.submit(httpx.post, f"{url}/generate", json={**body, "seed": i}, timeout=120)
+                for i in range(6)
+            ]
+            while "zimage_queue_depth 5.0" not in httpx.get(f"{url}/metrics").text:
+                assert time.monotonic() < deadline, "the burst never queued up"
+                time.sleep(0.02)
+            proc.send_signal(signal.SIGTERM)
+            time.sleep(0.3)
+            assert httpx.get(f"{url}/healthz/ready").status_code == 503
+            refused = httpx.post(f"{url}/generate", json=body, timeout=30)
+            assert refused.status_code == 503
+            assert refused.json()["error"]["code"] == "draining"
+            assert refused.headers["retry-after"] == "1"
+            results = [future.result() for future in accepted]
+        assert [r.status_code for r in results] == [200] * 6, "an accepted request was lost"
+        assert all(r.content.startswith(b"\x89PNG") for r in results)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0
+    assert proc.stdout is not None
+    assert "drained: every accepted request is answered" in proc.stdout.read()

@@ -1,0 +1,58 @@
+"""Graceful drain on SIGTERM: stop taking work, finish what was accepted, then exit.
+
+uvicorn's own shutdown closes the listening socket at once, so a request arriving during the
+endpoint update would be refused at the TCP level. Here the first SIGTERM (or SIGINT) only
+starts the drain: readiness turns 503 and new requests get 503 with ``Retry-After`` while
+the socket stays open; when the engine is idle (or the drain time is up) uvicorn shuts down
+as usual. A second signal exits at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from types import FrameType
+
+import uvicorn
+from fastapi import FastAPI
+
+from .engine import Engine
+from .metrics import Metrics
+from .state import ServerState
+
+logger = logging.getLogger(__name__)
+
+
+class DrainingServer(uvicorn.Server):
+    def __init__(self, config: uvicorn.Config, app: FastAPI, drain_seconds: float) -> None:
+        super().__init__(config)
+        self.fastapi = app
+        self.drain_seconds = drain_seconds
+        self._drain_task: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def serve(self, sockets: list[object] | None = None) -> None:  # type: ignore[override]
+        self._loop = asyncio.get_running_loop()
+        await super().serve(sockets)  # type: ignore[arg-type]
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self._drain_task is not None or self._loop is None:
+            super().handle_exit(sig, frame)  # a second signal: stop now
+            return
+        state: ServerState = self.fastapi.state.server_state
+        state.draining = True
+        metrics: Metrics = self.fastapi.state.metrics
+        metrics.draining.set(1)
+        logger.info("signal %d: draining (up to %.0fs), then exiting", sig, self.drain_seconds)
+        self._drain_task = self._loop.create_task(self._drain())
+
+    async def _drain(self) -> None:
+        engine: Engine = self.fastapi.state.service.engine
+        try:
+            await asyncio.wait_for(engine.wait_idle(), self.drain_seconds)
+            logger.info("drained: every accepted request is answered")
+        except TimeoutError:
+            logger.warning("drain time is up with work still queued; exiting anyway")
+        # Let the handlers send the responses of the last batch before the server closes.
+        await asyncio.sleep(0.2)
+        self.should_exit = True

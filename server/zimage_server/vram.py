@@ -1,0 +1,352 @@
+"""VRAM pressure: a background sampler reads GPU memory, a policy decides when the process is
+over its limit, and the liveness probe reports that decision so the kubelet restarts the pod.
+
+The sampler reads through a narrow ``MemorySource`` interface. ``NvmlSource`` is the real one
+(NVML via ``pynvml``); tests feed the policy from a fake source where there is no GPU.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+logger = logging.getLogger(__name__)
+
+Scope = Literal["process", "device"]
+_UNITS = {
+    "": 1,
+    "k": 10**3,
+    "m": 10**6,
+    "g": 10**9,
+    "t": 10**12,
+    "ki": 2**10,
+    "mi": 2**20,
+    "gi": 2**30,
+    "ti": 2**40,
+}
+_LIMIT_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(%|[kKmMgGtT]i?)?\s*$")
+
+
+@dataclass(frozen=True)
+class VramLimit:
+    """A limit in bytes or as a fraction of the device's memory."""
+
+    bytes: int | None = None
+    fraction: float | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> VramLimit:
+        match = _LIMIT_RE.match(text)
+        if not match:
+            raise ValueError(
+                f"VRAM limit must be bytes such as '70Gi' or a percentage such as '90%', got {text!r}"
+            )
+        number, unit = float(match.group(1)), match.group(2) or ""
+        if unit == "%":
+            if not 0 < number <= 100:
+                raise ValueError(f"a VRAM percentage must be above 0 and at most 100, got {text!r}")
+            return cls(fraction=number / 100)
+        if number <= 0:
+            raise ValueError(f"a VRAM limit must be positive, got {text!r}")
+        return cls(bytes=int(number * _UNITS[unit.lower()]))
+
+    def resolve(self, total_bytes: int) -> int:
+        return self.bytes if self.bytes is not None else int((self.fraction or 0) * total_bytes)
+
+    def __str__(self) -> str:
+        return f"{self.fraction * 100:g}%" if self.fraction is not None else f"{self.bytes} bytes"
+
+
+@dataclass(frozen=True)
+class Sample:
+    """Memory on this process's GPUs, summed over them."""
+
+    process_bytes: int
+    device_bytes: int
+    total_bytes: int
+    source: str  # "nvml", "nvml+torch" (process bytes from PyTorch), "torch"
+    at: float
+
+    def used(self, scope: Scope) -> int:
+        return self.process_bytes if scope == "process" else self.device_bytes
+
+
+class MemorySource(Protocol):
+    def read(self) -> Sample | None:
+        """The current sample, or None when there is nothing to measure."""
+
+    @property
+    def unavailable_reason(self) -> str | None:
+        """Why there is nothing to measure (no GPU, no NVML), or None."""
+
+
+# -- the policy -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Verdict:
+    over: bool
+    used_bytes: int
+    limit_bytes: int
+    since: float | None  # when the over-limit state began
+
+
+class VramPolicy:
+    """Over the limit for ``consecutive`` samples in a row -> over. Before declaring it, the
+    allocator's cache is released once and memory read again. With ``recover``, the state
+    clears after ``consecutive`` samples below ``limit * (1 - hysteresis)``."""
+
+    def __init__(
+        self,
+        limit: VramLimit,
+        scope: Scope,
+        consecutive: int = 3,
+        recover: bool = True,
+        hysteresis: float = 0.05,
+        release_cache: Callable[[], None] | None = None,
+        remeasure: Callable[[], Sample | None] | None = None,
+        on_over: Callable[[Verdict], None] | None = None,
+    ) -> None:
+        self.limit = limit
+        self.scope = scope
+        self.consecutive = consecutive
+        self.recover = recover
+        self.hysteresis = hysteresis
+        self.release_cache = release_cache
+        self.remeasure = remeasure
+        self.on_over = on_over
+        self._above = 0
+        self._below = 0
+        self.over_since: float | None = None
+        self.last: Verdict | None = None
+
+    def observe(self, sample: Sample) -> Verdict:
+        limit = self.limit.resolve(sample.total_bytes)
+        used = sample.used(self.scope)
+        if self.over_since is None:
+            self._above = self._above + 1 if used > limit else 0
+            if self._above >= self.consecutive:
+                used = self._after_release(used)
+                if used > limit:
+                    self.over_since = sample.at
+                    self._below = 0
+                    verdict = Verdict(True, used, limit, self.over_since)
+                    if self.on_over is not None:
+                        self.on_over(verdict)
+                    self.last = verdict
+                    return verdict
+                self._above = 0
+        elif self.recover:
+            self._below = self._below + 1 if used < limit * (1 - self.hysteresis) else 0
+            if self._below >= self.consecutive:
+                logger.warning("VRAM back under the limit: %d of %d bytes (%s)", used, limit, self.scope)
+                self.over_since = None
+                self._above = 0
+        self.last = Verdict(self.over_since is not None, used, limit, self.over_since)
+        return self.last
+
+    def _after_release(self, used: int) -> int:
+        if self.release_cache is None:
+            return used
+        self.release_cache()
+        again = self.remeasure() if self.remeasure is not None else None
+        after = again.used(self.scope) if again is not None else used
+        logger.warning("VRAM over the limit; released the allocator cache: %d -> %d bytes", used, after)
+        return after
+
+
+def write_termination_message(path: str, verdict: Verdict, scope: Scope) -> None:
+    """One line that ``kubectl describe pod`` shows as the reason the container ended."""
+    gib = 2**30
+    line = (
+        f"zimage: VRAM limit exceeded ({scope}): {verdict.used_bytes / gib:.2f} GiB used, "
+        f"limit {verdict.limit_bytes / gib:.2f} GiB\n"
+    )
+    try:
+        Path(path).write_text(line)
+    except OSError as exc:
+        logger.warning("could not write the termination message to %s: %s", path, exc)
+
+
+# -- NVML -------------------------------------------------------------------------------------
+
+
+def visible_device_ids() -> list[str] | None:
+    """CUDA_VISIBLE_DEVICES as a list of indices or UUIDs; None when unset (all devices)."""
+    value = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if value is None:
+        return None
+    ids = []
+    for part in value.split(","):
+        part = part.strip()
+        if not part or part.startswith("-"):
+            break  # CUDA stops at the first invalid entry
+        ids.append(part)
+    return ids
+
+
+class NvmlSource:
+    """Reads the memory of the GPUs this process uses, as NVML sees them.
+
+    NVML ignores CUDA_VISIBLE_DEVICES, so the visible devices (indices, GPU-... or MIG-...
+    UUIDs) are mapped to NVML handles here. A process inside a PID namespace does not find
+    itself in NVML's process list; then the process figure comes from PyTorch's allocator.
+    Where NVML cannot read a device (some MIG setups), ``torch.cuda.mem_get_info`` is used.
+    """
+
+    def __init__(self, nvml: Any = None, cuda_devices: list[int] | None = None) -> None:
+        self._reason: str | None = None
+        self._handles: list[Any] = []
+        self._nvml = nvml
+        self._cuda_devices = cuda_devices or []
+        try:
+            if self._nvml is None:
+                import pynvml
+
+                self._nvml = pynvml
+            self._nvml.nvmlInit()
+        except Exception as exc:  # no library, no driver, no GPU
+            self._reason = f"NVML is not available: {exc}"
+            self._nvml = None
+            return
+        try:
+            self._handles = self._map_devices()
+        except Exception as exc:
+            self._reason = f"NVML could not map the visible devices: {exc}"
+        if not self._handles and self._reason is None:
+            self._reason = "no GPU is visible to this process"
+
+    @property
+    def unavailable_reason(self) -> str | None:
+        return self._reason
+
+    def _map_devices(self) -> list[Any]:
+        nvml = self._nvml
+        ids = visible_device_ids()
+        if ids is None:
+            return [nvml.nvmlDeviceGetHandleByIndex(i) for i in range(nvml.nvmlDeviceGetCount())]
+        handles = []
+        for ident in ids:
+            if ident.startswith(("GPU-", "MIG-")):
+                handles.append(nvml.nvmlDeviceGetHandleByUUID(ident))
+            else:
+                handles.append(nvml.nvmlDeviceGetHandleByIndex(int(ident)))
+        return handles
+
+    def read(self) -> Sample | None:
+        if self._reason is not None or self._nvml is None:
+            return None
+        nvml = self._nvml
+        pid = os.getpid()
+        process = device = total = 0
+        found_self = False
+        source = "nvml"
+        for index, handle in enumerate(self._handles):
+            try:
+                info = nvml.nvmlDeviceGetMemoryInfo(handle)
+                device += int(info.used)
+                total += int(info.total)
+            except Exception:
+                free, size = _torch_mem_get_info(index)
+                device += size - free
+                total += size
+                source = "torch"
+            try:
+                for proc in nvml.nvmlDeviceGetComputeRunningProcesses(handle):
+                    if proc.pid == pid and proc.usedGpuMemory is not None:
+                        process += int(proc.usedGpuMemory)
+                        found_self = True
+            except Exception:
+                pass
+        if not found_self:
+            process = _torch_reserved()
+            source = "nvml+torch" if source == "nvml" else source
+        return Sample(process, device, total, source, time.time())
+
+
+def _torch_mem_get_info(index: int) -> tuple[int, int]:
+    import torch
+
+    free, total = torch.cuda.mem_get_info(index)
+    return int(free), int(total)
+
+
+def _torch_reserved() -> int:
+    try:
+        import torch
+
+        initialized = torch.cuda.is_initialized()  # type: ignore[no-untyped-call]
+        if not torch.cuda.is_available() or not initialized:
+            return 0
+        return sum(int(torch.cuda.memory_reserved(i)) for i in range(torch.cuda.device_count()))
+    except Exception:
+        return 0
+
+
+def release_torch_cache() -> None:
+    try:
+        import torch
+
+        if torch.cuda.is_available() and torch.cuda.is_initialized():  # type: ignore[no-untyped-call]
+            torch.cuda.empty_cache()
+    except Exception as exc:
+        logger.warning("could not release the CUDA allocator cache: %s", exc)
+
+
+# -- the sampler ----------------------------------------------------------------------------------
+
+
+class VramSampler:
+    """Reads ``source`` every ``period`` seconds on its own thread and feeds ``policy``.
+    Probes read ``latest`` and ``policy.last``; they never call NVML themselves."""
+
+    def __init__(
+        self,
+        source: MemorySource,
+        policy: VramPolicy | None,
+        period: float = 1.0,
+        on_sample: Callable[[Sample, Verdict | None], None] | None = None,
+    ) -> None:
+        self.source = source
+        self.policy = policy
+        self.period = period
+        self.on_sample = on_sample
+        self.latest: Sample | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="zimage-vram", daemon=True)
+
+    def start(self) -> VramSampler:
+        if self.source.unavailable_reason is not None:
+            logger.info("VRAM sampling is off: %s", self.source.unavailable_reason)
+            return self
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=5)
+
+    def sample_once(self) -> None:
+        sample = self.source.read()
+        if sample is None:
+            return
+        self.latest = sample
+        verdict = self.policy.observe(sample) if self.policy is not None else None
+        if self.on_sample is not None:
+            self.on_sample(sample, verdict)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.sample_once()
+            except Exception:
+                logger.exception("VRAM sample failed")
+            self._stop.wait(self.period)

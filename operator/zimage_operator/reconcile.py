@@ -30,6 +30,8 @@ logger = logging.getLogger(__name__)
 # (type, reason, message): posted as a Kubernetes Event on the ZImageService.
 EventSink = Callable[[dict[str, Any], str, str, str], None]
 MANAGED_SELECTOR = "app.kubernetes.io/managed-by=zimage-operator"
+# The start of the server's termination message when liveness failed for VRAM.
+VRAM_MARKER = "zimage: VRAM limit exceeded"
 
 
 class TemporaryFailureError(RuntimeError):
@@ -72,6 +74,7 @@ class Reconciler:
     settings: OperatorSettings
     post_event: EventSink
     _locks: dict[str, threading.Lock] = field(default_factory=dict)
+    _seen_restarts: set[tuple[str, str, int]] = field(default_factory=set)
     _guard: threading.Lock = field(default_factory=threading.Lock)
 
     def _lock(self, key: str) -> threading.Lock:
@@ -133,6 +136,7 @@ class Reconciler:
         self._prune(owner, spec, job_name)
 
         pods = self.kube.list_objects("v1", "Pod", owner.namespace, builders.selector_string(owner))
+        self._report_vram_restarts(body, pods)
         self._write_status(
             body,
             owner,
@@ -214,6 +218,24 @@ class Reconciler:
                 condition["reason"],
                 f"{condition['type']}={condition['status']}: {condition['message']}",
             )
+
+    def _report_vram_restarts(self, body: dict[str, Any], pods: list[dict[str, Any]]) -> None:
+        """An Event for each container restart whose termination message blames VRAM."""
+        for pod in pods:
+            for status in (pod.get("status") or {}).get("containerStatuses") or []:
+                message = ((status.get("lastState") or {}).get("terminated") or {}).get("message") or ""
+                if VRAM_MARKER not in message:
+                    continue
+                key = (pod["metadata"]["uid"], status.get("name", ""), int(status.get("restartCount") or 0))
+                if key in self._seen_restarts:
+                    continue
+                self._seen_restarts.add(key)
+                self.post_event(
+                    body,
+                    "Warning",
+                    "VramLimitRestart",
+                    f"pod {pod['metadata']['name']} was restarted: {message.strip()}",
+                )
 
     def resync_all(self) -> None:
         for body in self.kube.list_services(self.settings.namespaces):

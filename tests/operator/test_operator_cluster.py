@@ -100,6 +100,14 @@ def test_the_minimal_example_becomes_a_ready_gpu_service(
     deployment = client.AppsV1Api(api).read_namespaced_deployment("posters", namespace)
     main = deployment.spec.template.spec.containers[0]
     assert main.resources.limits["nvidia.com/gpu"] == "1"
+    assert main.startup_probe.http_get.path == "/healthz/startup"
+    assert main.readiness_probe.http_get.path == "/healthz/ready"
+    assert (main.liveness_probe.http_get.path, main.liveness_probe.period_seconds) == ("/healthz/live", 10)
+    assert main.liveness_probe.failure_threshold == 3
+    assert main.lifecycle.pre_stop.sleep.seconds == 5
+    assert deployment.spec.template.spec.termination_grace_period_seconds > 120
+    env = {e.name: e.value for e in main.env}
+    assert (env["ZIMAGE_VRAM_LIMIT"], env["ZIMAGE_VRAM_SCOPE"]) == ("90%", "process")
     assert deployment.metadata.owner_references[0].kind == "ZImageService"
     service = client.CoreV1Api(api).read_namespaced_service("posters", namespace)
     assert service.spec.ports[0].name == "http"
@@ -441,3 +449,36 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def test_a_vram_restart_is_recorded_as_an_event(
+    operator: LocalPodRunner, cluster: LocalCluster, api: client.ApiClient, namespace: str
+) -> None:
+    apply(cluster, namespace, zis("hungry"))
+    wait_ready(api, namespace, "hungry")
+    core = client.CoreV1Api(api)
+    (pod,) = core.list_namespaced_pod(namespace, label_selector="app.kubernetes.io/instance=hungry").items
+    message = "zimage: VRAM limit exceeded (process): 75.00 GiB used, limit 72.00 GiB"
+    # What the kubelet reports after liveness failed and the container was restarted.
+    status = {
+        "containerStatuses": [
+            {
+                "name": "server",
+                "image": pod.spec.containers[0].image,
+                "imageID": "",
+                "ready": True,
+                "restartCount": 1,
+                "state": {"running": {"startedAt": "2026-01-01T00:00:00Z"}},
+                "lastState": {"terminated": {"exitCode": 137, "reason": "Error", "message": message}},
+            }
+        ]
+    }
+    core.patch_namespaced_pod_status(pod.metadata.name, namespace, {"status": status})
+
+    def recorded() -> list[Any]:
+        events = core.list_namespaced_event(namespace, field_selector="involvedObject.name=hungry").items
+        return [e for e in events if e.reason == "VramLimitRestart"]
+
+    (event,) = wait_for(recorded, 30, "a VramLimitRestart event")
+    assert event.type == "Warning"
+    assert message in event.message

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 
-# The local control plane's fixtures (cluster, api, namespace, pod_runner, operator) for every suite.
-pytest_plugins = ["tests.cluster.fixtures"]
+# The local control plane's fixtures (cluster, api, namespace, pod_runner, operator) for every
+# suite, where the Kubernetes client is installed (a GPU machine running `-m gpu` may lack it).
+pytest_plugins = ["tests.cluster.fixtures"] if importlib.util.find_spec("kubernetes") else []
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

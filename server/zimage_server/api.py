@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import base64
 import datetime
-import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from .errors import bad_request
-from .protocol import MEDIA_TYPES, ImageData, ImageGenerationRequest, ImageGenerationResponse
+from .protocol import MEDIA_TYPES, ImageGenerationRequest, ImageGenerationResponse
 from .service import ImageService
 from .state import Phase, ServerState
 from .vram import VramSampler
@@ -26,21 +25,12 @@ def _service(request: Request) -> ImageService:
 
 
 @router.post("/v1/images/generations", response_model=ImageGenerationResponse, tags=["images"])
-async def create_images(body: ImageGenerationRequest, request: Request) -> ImageGenerationResponse:
+async def create_images(body: ImageGenerationRequest, request: Request) -> Response:
     """Generate images; the OpenAI Images API shape, with ``seed`` and ``num_inference_steps``."""
     service = _service(request)
     params = service.params(body)
     images = await service.generate(params, request)
-    encoded = await service.encode(images, params)
-    return ImageGenerationResponse(
-        created=int(time.time()),
-        data=[
-            ImageData(b64_json=base64.b64encode(data).decode("ascii"), seed=seed)
-            for data, seed in zip(encoded, params.seeds, strict=True)
-        ],
-        output_format=params.output_format,
-        size=params.size,
-    )
+    return sliced_response(await service.encode_response(images, params), "application/json")
 
 
 @router.post(
@@ -57,11 +47,27 @@ async def generate(body: ImageGenerationRequest, request: Request) -> Response:
     params = service.params(body)
     images = await service.generate(params, request)
     (data,) = await service.encode(images, params)
-    return Response(
-        content=data,
-        media_type=MEDIA_TYPES[params.output_format],
-        headers={"X-Seed": str(params.seeds[0]), "X-Size": params.size},
-    )
+    headers = {"X-Seed": str(params.seeds[0]), "X-Size": params.size}
+    return sliced_response(data, MEDIA_TYPES[params.output_format], headers)
+
+
+# Image bodies run to tens of megabytes. Handed to the transport in one piece, the copy into
+# its buffer holds the event loop for milliseconds; in slices, flow control paces it and the
+# probes get their turn.
+_RESPONSE_SLICE = 2**19
+
+
+def sliced_response(body: bytes, media_type: str, headers: dict[str, str] | None = None) -> Response:
+    if len(body) <= _RESPONSE_SLICE:
+        return Response(body, media_type=media_type, headers=headers)
+
+    async def slices() -> AsyncIterator[bytes]:
+        view = memoryview(body)
+        for start in range(0, len(body), _RESPONSE_SLICE):
+            yield bytes(view[start : start + _RESPONSE_SLICE])
+
+    all_headers = {**(headers or {}), "Content-Length": str(len(body))}
+    return StreamingResponse(slices(), media_type=media_type, headers=all_headers)
 
 
 @router.get("/v1/models", tags=["images"])

@@ -250,7 +250,7 @@ class NvmlSource:
         source = "nvml"
         for index, handle in enumerate(self._handles):
             try:
-                info = nvml.nvmlDeviceGetMemoryInfo(handle)
+                info = _memory_info(nvml, handle)
                 device += int(info.used)
                 total += int(info.total)
             except Exception:
@@ -269,6 +269,18 @@ class NvmlSource:
             process = _torch_reserved()
             source = "nvml+torch" if source == "nvml" else source
         return Sample(process, device, total, source, time.time())
+
+
+def _memory_info(nvml: Any, handle: Any) -> Any:
+    """Memory info without the driver's reserved memory (NVML's v2 struct), as nvidia-smi
+    reports it; the v1 struct counts that reservation as used."""
+    version = getattr(nvml, "nvmlMemory_v2", None)
+    if version is not None:
+        try:
+            return nvml.nvmlDeviceGetMemoryInfo(handle, version=version)
+        except Exception:
+            pass
+    return nvml.nvmlDeviceGetMemoryInfo(handle)
 
 
 def _torch_mem_get_info(index: int) -> tuple[int, int]:

@@ -117,3 +117,32 @@ def test_metrics_expose_the_serving_families(server: RunningServer) -> None:
         "zimage_model_ready 1.0",
     ):
         assert family in text, family
+
+
+def test_the_response_body_is_the_documented_shape(server: RunningServer) -> None:
+    from zimage_server.protocol import ImageGenerationResponse
+
+    body = {"prompt": "a kite", "size": "128x128", "n": 2, "seed": 4, "output_format": "webp"}
+    response = httpx.post(f"{server.url}/v1/images/generations", json=body, timeout=30)
+    parsed = ImageGenerationResponse.model_validate_json(response.content)
+    assert (parsed.size, parsed.output_format, [d.seed for d in parsed.data]) == ("128x128", "webp", [4, 5])
+    assert _decode(base64.b64decode(parsed.data[1].b64_json)).format == "WEBP"
+
+
+def test_sliced_base64_equals_plain_base64() -> None:
+    from zimage_server.service import b64_sliced
+
+    for size in (0, 1, 2, 3, 3 * 2**16, 3 * 2**16 + 1, 1_000_003):
+        data = bytes(range(256)) * (size // 256) + bytes(size % 256)
+        assert b64_sliced(data) == base64.b64encode(data)
+
+
+def test_large_images_arrive_whole(server: RunningServer) -> None:
+    """Bodies above the slice size are streamed with their length; nothing is lost on the way."""
+    body = {"prompt": "a wide field", "size": "1024x1024", "num_inference_steps": 1, "seed": 3}
+    raw = httpx.post(f"{server.url}/generate", json=body, timeout=60)
+    assert int(raw.headers["content-length"]) == len(raw.content) > 2**19
+    assert _decode(raw.content).size == (1024, 1024)
+    as_json = httpx.post(f"{server.url}/v1/images/generations", json=body, timeout=60)
+    assert int(as_json.headers["content-length"]) == len(as_json.content)
+    assert base64.b64decode(as_json.json()["data"][0]["b64_json"]) == raw.content

@@ -263,6 +263,7 @@ def test_helm_from_the_cache_installs_a_chart(cluster: LocalCluster, namespace: 
     )
     (chart / "values.yaml").write_text("greeting: hello\n")
     env = {
+        "HOME": str(tmp_path),
         "HELM_CACHE_HOME": str(tmp_path / "hc"),
         "HELM_CONFIG_HOME": str(tmp_path / "hg"),
         "PATH": "/usr/bin:/bin",

@@ -91,9 +91,6 @@ def _serve(args: list[str]) -> int:
         return 2
     from .drain import DrainingServer
 
-    # The GPU worker and encoder threads hold the GIL in bursts; a 1 ms switch interval (the
-    # default is 5 ms) keeps probe and request latency on the event loop low while they run.
-    sys.setswitchinterval(0.001)
 
     config = uvicorn.Config(
         app,

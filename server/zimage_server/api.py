@@ -135,6 +135,25 @@ async def startup(request: Request) -> JSONResponse:
     return _health(state.ready, state)
 
 
+@router.get("/load", tags=["health"])
+async def load(request: Request) -> dict[str, Any]:
+    """The load signal, cheap to poll: what an autoscaler needs to size the deployment."""
+    service = _service(request)
+    engine = service.engine
+    state: ServerState = request.app.state.server_state
+    return {
+        "ready": state.ready,
+        "draining": state.draining,
+        "queue_depth": engine.waiting,
+        "queue_images": engine.queued_images,
+        "in_flight": engine.in_flight,
+        "pending_gpu_seconds": round(engine.pending_gpu_seconds(), 4),
+        "seconds_per_megapixel_step": round(engine.cost.rate, 6),
+        "max_batch_size": service.settings.max_batch_size,
+        "max_queue": service.settings.max_queue,
+    }
+
+
 @router.get("/metrics", tags=["health"])
 async def metrics(request: Request) -> Response:
     registry = request.app.state.metrics.registry

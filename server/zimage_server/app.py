@@ -48,6 +48,7 @@ def create_app(settings: Settings, memory_source: MemorySource | None = None) ->
         engine = Engine(runner, settings, metrics)
         encoder = ThreadPoolExecutor(max_workers=settings.encode_threads, thread_name_prefix="zimage-encode")
         app.state.service = ImageService(settings, engine, metrics, state, encoder)
+        metrics.pending_gpu_seconds.set_function(engine.pending_gpu_seconds)
         engine.start()
         sampler.start()
         loader = asyncio.create_task(_load_and_warm_up(runner, engine, state, metrics, settings))
@@ -127,7 +128,8 @@ async def _load_and_warm_up(
             state.set(Phase.WARMING, f"warming up at {size}")
             started = time.perf_counter()
             spec = BatchSpec(["warm-up"], [0], width, height, settings.warmup_steps)
-            await loop.run_in_executor(engine.gpu, runner.generate, spec)
+            result = await loop.run_in_executor(engine.gpu, runner.generate, spec)
+            engine.cost.observe(width, height, settings.warmup_steps, 1, result.seconds)
             logger.info("warm-up at %s took %.2fs", size, time.perf_counter() - started)
     except asyncio.CancelledError:
         raise

@@ -91,7 +91,6 @@ def _serve(args: list[str]) -> int:
         return 2
     from .drain import DrainingServer
 
-
     config = uvicorn.Config(
         app,
         host=settings.host,

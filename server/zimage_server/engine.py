@@ -22,6 +22,7 @@ from PIL import Image
 
 from .config import Settings
 from .errors import APIError
+from .load import CostModel
 from .metrics import Metrics
 from .runner import BatchResult, BatchSpec, PipelineRunner
 
@@ -63,7 +64,9 @@ class Engine:
         self._jobs: deque[Job] = deque()
         self._arrived = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
-        self._seconds_per_image = 1.0  # refined from measured batches
+        self.cost = CostModel()
+        self._running_cost = 0.0  # GPU-seconds of the batch on the GPU now
+        self._running_jobs = 0
         self._busy = 0  # batches on the GPU now
         self._progress = asyncio.Event()  # set whenever work finishes or leaves the queue
 
@@ -104,10 +107,23 @@ class Engine:
     def waiting(self) -> int:
         return sum(1 for job in self._jobs if job.taken == 0)
 
+    @property
+    def queued_images(self) -> int:
+        return sum(job.remaining for job in self._jobs)
+
+    @property
+    def in_flight(self) -> int:
+        """Requests with images on the GPU now."""
+        return self._running_jobs
+
+    def pending_gpu_seconds(self) -> float:
+        """Expected GPU time of everything queued or running, priced from measured batches."""
+        queued = sum(self.cost.cost(job.width, job.height, job.steps, job.remaining) for job in self._jobs)
+        return queued + self._running_cost
+
     def retry_after(self) -> int:
         """Seconds until the queue has likely drained enough to take a new request."""
-        images = sum(job.remaining for job in self._jobs)
-        return max(1, math.ceil(images * self._seconds_per_image))
+        return max(1, math.ceil(self.pending_gpu_seconds() / self.settings.max_batch_size))
 
     def submit(self, job: Job) -> None:
         if self.waiting >= self.settings.max_queue:
@@ -159,6 +175,8 @@ class Engine:
         jobs = list(dict.fromkeys(job for job, _ in batch))
         self.metrics.in_flight.inc(len(jobs))
         self._busy += 1
+        self._running_jobs = len(jobs)
+        self._running_cost = self.cost.cost(key[0], key[1], key[2], len(batch))
         self._update_gauges()
         spec = BatchSpec(
             prompts=[job.prompt for job, _ in batch],
@@ -175,11 +193,14 @@ class Engine:
                 self._fail(job, exc)
         else:
             self._record(result, len(batch))
+            self.cost.observe(key[0], key[1], key[2], len(batch), result.seconds)
             for (job, index), image in zip(batch, result.images, strict=True):
                 self._deliver(job, index, image)
         finally:
             self.metrics.in_flight.dec(len(jobs))
             self._busy -= 1
+            self._running_jobs = 0
+            self._running_cost = 0.0
             self._progress.set()
 
     async def _wait_to_fill(self, key: BatchKey) -> None:
@@ -221,8 +242,6 @@ class Engine:
         self.metrics.images.inc(size)
         for seconds in result.step_seconds:
             self.metrics.step_seconds.observe(seconds)
-        per_image = result.seconds / size
-        self._seconds_per_image = 0.8 * self._seconds_per_image + 0.2 * per_image
 
     def _deliver(self, job: Job, index: int, image: Image.Image) -> None:
         if job.cancelled or job.future.done():
@@ -239,4 +258,4 @@ class Engine:
 
     def _update_gauges(self) -> None:
         self.metrics.queue_depth.set(self.waiting)
-        self.metrics.queue_images.set(sum(job.remaining for job in self._jobs))
+        self.metrics.queue_images.set(self.queued_images)

@@ -63,6 +63,11 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        self.pending_gpu_seconds = Gauge(
+            "zimage_pending_gpu_seconds",
+            "Expected GPU time of the queued and running work, priced from measured step times",
+            registry=r,
+        )
         self.ready = Gauge("zimage_model_ready", "1 once the model is loaded and warmed up", registry=r)
         self.draining = Gauge("zimage_draining", "1 while finishing accepted work before exit", registry=r)
         self.vram_used = Gauge(

@@ -62,6 +62,7 @@ def create_app(settings: Settings, memory_source: MemorySource | None = None) ->
                 await loader
             await engine.stop()
             encoder.shutdown(wait=False, cancel_futures=True)
+            gc.unfreeze()  # let interpreter shutdown collect as usual
 
     app = FastAPI(
         title="Z-Image server",

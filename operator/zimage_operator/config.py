@@ -29,6 +29,10 @@ class OperatorSettings(BaseSettings):
     )
     server_uid: int = Field(10001, description="Numeric user the server image runs as")
     resync_seconds: float = Field(15.0, gt=0, description="How often each service is checked for drift")
+    autoscale_seconds: float = Field(
+        2.0, gt=0, description="How often the built-in autoscaler reads the load"
+    )
+    load_timeout_seconds: float = Field(1.0, gt=0, description="How long a pod's /load may take to answer")
     health_host: str = Field("0.0.0.0", description="Address of the liveness endpoint")
     health_port: int = Field(8080, ge=1, le=65535)
     log_level: str = "info"

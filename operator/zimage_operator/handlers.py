@@ -7,7 +7,7 @@ import asyncio
 import contextlib
 import logging
 import threading
-from typing import Any, cast
+from typing import Any
 
 import kopf
 from kubernetes import client, config
@@ -16,6 +16,7 @@ from .builders import GROUP, KIND, PLURAL, VERSION
 from .config import OperatorSettings
 from .kube import Kube
 from .reconcile import Reconciler, TemporaryFailureError
+from .scaling import Autoscaler
 
 logger = logging.getLogger(__name__)
 
@@ -69,10 +70,6 @@ class Runner:
                 self._attempts.pop(key, None)
 
 
-def _post_event(body: dict[str, Any], kind: str, reason: str, message: str) -> None:
-    kopf.event(kopf.Body(cast(Any, body)), type=kind, reason=reason, message=message)
-
-
 @kopf.on.startup()
 async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
     # The project's own names for Kopf's bookkeeping.
@@ -86,18 +83,24 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     settings.watching.server_timeout = 300
     settings.networking.request_timeout = 60
     operator_settings: OperatorSettings = memo.settings
-    reconciler = Reconciler(Kube(api_client()), operator_settings, _post_event)
+    kube = Kube(api_client())
+    # Events go through the API directly: Kopf's event queue is only reachable from its own
+    # handlers, and the resync and autoscaler loops post events too.
+    reconciler = Reconciler(kube, operator_settings, kube.post_event)
     memo.runner = Runner(reconciler)
     memo.resync = asyncio.create_task(_resync_forever(memo.runner, operator_settings.resync_seconds))
+    autoscaler = Autoscaler(kube, reconciler, operator_settings, kube.post_event)
+    memo.autoscale = asyncio.create_task(autoscaler.run_forever())
 
 
 @kopf.on.cleanup()
 async def stop(memo: kopf.Memo, **_: Any) -> None:
-    task: asyncio.Task[None] | None = getattr(memo, "resync", None)
-    if task is not None:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+    for name in ("resync", "autoscale"):
+        task: asyncio.Task[None] | None = getattr(memo, name, None)
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
 
 
 async def _resync_forever(runner: Runner, interval: float) -> None:

@@ -7,6 +7,7 @@ here and is counted, so "no change, no write" can be checked.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import json
 import logging
 import threading
@@ -102,6 +103,36 @@ class Kube:
             namespace=namespace,
             content_type="application/merge-patch+json",
         )
+
+    def post_event(self, body: dict[str, Any], kind: str, reason: str, message: str) -> None:
+        """A core/v1 Event on ``body``, as ``kubectl describe`` shows them. Best effort."""
+        meta = body["metadata"]
+        now = datetime.datetime.now(datetime.UTC)
+        event = client.CoreV1Event(
+            metadata=client.V1ObjectMeta(generate_name=f"{meta['name']}.", namespace=meta["namespace"]),
+            involved_object=client.V1ObjectReference(
+                api_version=body.get("apiVersion", API_VERSION),
+                kind=body.get("kind", KIND),
+                name=meta["name"],
+                namespace=meta["namespace"],
+                uid=meta.get("uid"),
+                resource_version=meta.get("resourceVersion"),
+            ),
+            type=kind,
+            reason=reason,
+            message=message[:1024],
+            source=client.V1EventSource(component=FIELD_MANAGER),
+            reporting_component=FIELD_MANAGER,
+            reporting_instance=FIELD_MANAGER,
+            first_timestamp=now,
+            last_timestamp=now,
+            count=1,
+        )
+        WRITES.labels("Event", "create").inc()
+        try:
+            self.core.create_namespaced_event(meta["namespace"], event)
+        except ApiException as exc:
+            logger.warning("could not post event %s on %s: %s", reason, meta["name"], api_message(exc))
 
 
 def is_temporary(exc: ApiException) -> bool:

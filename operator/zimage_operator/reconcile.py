@@ -104,6 +104,9 @@ class Reconciler:
         model = model_state(spec.needs_cache, job)
         live_deployment = self.kube.get("apps/v1", "Deployment", owner.namespace, owner.name)
         current = None if live_deployment is None else (live_deployment.get("spec") or {}).get("replicas")
+        if spec.autoscaling.mode == "builtin":
+            scaled = ((body.get("status") or {}).get("autoscaling") or {}).get("desiredReplicas")
+            current = scaled if scaled is not None else current
         replicas = builders.desired_replicas(spec, current, model.ready)
 
         desired: list[Manifest] = []

@@ -1,0 +1,89 @@
+"""The built-in autoscaler's decision: replicas from the diffusion load of the ready pods.
+
+Pure: the caller reads the pods' ``/load`` and keeps the history; ``decide`` only computes.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass, field
+
+from .spec import AutoscalingSpec
+
+# Scale down by at most this fraction of the current replicas per decision (at least one pod).
+MAX_SCALE_DOWN_FRACTION = 0.5
+
+
+@dataclass(frozen=True)
+class PodLoad:
+    name: str
+    reachable: bool
+    queue_depth: int = 0
+    in_flight: int = 0
+    pending_gpu_seconds: float = 0.0
+    error: str | None = None
+
+    @property
+    def busy(self) -> bool:
+        # A pod we cannot read is not known to be idle.
+        return not self.reachable or self.queue_depth > 0 or self.in_flight > 0
+
+
+@dataclass(frozen=True)
+class Decision:
+    desired: int
+    recommended: int
+    load: int  # requests queued or running on the reachable pods
+    pending_gpu_seconds: float
+    reason: str
+    unreachable: tuple[str, ...]
+
+
+@dataclass
+class History:
+    """Recent recommendations, for the scale-down stabilization window."""
+
+    entries: deque[tuple[float, int]] = field(default_factory=deque)
+
+    def add(self, now: float, recommended: int, window: float) -> int:
+        """Record ``recommended``; return the highest recommendation within ``window``."""
+        self.entries.append((now, recommended))
+        while self.entries and self.entries[0][0] < now - window:
+            self.entries.popleft()
+        return max(value for _, value in self.entries)
+
+
+def decide(
+    spec: AutoscalingSpec, current: int, pods: list[PodLoad], history: History, now: float
+) -> Decision:
+    reachable = [pod for pod in pods if pod.reachable]
+    unreachable = tuple(sorted(pod.name for pod in pods if not pod.reachable))
+    load = sum(pod.queue_depth + pod.in_flight for pod in reachable)
+    pending = sum(pod.pending_gpu_seconds for pod in reachable)
+    recommended = math.ceil(load / spec.target_queue_per_replica)
+    low, high = spec.min_replicas, spec.max_replicas
+    recommended = max(low, min(high, recommended))
+    stable = history.add(now, recommended, spec.scale_down_stabilization_seconds)
+
+    if current > high:
+        desired, reason = high, f"clamped to maxReplicas {high}"
+    elif recommended > current:
+        desired, reason = (
+            recommended,
+            f"load {load} needs {recommended} replicas at {spec.target_queue_per_replica} each",
+        )
+    elif stable < current:
+        step = max(1, math.floor(current * MAX_SCALE_DOWN_FRACTION))
+        busy = sum(1 for pod in pods if pod.busy)
+        desired = max(stable, current - step, busy, low)
+        reason = (
+            f"load {load} has needed at most {stable} replicas for {spec.scale_down_stabilization_seconds}s"
+        )
+        if desired == current:
+            reason = f"{busy} busy or unreachable pods hold the scale at {current}"
+    else:
+        desired, reason = max(low, min(high, current)), f"load {load} fits {current} replicas"
+    if unreachable:
+        reason += f"; unreachable: {', '.join(unreachable)}"
+    return Decision(desired, recommended, load, pending, reason, unreachable)

@@ -1,0 +1,71 @@
+"""The built-in autoscaler's decision, case by case."""
+
+from __future__ import annotations
+
+import pytest
+
+from zimage_operator.autoscaler import Decision, History, PodLoad, decide
+from zimage_operator.spec import AutoscalingSpec
+
+SPEC = AutoscalingSpec(
+    minReplicas=1, maxReplicas=6, targetQueuePerReplica=4, scaleDownStabilizationSeconds=60
+)
+
+
+def pods(*loads: tuple[int, int], unreachable: int = 0) -> list[PodLoad]:
+    found = [PodLoad(f"p{i}", True, queue, running) for i, (queue, running) in enumerate(loads)]
+    return found + [PodLoad(f"u{i}", False, error="timed out") for i in range(unreachable)]
+
+
+def run(current: int, loads: list[PodLoad], history: History | None = None, now: float = 1000.0) -> Decision:
+    return decide(SPEC, current, loads, history or History(), now)
+
+
+@pytest.mark.parametrize(
+    ("case", "current", "loads", "expected"),
+    [
+        ("idle at the minimum", 1, pods((0, 0)), 1),
+        ("load fits", 2, pods((3, 1), (2, 1)), 2),
+        ("scale up at once", 1, pods((10, 1)), 3),
+        ("scale up clamped to max", 2, pods((40, 1), (40, 1)), 6),
+        ("below min is raised", 0, [], 1),
+        ("above max is lowered", 9, pods(*[(0, 0)] * 9), 6),
+    ],
+)
+def test_decisions(case: str, current: int, loads: list[PodLoad], expected: int) -> None:
+    assert run(current, loads).desired == expected, case
+
+
+def test_scale_down_waits_for_the_stabilization_window() -> None:
+    history = History()
+    assert run(1, pods((12, 0)), history, now=0).desired == 3
+    # Load is gone, but 3 replicas were needed 30 s ago: hold.
+    held = run(3, pods((0, 0), (0, 0), (0, 0)), history, now=30)
+    assert held.desired == 3
+    # 61 s after the peak the window has passed: scale down.
+    assert run(3, pods((0, 0), (0, 0), (0, 0)), history, now=61).desired < 3
+
+
+def test_scale_down_is_bounded_per_step() -> None:
+    history = History()
+    decision = run(6, pods(*[(0, 0)] * 6), history, now=0)
+    assert decision.desired == 3, "at most half of the replicas go in one step"
+
+
+def test_busy_pods_are_not_scaled_away() -> None:
+    history = History()
+    decision = run(4, pods((1, 0), (0, 1), (0, 1), (0, 0)), history, now=0)
+    assert decision.recommended == 1
+    assert decision.desired == 3, "three pods are busy"
+
+
+def test_unreachable_pods_count_as_busy_and_are_reported() -> None:
+    decision = run(3, pods((0, 0), unreachable=2), History(), now=0)
+    assert decision.desired == 2
+    assert decision.unreachable == ("u0", "u1")
+    assert "unreachable: u0, u1" in decision.reason
+
+
+def test_unreachable_pods_add_no_load() -> None:
+    decision = run(1, pods((0, 0), unreachable=1), History(), now=0)
+    assert (decision.load, decision.desired) == (0, 1)

@@ -221,8 +221,9 @@ def termination_grace_seconds(spec: ZImageServiceSpec) -> int:
 
 
 def build_deployment(
-    owner: Owner, spec: ZImageServiceSpec, settings: OperatorSettings, replicas: int
+    owner: Owner, spec: ZImageServiceSpec, settings: OperatorSettings, replicas: int | None
 ) -> Manifest:
+    """``replicas`` None leaves the count to another owner (a HorizontalPodAutoscaler)."""
     image = server_image(spec, settings)
     volumes, mounts = _volumes(owner, spec)
     gpu = {spec.resources.gpu_resource_name: str(spec.resources.gpus)}
@@ -268,7 +269,7 @@ def build_deployment(
     if scheduling.runtime_class_name:
         pod_spec["runtimeClassName"] = scheduling.runtime_class_name
     labels = common_labels(owner, image)
-    return {
+    deployment: Manifest = {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
         "metadata": _metadata(owner, owner.name, labels),
@@ -279,6 +280,47 @@ def build_deployment(
             "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 0, "maxUnavailable": 1}},
             "revisionHistoryLimit": 3,
             "template": {"metadata": {"labels": labels}, "spec": pod_spec},
+        },
+    }
+    if replicas is None:
+        del deployment["spec"]["replicas"]
+    return deployment
+
+
+# The Pods metric an HPA scales on; a metrics adapter (such as prometheus-adapter) serves it
+# from the servers' /metrics.
+HPA_METRIC = "zimage_queue_depth"
+
+
+def build_hpa(owner: Owner, spec: ZImageServiceSpec) -> Manifest:
+    scaling = spec.autoscaling
+    return {
+        "apiVersion": "autoscaling/v2",
+        "kind": "HorizontalPodAutoscaler",
+        "metadata": _metadata(owner, owner.name, common_labels(owner)),
+        "spec": {
+            "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": owner.name},
+            "minReplicas": max(1, scaling.min_replicas),  # zero needs the HPAScaleToZero gate
+            "maxReplicas": scaling.max_replicas,
+            "metrics": [
+                {
+                    "type": "Pods",
+                    "pods": {
+                        "metric": {"name": HPA_METRIC},
+                        "target": {
+                            "type": "AverageValue",
+                            "averageValue": str(scaling.target_queue_per_replica),
+                        },
+                    },
+                }
+            ],
+            "behavior": {
+                "scaleUp": {"stabilizationWindowSeconds": 0},
+                "scaleDown": {
+                    "stabilizationWindowSeconds": scaling.scale_down_stabilization_seconds,
+                    "policies": [{"type": "Percent", "value": 50, "periodSeconds": 30}],
+                },
+            },
         },
     }
 

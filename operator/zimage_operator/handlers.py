@@ -27,6 +27,7 @@ CHILDREN = [
     ("policy", "v1", "poddisruptionbudgets"),
     ("batch", "v1", "jobs"),
     ("", "v1", "persistentvolumeclaims"),
+    ("autoscaling", "v2", "horizontalpodautoscalers"),
 ]
 MAX_BACKOFF_SECONDS = 60.0
 

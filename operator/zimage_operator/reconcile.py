@@ -117,7 +117,12 @@ class Reconciler:
         if prefetch is not None:
             prefetch["metadata"]["name"] = job_name
             desired.append(prefetch)
-        desired.append(builders.build_deployment(owner, spec, self.settings, replicas))
+        # Under an HPA the replica count is the HPA's, once the Deployment exists.
+        hpa = spec.autoscaling.mode == "hpa"
+        deployment_replicas = None if hpa and live_deployment is not None and model.ready else replicas
+        desired.append(builders.build_deployment(owner, spec, self.settings, deployment_replicas))
+        if hpa:
+            desired.append(builders.build_hpa(owner, spec))
         desired.append(builders.build_service(owner, spec))
         desired.append(builders.build_pdb(owner, spec))
 
@@ -162,12 +167,17 @@ class Reconciler:
         return self.kube.apply(manifest)
 
     def _prune(self, owner: Owner, spec: ZImageServiceSpec, job_name: str) -> None:
-        """Delete prefetch Jobs and cache claims this service owns but no longer wants."""
+        """Delete what this service owns but no longer wants: old prefetch Jobs, a cache
+        claim, an HPA after a switch to another autoscaling mode."""
         selector = f"{MANAGED_SELECTOR},app.kubernetes.io/instance={owner.name}"
         for job in self.kube.list_objects("batch/v1", "Job", owner.namespace, selector):
             name = job["metadata"]["name"]
             if _owned_by(job, owner) and (not spec.needs_cache or name != job_name):
                 self.kube.delete("batch/v1", "Job", owner.namespace, name)
+        if spec.autoscaling.mode != "hpa":
+            hpa = self.kube.get("autoscaling/v2", "HorizontalPodAutoscaler", owner.namespace, owner.name)
+            if hpa is not None and _owned_by(hpa, owner):
+                self.kube.delete("autoscaling/v2", "HorizontalPodAutoscaler", owner.namespace, owner.name)
         if not spec.needs_cache:
             claim = self.kube.get(
                 "v1", "PersistentVolumeClaim", owner.namespace, builders.cache_claim_name(owner)

@@ -243,3 +243,21 @@ def test_desired_replicas(
 ) -> None:
     spec = parse_spec({"autoscaling": autoscaling, "replicas": replicas})
     assert builders.desired_replicas(spec, current, model_ready) == expected
+
+
+def test_the_hpa_scales_the_deployment_on_queue_depth() -> None:
+    spec = parse_spec(
+        {"autoscaling": {"mode": "hpa", "minReplicas": 2, "maxReplicas": 7, "targetQueuePerReplica": 3}}
+    )
+    hpa = builders.build_hpa(OWNER, spec)["spec"]
+    assert hpa["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": "posters"}
+    assert (hpa["minReplicas"], hpa["maxReplicas"]) == (2, 7)
+    (metric,) = hpa["metrics"]
+    assert metric["pods"]["metric"]["name"] == "zimage_queue_depth"
+    assert metric["pods"]["target"] == {"type": "AverageValue", "averageValue": "3"}
+    assert hpa["behavior"]["scaleDown"]["stabilizationWindowSeconds"] == 300
+
+
+def test_a_deployment_under_an_hpa_leaves_replicas_alone() -> None:
+    manifest = builders.build_deployment(OWNER, parse_spec({}), SETTINGS, None)
+    assert "replicas" not in manifest["spec"]

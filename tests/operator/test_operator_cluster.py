@@ -482,3 +482,27 @@ def test_a_vram_restart_is_recorded_as_an_event(
     (event,) = wait_for(recorded, 30, "a VramLimitRestart event")
     assert event.type == "Warning"
     assert message in event.message
+
+
+def test_hpa_mode_makes_an_hpa_and_switching_away_removes_it(
+    operator: LocalPodRunner, cluster: LocalCluster, api: client.ApiClient, namespace: str
+) -> None:
+    scaling = {"mode": "hpa", "minReplicas": 1, "maxReplicas": 5, "targetQueuePerReplica": 4}
+    apply(cluster, namespace, zis("elastic", autoscaling=scaling))
+    wait_ready(api, namespace, "elastic")
+    hpas = client.AutoscalingV2Api(api)
+    hpa = wait_for(
+        lambda: hpas.read_namespaced_horizontal_pod_autoscaler("elastic", namespace), 30, "the HPA"
+    )
+    assert hpa.spec.max_replicas == 5
+    assert hpa.spec.metrics[0].pods.metric.name == "zimage_queue_depth"
+    assert hpa.metadata.owner_references[0].kind == "ZImageService"
+
+    apply(cluster, namespace, zis("elastic", autoscaling={**scaling, "mode": "builtin"}))
+
+    def removed() -> bool:
+        items = hpas.list_namespaced_horizontal_pod_autoscaler(namespace).items
+        return not items
+
+    wait_for(removed, 30, "the HPA to be removed after switching to builtin")
+    wait_ready(api, namespace, "elastic")

@@ -325,6 +325,45 @@ def build_hpa(owner: Owner, spec: ZImageServiceSpec) -> Manifest:
     }
 
 
+KEDA_CRD = "scaledobjects.keda.sh"
+
+
+def build_scaled_object(owner: Owner, spec: ZImageServiceSpec, settings: OperatorSettings) -> Manifest:
+    """A KEDA ScaledObject with a Prometheus trigger on the servers' queue depth."""
+    scaling = spec.autoscaling
+    query = (
+        f'sum(zimage_queue_depth{{namespace="{owner.namespace}",pod=~"{owner.name}-[a-z0-9]+-[a-z0-9]+"}})'
+    )
+    return {
+        "apiVersion": "keda.sh/v1alpha1",
+        "kind": "ScaledObject",
+        "metadata": _metadata(owner, owner.name, common_labels(owner)),
+        "spec": {
+            "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": owner.name},
+            "minReplicaCount": scaling.min_replicas,
+            "maxReplicaCount": scaling.max_replicas,
+            "cooldownPeriod": scaling.scale_down_stabilization_seconds,
+            "advanced": {
+                "horizontalPodAutoscalerConfig": {
+                    "behavior": {
+                        "scaleDown": {"stabilizationWindowSeconds": scaling.scale_down_stabilization_seconds}
+                    }
+                }
+            },
+            "triggers": [
+                {
+                    "type": "prometheus",
+                    "metadata": {
+                        "serverAddress": settings.keda_prometheus_address,
+                        "query": query,
+                        "threshold": str(scaling.target_queue_per_replica),
+                    },
+                }
+            ],
+        },
+    }
+
+
 def build_service(owner: Owner, spec: ZImageServiceSpec) -> Manifest:
     return {
         "apiVersion": "v1",

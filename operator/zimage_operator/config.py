@@ -33,6 +33,10 @@ class OperatorSettings(BaseSettings):
         2.0, gt=0, description="How often the built-in autoscaler reads the load"
     )
     load_timeout_seconds: float = Field(1.0, gt=0, description="How long a pod's /load may take to answer")
+    keda_prometheus_address: str = Field(
+        "http://prometheus-operated.monitoring.svc:9090",
+        description="Prometheus that KEDA queries for the servers' metrics (autoscaling.mode keda)",
+    )
     health_host: str = Field("0.0.0.0", description="Address of the liveness endpoint")
     health_port: int = Field(8080, ge=1, le=65535)
     log_level: str = "info"

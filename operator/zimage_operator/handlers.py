@@ -29,6 +29,8 @@ CHILDREN = [
     ("", "v1", "persistentvolumeclaims"),
     ("autoscaling", "v2", "horizontalpodautoscalers"),
 ]
+# Watched only where KEDA is installed; Kopf skips resources the cluster does not serve.
+OPTIONAL_CHILDREN = [("keda.sh", "v1alpha1", "scaledobjects")]
 MAX_BACKOFF_SECONDS = 60.0
 
 
@@ -128,5 +130,5 @@ def child_changed(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
             memo.runner.run(body.metadata.namespace, ref["name"])
 
 
-for _group, _version, _plural in CHILDREN:
+for _group, _version, _plural in CHILDREN + OPTIONAL_CHILDREN:
     kopf.on.event(_group, _version, _plural, labels=MANAGED, id=f"child-{_plural}")(child_changed)

@@ -16,7 +16,7 @@ from typing import Any
 from kubernetes import client
 from kubernetes.client.rest import ApiException
 from kubernetes.dynamic import DynamicClient
-from kubernetes.dynamic.exceptions import NotFoundError
+from kubernetes.dynamic.exceptions import NotFoundError, ResourceNotFoundError
 from prometheus_client import Counter
 
 from .builders import API_VERSION, KIND
@@ -45,9 +45,20 @@ class Kube:
                 self._resources[key] = self._dynamic.resources.get(api_version=api_version, kind=kind)
             return self._resources[key]
 
+    def has_kind(self, api_version: str, kind: str) -> bool:
+        """Whether the API server serves ``kind`` (a CRD such as KEDA's may be absent)."""
+        try:
+            with self._lock:
+                if self._dynamic is None:
+                    self._dynamic = DynamicClient(self.api_client)
+                self._dynamic.resources.get(api_version=api_version, kind=kind)
+        except ResourceNotFoundError:
+            return False
+        return True
+
     def get(self, api_version: str, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
         try:
-            obj = self._resource(api_version, kind).get(name=name, namespace=namespace)
+            obj = self._resource(api_version, kind).get(name=name, namespace=namespace or None)
         except NotFoundError:
             return None
         result: dict[str, Any] = obj.to_dict()

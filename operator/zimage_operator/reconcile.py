@@ -119,10 +119,20 @@ class Reconciler:
             desired.append(prefetch)
         # Under an HPA the replica count is the HPA's, once the Deployment exists.
         hpa = spec.autoscaling.mode == "hpa"
-        deployment_replicas = None if hpa and live_deployment is not None and model.ready else replicas
+        external = spec.autoscaling.mode in ("hpa", "keda")  # the replica count is theirs
+        deployment_replicas = None if external and live_deployment is not None and model.ready else replicas
         desired.append(builders.build_deployment(owner, spec, self.settings, deployment_replicas))
         if hpa:
             desired.append(builders.build_hpa(owner, spec))
+        keda_missing = None
+        if spec.autoscaling.mode == "keda":
+            if self.kube.get("apiextensions.k8s.io/v1", "CustomResourceDefinition", "", builders.KEDA_CRD):
+                desired.append(builders.build_scaled_object(owner, spec, self.settings))
+            else:
+                keda_missing = (
+                    f"autoscaling.mode keda needs KEDA, but its CRD {builders.KEDA_CRD} is not installed; "
+                    "install KEDA or choose another mode"
+                )
         desired.append(builders.build_service(owner, spec))
         desired.append(builders.build_pdb(owner, spec))
 
@@ -155,6 +165,7 @@ class Reconciler:
             replicas=replicas,
             pods=pods,
             model=model,
+            blocked=None if keda_missing is None else ("KedaNotInstalled", keda_missing),
         )
 
     def _converge(self, manifest: Manifest, live: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -178,6 +189,10 @@ class Reconciler:
             hpa = self.kube.get("autoscaling/v2", "HorizontalPodAutoscaler", owner.namespace, owner.name)
             if hpa is not None and _owned_by(hpa, owner):
                 self.kube.delete("autoscaling/v2", "HorizontalPodAutoscaler", owner.namespace, owner.name)
+        if spec.autoscaling.mode != "keda" and self.kube.has_kind("keda.sh/v1alpha1", "ScaledObject"):
+            scaled = self.kube.get("keda.sh/v1alpha1", "ScaledObject", owner.namespace, owner.name)
+            if scaled is not None and _owned_by(scaled, owner):
+                self.kube.delete("keda.sh/v1alpha1", "ScaledObject", owner.namespace, owner.name)
         if not spec.needs_cache:
             claim = self.kube.get(
                 "v1", "PersistentVolumeClaim", owner.namespace, builders.cache_claim_name(owner)
@@ -198,11 +213,13 @@ class Reconciler:
         replicas: int = 0,
         pods: list[dict[str, Any]] | None = None,
         model: ModelState | None = None,
+        blocked: tuple[str, str] | None = None,
     ) -> None:
         previous = body.get("status") or {}
         conditions = compute_conditions(
             invalid=invalid,
             apply_error=apply_error,
+            blocked=blocked,
             model=model or model_state(False, None),
             desired_replicas=replicas,
             deployment=deployment,

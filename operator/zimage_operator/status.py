@@ -81,6 +81,7 @@ def compute_conditions(
     *,
     invalid: str | None,
     apply_error: str | None,
+    blocked: tuple[str, str] | None = None,
     model: ModelState,
     desired_replicas: int,
     deployment: dict[str, Any] | None,
@@ -132,7 +133,9 @@ def compute_conditions(
 
     failing = failing_pods(pods)
     dep_problem = _deployment_problem(dep_status)
-    if apply_error is not None:
+    if blocked is not None:
+        degraded = Condition("Degraded", True, *blocked)
+    elif apply_error is not None:
         degraded = Condition("Degraded", True, "ApplyFailed", apply_error)
     elif model.reason == "CacheFailed":
         degraded = Condition("Degraded", True, "CacheFailed", model.message)

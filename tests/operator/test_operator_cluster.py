@@ -506,3 +506,46 @@ def test_hpa_mode_makes_an_hpa_and_switching_away_removes_it(
 
     wait_for(removed, 30, "the HPA to be removed after switching to builtin")
     wait_ready(api, namespace, "elastic")
+
+
+def test_keda_mode_needs_keda_and_switching_away_removes_the_scaled_object(
+    operator: LocalPodRunner, cluster: LocalCluster, api: client.ApiClient, namespace: str
+) -> None:
+    scaling = {"mode": "keda", "minReplicas": 1, "maxReplicas": 6, "targetQueuePerReplica": 4}
+    apply(cluster, namespace, zis("kedaful", autoscaling=scaling))
+
+    def degraded() -> dict[str, Any] | None:
+        item = condition(get(api, namespace, "kedaful"), "Degraded")
+        return item if item.get("reason") == "KedaNotInstalled" else None
+
+    assert "scaledobjects.keda.sh is not installed" in wait_for(degraded, 30, "KedaNotInstalled")["message"]
+
+    crd = ROOT / "tests/cluster/crds/keda-scaledobjects.yaml"
+    cluster.kubectl("apply", "--server-side", "-f", str(crd))
+    cluster.kubectl("wait", "--for=condition=Established", "crd/scaledobjects.keda.sh", "--timeout=60s")
+    try:
+        custom = client.CustomObjectsApi(api)
+
+        def scaled_object() -> dict[str, Any]:
+            result: dict[str, Any] = custom.get_namespaced_custom_object(
+                "keda.sh", "v1alpha1", namespace, "scaledobjects", "kedaful"
+            )
+            return result
+
+        found = wait_for(scaled_object, 60, "the ScaledObject")
+        assert found["spec"]["maxReplicaCount"] == 6
+        (trigger,) = found["spec"]["triggers"]
+        assert (trigger["type"], trigger["metadata"]["threshold"]) == ("prometheus", "4")
+        wait_for(
+            lambda: condition(get(api, namespace, "kedaful"), "Degraded").get("status") == "False", 30, "ok"
+        )
+
+        apply(cluster, namespace, zis("kedaful", autoscaling={**scaling, "mode": "none"}))
+
+        def removed() -> bool:
+            items = custom.list_namespaced_custom_object("keda.sh", "v1alpha1", namespace, "scaledobjects")
+            return not items["items"]
+
+        wait_for(removed, 30, "the ScaledObject to be removed after switching to none")
+    finally:
+        cluster.kubectl("delete", "-f", str(crd), "--wait=true", check=False)

@@ -67,7 +67,6 @@ class Engine:
         self.cost = CostModel()
         self._running_cost = 0.0  # GPU-seconds of the batch on the GPU now
         self._running_jobs = 0
-        self._busy = 0  # batches on the GPU now
         self._progress = asyncio.Event()  # set whenever work finishes or leaves the queue
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -95,7 +94,7 @@ class Engine:
 
     @property
     def idle(self) -> bool:
-        return not self._jobs and self._busy == 0
+        return not self._jobs and self._running_jobs == 0
 
     async def wait_idle(self) -> None:
         """Return once no work is queued or running."""
@@ -174,7 +173,6 @@ class Engine:
             return
         jobs = list(dict.fromkeys(job for job, _ in batch))
         self.metrics.in_flight.inc(len(jobs))
-        self._busy += 1
         self._running_jobs = len(jobs)
         self._running_cost = self.cost.cost(key[0], key[1], key[2], len(batch))
         self._update_gauges()
@@ -198,7 +196,6 @@ class Engine:
                 self._deliver(job, index, image)
         finally:
             self.metrics.in_flight.dec(len(jobs))
-            self._busy -= 1
             self._running_jobs = 0
             self._running_cost = 0.0
             self._progress.set()

@@ -549,3 +549,20 @@ def test_keda_mode_needs_keda_and_switching_away_removes_the_scaled_object(
         wait_for(removed, 30, "the ScaledObject to be removed after switching to none")
     finally:
         cluster.kubectl("delete", "-f", str(crd), "--wait=true", check=False)
+
+
+def test_the_kustomize_base_and_every_example_pass_a_server_side_dry_run(
+    operator: LocalPodRunner, cluster: LocalCluster
+) -> None:
+    base = cluster.kubectl("apply", "-k", str(ROOT / "deploy"), "--dry-run=server", check=False)
+    assert base.returncode == 0, base.stderr
+    if cluster.kubectl("get", "namespace", "ml", check=False).returncode != 0:
+        cluster.kubectl("create", "namespace", "ml")
+    try:
+        examples = sorted((ROOT / "deploy/examples").glob("*.yaml"))
+        assert len(examples) >= 2
+        for example in examples:
+            result = cluster.kubectl("apply", "--dry-run=server", "-f", str(example), check=False)
+            assert result.returncode == 0, f"{example.name}: {result.stderr}"
+    finally:
+        cluster.kubectl("delete", "namespace", "ml", "--wait=false", check=False)

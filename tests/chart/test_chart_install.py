@@ -1,0 +1,104 @@
+"""`helm install` of the chart into a fresh local control plane: the real operator runs under
+the chart's service account and reconciles the chart's example; upgrade and uninstall."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.cluster.local_cluster import LocalCluster
+from tests.cluster.pod_runner import LocalPodRunner, wait_until
+
+pytestmark = [pytest.mark.cluster, pytest.mark.slow]
+
+ROOT = Path(__file__).resolve().parents[2]
+CHART = ROOT / "charts" / "zimage-operator"
+NAMESPACE = "zimage-system"
+
+
+@pytest.fixture
+def fresh_cluster(cluster_binaries: Path, tmp_path: Path) -> Iterator[LocalCluster]:
+    local = LocalCluster(workdir=tmp_path / "cluster", binaries=cluster_binaries, gpu_nodes=1)
+    local.up()
+    try:
+        yield local
+    finally:
+        local.down()
+
+
+def test_helm_install_upgrade_and_uninstall(fresh_cluster: LocalCluster, tmp_path: Path) -> None:
+    cluster = fresh_cluster
+    env = {"HOME": str(tmp_path), "PATH": "/usr/bin:/bin"}
+
+    def helm(*args: str) -> subprocess.CompletedProcess[str]:
+        command = [
+            str(cluster.binaries / "helm"),
+            f"--kubeconfig={cluster.kubeconfig}",
+            "-n",
+            NAMESPACE,
+            *args,
+        ]
+        return subprocess.run(command, capture_output=True, text=True, env=env, timeout=180)
+
+    def operator_pods() -> list[dict[str, Any]]:
+        out = cluster.kubectl(
+            "get", "pods", "-n", NAMESPACE, "-l", "app.kubernetes.io/name=zimage-operator", "-o", "json"
+        )
+        return [p for p in json.loads(out.stdout)["items"] if not p["metadata"].get("deletionTimestamp")]
+
+    values = ["--set", "example.enabled=true", "--set", "example.modelSource=builtin://tiny"]
+    installed = helm("install", "zimage", str(CHART), "--create-namespace", *values)
+    assert installed.returncode == 0, installed.stderr
+    assert "kubectl get zis" in installed.stdout, "NOTES tell the next step"
+
+    with LocalPodRunner(
+        cluster.kubeconfig, tmp_path / "pods", images=frozenset({"zimage-operator"})
+    ) as runner:
+        wait_until(lambda: bool(runner.pids()), 60, "the operator process")
+        (pod,) = operator_pods()
+        assert pod["spec"]["serviceAccountName"] == "zimage-zimage-operator"
+        assert pod["spec"]["nodeName"] == "gpu-node-0"
+
+        def example_ready() -> bool:
+            out = cluster.kubectl("get", "zis", "example", "-n", NAMESPACE, "-o", "json", check=False)
+            if out.returncode != 0:
+                return False
+            conditions = json.loads(out.stdout).get("status", {}).get("conditions", [])
+            return any(c["type"] == "Ready" and c["status"] == "True" for c in conditions)
+
+        wait_until(example_ready, 60, "the chart's example ZImageService to be Ready")
+
+        first = pod["metadata"]["uid"]
+        upgraded = helm("upgrade", "zimage", str(CHART), *values, "--set", "logLevel=debug")
+        assert upgraded.returncode == 0, upgraded.stderr
+
+        def rolled() -> bool:
+            pods = operator_pods()
+            return len(pods) == 1 and pods[0]["metadata"]["uid"] != first
+
+        wait_until(rolled, 60, "the operator to roll to the new values")
+        (pod,) = operator_pods()
+        env_values = {e["name"]: e.get("value") for e in pod["spec"]["containers"][0]["env"]}
+        assert env_values["ZIMAGE_OPERATOR_LOG_LEVEL"] == "debug"
+        wait_until(lambda: len(runner.pids()) == 1, 60, "one operator process after the roll")
+
+        uninstalled = helm("uninstall", "zimage", "--wait")
+        assert uninstalled.returncode == 0, uninstalled.stderr
+        deadline = time.monotonic() + 60
+        while operator_pods() and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert operator_pods() == []
+    leftovers = cluster.kubectl(
+        "get", "deployments,serviceaccounts,services,roles,rolebindings", "-n", NAMESPACE,
+        "-l", "app.kubernetes.io/instance=zimage", "-o", "name",
+    ).stdout.strip()  # fmt: skip
+    cluster_wide = cluster.kubectl(
+        "get", "clusterroles,clusterrolebindings", "-l", "app.kubernetes.io/instance=zimage", "-o", "name"
+    ).stdout.strip()
+    assert (leftovers, cluster_wide) == ("", "")

@@ -74,6 +74,10 @@ def test_helm_install_upgrade_and_uninstall(fresh_cluster: LocalCluster, tmp_pat
 
         wait_until(example_ready, 60, "the chart's example ZImageService to be Ready")
 
+        tested = helm("test", "zimage", "--timeout", "60s")
+        assert tested.returncode == 0, tested.stdout + tested.stderr
+        assert "Phase:          Succeeded" in tested.stdout
+
         first = pod["metadata"]["uid"]
         upgraded = helm("upgrade", "zimage", str(CHART), *values, "--set", "logLevel=debug")
         assert upgraded.returncode == 0, upgraded.stderr

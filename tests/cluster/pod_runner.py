@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import datetime
 import logging
 import os
 import signal
@@ -62,6 +63,19 @@ def operator_process(runner: LocalPodRunner, pod: Any, container: Any, env: dict
     env = {key: value for key, value in env.items() if not key.startswith("KUBERNETES_SERVICE")}
     env.update(KUBECONFIG=str(kubeconfig), ZIMAGE_OPERATOR_HEALTH_HOST=pod.status.pod_ip)
     return PodProcessSpec([sys.executable, "-m", "zimage_operator", *(container.args or [])], env)
+
+
+def runs_to_completion(pod: Any) -> bool:
+    """A Helm test pod: it runs its own command once and reports how it ended."""
+    hook = (pod.metadata.annotations or {}).get("helm.sh/hook", "")
+    return "test" in hook.split(",") and pod.spec.restart_policy == "Never"
+
+
+def command_process(runner: LocalPodRunner, pod: Any, container: Any, env: dict[str, str]) -> PodProcessSpec:
+    command = [*(container.command or []), *(container.args or [])]
+    if command and command[0] in ("python", "python3"):
+        command[0] = sys.executable
+    return PodProcessSpec(command, {**env, **runner.service_links(pod.metadata.namespace)})
 
 
 Launcher = Callable[["LocalPodRunner", Any, Any, dict[str, str]], PodProcessSpec]
@@ -158,6 +172,10 @@ class LocalPodRunner:
                     self._terminate(uid)
             for uid, pod in wanted.items():
                 current = self.running.get(uid)
+                if current is not None and current.process.poll() is not None and runs_to_completion(pod):
+                    self._complete(pod, current.process.returncode)
+                    del self.running[uid]
+                    continue
                 if current is not None and current.process.poll() is not None:
                     # restartPolicy Always, as the kubelet would do
                     logger.warning(
@@ -173,7 +191,10 @@ class LocalPodRunner:
     def _launch(self, pod: Any) -> None:
         container = next(c for c in pod.spec.containers if image_name(c.image) in self.images)
         env = self._environment(pod, container)
-        spec = LAUNCHERS[image_name(container.image)](self, pod, container, env)
+        if runs_to_completion(pod):
+            spec = command_process(self, pod, container, env)
+        else:
+            spec = LAUNCHERS[image_name(container.image)](self, pod, container, env)
         key = f"{pod.metadata.namespace}/{pod.metadata.name}"
         log = self.workdir / f"{pod.metadata.namespace}_{pod.metadata.name}.log"
         with log.open("ab") as out:
@@ -188,6 +209,55 @@ class LocalPodRunner:
         address = f"{spec.env.get('ZIMAGE_HOST', pod.status.pod_ip)}:{spec.env.get('ZIMAGE_PORT', '')}"
         self.running[pod.metadata.uid] = RunningPod(pod.metadata.uid, key, address, process, log)
         logger.info("started pid %d for pod %s at %s", process.pid, key, address)
+
+    def _complete(self, pod: Any, code: int) -> None:
+        """Report a finished run-to-completion pod, as the kubelet would."""
+        container = pod.spec.containers[0]
+        now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        terminated = {"exitCode": code, "reason": "Completed" if code == 0 else "Error", "finishedAt": now}
+        status = {
+            "phase": "Succeeded" if code == 0 else "Failed",
+            "containerStatuses": [
+                {
+                    "name": container.name,
+                    "image": container.image,
+                    "imageID": "",
+                    "ready": False,
+                    "restartCount": 0,
+                    "state": {"terminated": terminated},
+                }
+            ],
+        }
+        self.core.patch_namespaced_pod_status(pod.metadata.name, pod.metadata.namespace, {"status": status})
+        logger.info("pod %s/%s finished with %d", pod.metadata.namespace, pod.metadata.name, code)
+
+    def service_links(self, namespace: str) -> dict[str, str]:
+        """The kubelet's ``<SERVICE>_SERVICE_HOST``/``_PORT`` variables. With no kube-proxy
+        here, they point straight at a ready endpoint of each Service."""
+        links: dict[str, str] = {}
+        pods = self.core.list_namespaced_pod(namespace).items
+        for service in self.core.list_namespaced_service(namespace).items:
+            selector = service.spec.selector or {}
+            if not selector or not service.spec.ports:
+                continue
+            backends = [
+                p
+                for p in pods
+                if p.status.pod_ip
+                and p.status.phase == "Running"
+                and selector.items() <= (p.metadata.labels or {}).items()
+            ]
+            if not backends:
+                continue
+            port = service.spec.ports[0]
+            target = port.target_port if port.target_port is not None else port.port
+            if isinstance(target, str):  # a named port: look it up on the backend
+                named = [cp for c in backends[0].spec.containers for cp in c.ports or [] if cp.name == target]
+                target = named[0].container_port if named else port.port
+            prefix = service.metadata.name.upper().replace("-", "_")
+            links[f"{prefix}_SERVICE_HOST"] = backends[0].status.pod_ip
+            links[f"{prefix}_SERVICE_PORT"] = str(target)
+        return links
 
     def service_account_kubeconfig(self, pod: Any) -> Path:
         namespace, account = pod.metadata.namespace, pod.spec.service_account_name or "default"

@@ -12,19 +12,17 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
 # -- build stages: virtual environments with the project installed --------------------------
-FROM python-base AS build-server
+FROM python-base AS sources
 WORKDIR /src
 COPY pyproject.toml constraints.txt README.md ./
 COPY server ./server
 COPY operator ./operator
+
+FROM sources AS build-server
 RUN python -m venv /opt/venv \
     && /opt/venv/bin/pip install -c constraints.txt ".[server]"
 
-FROM python-base AS build-operator
-WORKDIR /src
-COPY pyproject.toml constraints.txt README.md ./
-COPY server ./server
-COPY operator ./operator
+FROM sources AS build-operator
 RUN python -m venv /opt/venv \
     && /opt/venv/bin/pip install -c constraints.txt ".[operator]"
 

@@ -16,7 +16,7 @@ from typing import Any
 from kubernetes import client
 from kubernetes.client.rest import ApiException
 from kubernetes.dynamic import DynamicClient
-from kubernetes.dynamic.exceptions import NotFoundError, ResourceNotFoundError
+from kubernetes.dynamic.exceptions import NotFoundError
 from prometheus_client import Counter
 
 from .builders import API_VERSION, KIND
@@ -31,7 +31,6 @@ class Kube:
     def __init__(self, api_client: client.ApiClient) -> None:
         self.api_client = api_client
         self.core = client.CoreV1Api(api_client)
-        self.custom = client.CustomObjectsApi(api_client)
         self._dynamic: DynamicClient | None = None
         self._lock = threading.Lock()
         self._resources: dict[tuple[str, str], Any] = {}
@@ -44,17 +43,6 @@ class Kube:
             if key not in self._resources:
                 self._resources[key] = self._dynamic.resources.get(api_version=api_version, kind=kind)
             return self._resources[key]
-
-    def has_kind(self, api_version: str, kind: str) -> bool:
-        """Whether the API server serves ``kind`` (a CRD such as KEDA's may be absent)."""
-        try:
-            with self._lock:
-                if self._dynamic is None:
-                    self._dynamic = DynamicClient(self.api_client)
-                self._dynamic.resources.get(api_version=api_version, kind=kind)
-        except ResourceNotFoundError:
-            return False
-        return True
 
     def get(self, api_version: str, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
         try:

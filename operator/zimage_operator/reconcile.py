@@ -126,7 +126,7 @@ class Reconciler:
             desired.append(builders.build_hpa(owner, spec))
         keda_missing = None
         if spec.autoscaling.mode == "keda":
-            if self.kube.get("apiextensions.k8s.io/v1", "CustomResourceDefinition", "", builders.KEDA_CRD):
+            if self._keda_installed():
                 desired.append(builders.build_scaled_object(owner, spec, self.settings))
             else:
                 keda_missing = (
@@ -168,6 +168,10 @@ class Reconciler:
             blocked=None if keda_missing is None else ("KedaNotInstalled", keda_missing),
         )
 
+    def _keda_installed(self) -> bool:
+        crd = self.kube.get("apiextensions.k8s.io/v1", "CustomResourceDefinition", "", builders.KEDA_CRD)
+        return crd is not None
+
     def _converge(self, manifest: Manifest, live: dict[str, Any] | None) -> dict[str, Any] | None:
         """Apply ``manifest`` unless the live object already holds all of it."""
         meta = manifest["metadata"]
@@ -189,7 +193,7 @@ class Reconciler:
             hpa = self.kube.get("autoscaling/v2", "HorizontalPodAutoscaler", owner.namespace, owner.name)
             if hpa is not None and _owned_by(hpa, owner):
                 self.kube.delete("autoscaling/v2", "HorizontalPodAutoscaler", owner.namespace, owner.name)
-        if spec.autoscaling.mode != "keda" and self.kube.has_kind("keda.sh/v1alpha1", "ScaledObject"):
+        if spec.autoscaling.mode != "keda" and self._keda_installed():
             scaled = self.kube.get("keda.sh/v1alpha1", "ScaledObject", owner.namespace, owner.name)
             if scaled is not None and _owned_by(scaled, owner):
                 self.kube.delete("keda.sh/v1alpha1", "ScaledObject", owner.namespace, owner.name)

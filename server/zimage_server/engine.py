@@ -172,8 +172,8 @@ class Engine:
         if not batch:
             return
         jobs = list(dict.fromkeys(job for job, _ in batch))
-        self.metrics.in_flight.inc(len(jobs))
         self._running_jobs = len(jobs)
+        self.metrics.in_flight.set(self._running_jobs)
         self._running_cost = self.cost.cost(key[0], key[1], key[2], len(batch))
         self._update_gauges()
         spec = BatchSpec(
@@ -195,8 +195,8 @@ class Engine:
             for (job, index), image in zip(batch, result.images, strict=True):
                 self._deliver(job, index, image)
         finally:
-            self.metrics.in_flight.dec(len(jobs))
             self._running_jobs = 0
+            self.metrics.in_flight.set(0)
             self._running_cost = 0.0
             self._progress.set()
 

@@ -34,17 +34,9 @@ def fresh_cluster(cluster_binaries: Path, tmp_path: Path) -> Iterator[LocalClust
 
 def test_helm_install_upgrade_and_uninstall(fresh_cluster: LocalCluster, tmp_path: Path) -> None:
     cluster = fresh_cluster
-    env = {"HOME": str(tmp_path), "PATH": "/usr/bin:/bin"}
 
     def helm(*args: str) -> subprocess.CompletedProcess[str]:
-        command = [
-            str(cluster.binaries / "helm"),
-            f"--kubeconfig={cluster.kubeconfig}",
-            "-n",
-            NAMESPACE,
-            *args,
-        ]
-        return subprocess.run(command, capture_output=True, text=True, env=env, timeout=180)
+        return cluster.helm(tmp_path, *args, namespace=NAMESPACE)
 
     def operator_pods() -> list[dict[str, Any]]:
         out = cluster.kubectl(

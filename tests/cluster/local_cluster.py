@@ -336,6 +336,16 @@ class LocalCluster:
             timeout=60,
         )
 
+    def helm(
+        self, home: Path, *args: str, namespace: str | None = None, timeout: float = 180
+    ) -> subprocess.CompletedProcess[str]:
+        """helm from the cache against this cluster, with its own HOME (caches stay there)."""
+        command = [self.binary("helm"), f"--kubeconfig={self.kubeconfig}"]
+        if namespace is not None:
+            command += ["-n", namespace]
+        env = {"HOME": str(home), "PATH": "/usr/bin:/bin"}
+        return subprocess.run([*command, *args], capture_output=True, text=True, env=env, timeout=timeout)
+
     # -- waiting ---------------------------------------------------------------------------
 
     def _check_alive(self) -> None:

@@ -262,22 +262,9 @@ def test_helm_from_the_cache_installs_a_chart(cluster: LocalCluster, namespace: 
         "data:\n  greeting: {{ .Values.greeting | quote }}\n"
     )
     (chart / "values.yaml").write_text("greeting: hello\n")
-    env = {
-        "HOME": str(tmp_path),
-        "HELM_CACHE_HOME": str(tmp_path / "hc"),
-        "HELM_CONFIG_HOME": str(tmp_path / "hg"),
-        "PATH": "/usr/bin:/bin",
-    }
 
     def helm(*args: str) -> subprocess.CompletedProcess[str]:
-        command = [
-            str(cluster.binaries / "helm"),
-            f"--kubeconfig={cluster.kubeconfig}",
-            "-n",
-            namespace,
-            *args,
-        ]
-        return subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
+        return cluster.helm(tmp_path, *args, namespace=namespace, timeout=120)
 
     installed = helm("install", "demo", str(chart), "--set", "greeting=hi", "--wait")
     assert installed.returncode == 0, installed.stderr

@@ -20,7 +20,7 @@ COPY operator ./operator
 
 FROM sources AS build-server
 RUN python -m venv /opt/venv \
-    && /opt/venv/bin/pip install -c constraints.txt ".[server]"
+    && /opt/venv/bin/pip install -c constraints.txt ".[server,fp8]"
 
 FROM sources AS build-operator
 RUN python -m venv /opt/venv \

@@ -50,6 +50,11 @@ test: lint cluster-binaries ## Lint, build the cluster binaries, run every test 
 test-gpu: install ## Run the GPU tests (needs an NVIDIA GPU)
 	$(VENV)/bin/pytest -m gpu $(PYTEST_ARGS)
 
+.PHONY: bench
+bench: install ## Run bench/performance.py on the tiny model here (on a GPU: see docs/performance.md)
+	$(PY) bench/performance.py --scale tiny --size 256x256 --steps 2 --repeat 2 \
+		--stages pipeline,report --work .out/bench
+
 .PHONY: cluster-binaries
 cluster-binaries: ## Build kube-apiserver, kube-controller-manager, kube-scheduler, kubectl, etcd, kwok and helm (cached)
 	bash tests/cluster/build-binaries.sh

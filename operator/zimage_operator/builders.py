@@ -153,6 +153,8 @@ def server_env(spec: ZImageServiceSpec) -> list[Manifest]:
         "ZIMAGE_VRAM_LIMIT": vram.limit,
         "ZIMAGE_VRAM_SCOPE": vram.scope,
         "ZIMAGE_CACHE_DIR": "/tmp/zimage",
+        # /tmp is an emptyDir: it outlives container restarts, so a restarted server skips the compile.
+        "ZIMAGE_COMPILE_CACHE_DIR": "/tmp/zimage/compile",
         "HF_HOME": "/tmp/hf-home",
     }
     env: list[Manifest] = [{"name": key, "value": value} for key, value in settings.items()]

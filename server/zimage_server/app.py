@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import gc
 import logging
-import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 
@@ -125,14 +124,19 @@ async def _load_and_warm_up(
     try:
         state.set(Phase.LOADING, f"loading {runner.source}")
         await loop.run_in_executor(engine.gpu, runner.load)
-        for size in settings.warmup_sizes:
-            width, height = settings.check_size(size)
-            state.set(Phase.WARMING, f"warming up at {size}")
-            started = time.perf_counter()
-            spec = BatchSpec(["warm-up"], [0], width, height, settings.warmup_steps)
+        for spec in runner.warmup_specs():
+            size, count = f"{spec.width}x{spec.height}", len(spec.prompts)
+            state.set(Phase.WARMING, f"warming up at {size} (batch {count})")
             result = await loop.run_in_executor(engine.gpu, runner.generate, spec)
-            engine.cost.observe(width, height, settings.warmup_steps, 1, result.seconds)
-            logger.info("warm-up at %s took %.2fs", size, time.perf_counter() - started)
+            logger.info("warm-up at %s, batch %d took %.2fs", size, count, result.seconds)
+            if not runner.compile:
+                engine.cost.observe(spec.width, spec.height, spec.steps, count, result.seconds)
+        if runner.compile:  # timings that include compiling say nothing of a request's cost
+            for size in settings.warmup_sizes:
+                width, height = settings.check_size(size)
+                spec = BatchSpec(["warm-up"], [0], width, height, settings.warmup_steps)
+                result = await loop.run_in_executor(engine.gpu, runner.generate, spec)
+                engine.cost.observe(width, height, spec.steps, 1, result.seconds)
     except asyncio.CancelledError:
         raise
     except Exception as exc:

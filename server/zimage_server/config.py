@@ -58,6 +58,29 @@ class Settings(BaseSettings):
         "auto", description="auto = bfloat16 on GPU, float32 on CPU"
     )
 
+    precision: Literal["bf16", "fp8"] = Field(
+        "bf16",
+        description="fp8: the transformer's main blocks in float8 through torchao (GPU with compute "
+        "capability 8.9+); embedders, refiners, modulation and the final layer stay bf16",
+    )
+    attention_backend: str = Field(
+        "auto",
+        description="auto: time the attention backends this GPU has at start-up and use the fastest; "
+        "or a diffusers backend name (native, _native_cudnn, _native_flash, flash, _flash_3, ...)",
+    )
+    compile: bool | None = Field(
+        None, description="torch.compile the pipeline (regional for the transformer); default: on for GPU"
+    )
+    compile_parts: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["transformer", "vae", "text_encoder"],
+        description="What compile covers (comma-separated): transformer, vae, text_encoder",
+    )
+    compile_cache_dir: str | None = Field(
+        None,
+        description="Directory for Inductor's and Triton's compile caches (a volume, so restarts skip most "
+        "of the compile); default: torch's own under /tmp",
+    )
+
     max_batch_size: int = Field(4, ge=1, le=64, description="Most images in one forward pass")
     batch_wait_ms: float = Field(10.0, ge=0, le=10_000, description="How long a batch waits to fill up")
     max_queue: int = Field(32, ge=1, description="Requests allowed to wait; more get 429")
@@ -99,11 +122,16 @@ class Settings(BaseSettings):
         None, gt=0, description="Most seconds to finish accepted work after SIGTERM (default: timeout + 5)"
     )
 
-    png_compress_level: int = Field(1, ge=0, le=9, description="zlib level for PNG (1 is fast, 9 is small)")
+    png_encoder: Literal["fast", "pillow"] = Field(
+        "fast", description="fast: own multi-threaded PNG writer; pillow: Pillow at png_compress_level"
+    )
+    png_compress_level: int = Field(
+        1, ge=0, le=9, description="zlib level for PNG with the pillow encoder (1 is fast, 9 is small)"
+    )
     default_quality: int = Field(90, ge=1, le=100, description="JPEG/WebP quality when a request names none")
     encode_threads: int = Field(2, ge=1, le=64)
 
-    @field_validator("warmup_sizes", "served_model_names", mode="before")
+    @field_validator("warmup_sizes", "served_model_names", "compile_parts", mode="before")
     @classmethod
     def _split_commas(cls, value: object) -> object:
         if isinstance(value, str):
@@ -123,6 +151,12 @@ class Settings(BaseSettings):
             raise ValueError("served_model_names needs at least one name")
         for size in [self.default_size, *self.warmup_sizes]:
             self.check_size(size)
+        for part in self.compile_parts:
+            if part not in ("transformer", "vae", "text_encoder"):
+                raise ValueError(f"compile_parts: {part!r} is not one of transformer, vae, text_encoder")
+        from .acceleration import check_attention_backend
+
+        check_attention_backend(self.attention_backend)
         if self.vram_limit is not None:
             from .vram import VramLimit
 

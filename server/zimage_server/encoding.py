@@ -6,8 +6,14 @@ import io
 
 from PIL import Image
 
+from .png import encode_png
 
-def encode_image(image: Image.Image, fmt: str, quality: int, png_compress_level: int) -> bytes:
+
+def encode_image(
+    image: Image.Image, fmt: str, quality: int, png_compress_level: int, png_encoder: str = "fast"
+) -> bytes:
+    if fmt == "png" and png_encoder == "fast":
+        return encode_png(image)
     buffer = io.BytesIO()
     if fmt == "png":
         image.save(buffer, format="PNG", compress_level=png_compress_level)

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from PIL import Image
 
+from . import acceleration
 from .config import Settings
 from .model_source import ModelSource, resolve
 
@@ -21,6 +22,12 @@ logger = logging.getLogger(__name__)
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 # Z-Image-Turbo is distilled to run without classifier-free guidance.
 TURBO_GUIDANCE_SCALE = 0.0
+# Warm-up prompts of clearly different token lengths (the sequence is padded to 32 tokens).
+WARMUP_PROMPTS = (
+    "warm-up",
+    "a longer warm-up prompt that pads to another sequence length " * 3,
+    "a warm-up prompt of a third length, " * 2,
+)
 
 
 def pick_device(requested: str) -> torch.device:
@@ -64,6 +71,8 @@ class PipelineRunner:
         self.dtype = pick_dtype(settings.dtype, self.device)
         self.pipe: Any = None
         self.model_path: Path | None = None
+        self.compile = settings.compile if settings.compile is not None else self.device.type == "cuda"
+        self.tuning: acceleration.AccelerationReport | None = None
 
     def load(self) -> None:
         from diffusers import ZImagePipeline
@@ -79,7 +88,6 @@ class PipelineRunner:
         pipe = ZImagePipeline.from_pretrained(str(self.model_path), dtype=self.dtype)
         pipe.to(self.device)
         pipe.set_progress_bar_config(disable=True)
-        self.pipe = pipe
         logger.info(
             "loaded %s from %s on %s as %s in %.1fs",
             self.source,
@@ -88,6 +96,43 @@ class PipelineRunner:
             str(self.dtype).removeprefix("torch."),
             time.perf_counter() - started,
         )
+        width, height = self.settings.check_size(
+            self.settings.warmup_sizes[0] if self.settings.warmup_sizes else self.settings.default_size
+        )
+        self.tuning = acceleration.apply(
+            pipe,
+            self.device,
+            precision=self.settings.precision,
+            attention_backend=self.settings.attention_backend,
+            compile_parts=self.settings.compile_parts if self.compile else [],
+            compile_cache_dir=self.settings.compile_cache_dir,
+            # image tokens after the 2x2 patching of the 8x smaller latents, plus a prompt's
+            attention_tokens=(width // 16) * (height // 16) + 64,
+        )
+        self.pipe = pipe
+
+    def warmup_specs(self) -> list[BatchSpec]:
+        """What start-up generates before ready: each warm-up size once. With compile, the first
+        size also runs the shapes requests bring later, so they are compiled now rather than on
+        a client's time: another prompt length (the sequence becomes a dynamic dimension), a
+        full batch of one prompt (the batch dimension too) and a full batch of prompts of
+        different lengths (the padded, masked attention)."""
+        steps = self.settings.warmup_steps
+        specs = []
+        for index, size in enumerate(self.settings.warmup_sizes):
+            width, height = self.settings.check_size(size)
+            specs.append(BatchSpec([WARMUP_PROMPTS[0]], [0], width, height, steps))
+            if not self.compile or index > 0:
+                continue
+            specs.append(BatchSpec([WARMUP_PROMPTS[1]], [0], width, height, steps))
+            batch = self.settings.max_batch_size
+            if batch > 1:
+                specs.append(BatchSpec([WARMUP_PROMPTS[0]] * batch, list(range(batch)), width, height, steps))
+                prompts = [WARMUP_PROMPTS[i % 2] for i in range(batch)]
+                specs.append(BatchSpec(prompts, list(range(batch)), width, height, steps))
+            if batch > 2:  # another batch size and padded length: both dimensions turn dynamic
+                specs.append(BatchSpec([WARMUP_PROMPTS[2], WARMUP_PROMPTS[0]], [0, 1], width, height, steps))
+        return specs
 
     def generate(self, spec: BatchSpec) -> BatchResult:
         if self.pipe is None:

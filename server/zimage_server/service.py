@@ -169,7 +169,13 @@ class ImageService:
 
     def _encode_one(self, image: Image.Image, params: GenerationParams) -> bytes:
         started = time.perf_counter()
-        data = encode_image(image, params.output_format, params.quality, self.settings.png_compress_level)
+        data = encode_image(
+            image,
+            params.output_format,
+            params.quality,
+            self.settings.png_compress_level,
+            self.settings.png_encoder,
+        )
         self.metrics.encode_seconds.labels(params.output_format).observe(time.perf_counter() - started)
         return data
 

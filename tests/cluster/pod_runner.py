@@ -51,8 +51,9 @@ def server_process(runner: LocalPodRunner, pod: Any, container: Any, env: dict[s
     port = (named or ports)[0].container_port if ports else DEFAULT_PORT
     env = {**env, "ZIMAGE_HOST": pod.status.pod_ip, "ZIMAGE_PORT": str(port)}
     # The nodes are simulated: the server runs on this machine's CPU, one thread per process
-    # so that several pods share two cores.
-    env.update(ZIMAGE_DEVICE="cpu", OMP_NUM_THREADS="1")
+    # so that several pods share two cores, without what needs a GPU (fp8) or pays only on one
+    # (compile).
+    env.update(ZIMAGE_DEVICE="cpu", OMP_NUM_THREADS="1", ZIMAGE_COMPILE="false", ZIMAGE_PRECISION="bf16")
     return PodProcessSpec([sys.executable, "-m", "zimage_server", *(container.args or ["serve"])], env)
 
 

@@ -15,6 +15,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from zimage_server.tiny_model import TINY_MODEL_VERSION
+
 pytestmark = pytest.mark.slow
 
 
@@ -63,7 +65,7 @@ def test_serve_defaults_to_the_builtin_tiny_model(tmp_path: Path) -> None:
         assert response.status_code == 200
         assert response.headers["content-type"] == "image/png"
         assert response.content.startswith(b"\x89PNG\r\n\x1a\n")
-        assert (tmp_path / "cache" / "tiny-model-v1" / "model_index.json").is_file()
+        assert (tmp_path / "cache" / f"tiny-model-v{TINY_MODEL_VERSION}" / "model_index.json").is_file()
     finally:
         proc.send_signal(signal.SIGTERM)
         try:

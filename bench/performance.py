@@ -1,0 +1,680 @@
+"""Z-Image-Turbo speed, side by side: plain diffusers against the server's bf16 and fp8 paths.
+
+The model is built with the real architecture and random weights (no download): ``--scale
+full`` is the real size (6B transformer, Qwen3-4B text encoder, Flux-type VAE), ``--scale
+tiny`` the built-in tiny model (a quick check of this script on a CPU).
+
+Stages (each appends to ``--results``; ``report`` renders them as docs/performance.md):
+
+- ``pipeline``: one process, one card: per path and batch size the seconds per image end to
+  end, the parts (text encoding, one transformer forward, VAE decode, image encoding), peak
+  VRAM, and for fp8 the relative error of the transformer output against bf16;
+- ``http``: the server on loopback with concurrent clients, against the same path's own
+  throughput from the ``pipeline`` stage;
+- ``coldstart``: process start to ready with an empty and then a warm compile cache.
+
+    python bench/performance.py --scale full --stages pipeline --work /tmp/zimage-bench
+    python bench/performance.py --scale full --stages http,coldstart --work /tmp/zimage-bench
+    python bench/performance.py --stages report --doc docs/performance.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import gc
+import http.client
+import json
+import os
+import platform
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+PROMPT = (
+    "a photo of a red fox in fresh snow at golden hour, detailed fur, soft rim light, shallow depth of field"
+)
+PATHS = ("diffusers", "server-bf16", "server-fp8")
+NOTES_MARKER = "<!-- notes: kept when the tables above are written again -->"
+
+
+# ---------------------------------------------------------------- model
+
+
+def build_model(scale: str, directory: Path) -> Path:
+    """Write a random-weight pipeline of the real architecture to ``directory`` (once)."""
+    marker = directory / "bench_model.json"
+    if marker.is_file() and json.loads(marker.read_text()).get("scale") == scale:
+        return directory
+    from zimage_server.tiny_model import build_tiny_pipeline, build_tokenizer, make_tiny_model
+
+    if scale == "tiny":
+        make_tiny_model(directory)
+        marker.write_text(json.dumps({"scale": scale}))
+        return directory
+    import torch
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        ZImagePipeline,
+        ZImageTransformer2DModel,
+    )
+    from transformers import AutoTokenizer, Qwen3Config, Qwen3Model
+
+    started = time.perf_counter()
+    torch.manual_seed(0)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device("cuda"):
+            text_encoder = Qwen3Model(
+                Qwen3Config(
+                    vocab_size=151936,
+                    hidden_size=2560,
+                    intermediate_size=9728,
+                    num_hidden_layers=36,
+                    num_attention_heads=32,
+                    num_key_value_heads=8,
+                    head_dim=128,
+                    max_position_embeddings=40960,
+                    rope_theta=1_000_000.0,
+                    rms_norm_eps=1e-6,
+                    tie_word_embeddings=True,
+                )
+            ).eval()
+            transformer = ZImageTransformer2DModel().eval()  # the defaults are Z-Image-Turbo's config
+            for name, param in transformer.named_parameters():
+                if name.endswith("pad_token"):  # created with torch.empty
+                    torch.nn.init.normal_(param, std=0.02)
+            vae = AutoencoderKL(
+                in_channels=3,
+                out_channels=3,
+                down_block_types=("DownEncoderBlock2D",) * 4,
+                up_block_types=("UpDecoderBlock2D",) * 4,
+                block_out_channels=(128, 256, 512, 512),
+                layers_per_block=2,
+                latent_channels=16,
+                norm_num_groups=32,
+                sample_size=1024,
+                scaling_factor=0.3611,
+                shift_factor=0.1159,
+                use_quant_conv=False,
+                use_post_quant_conv=False,
+            ).eval()
+    finally:
+        torch.set_default_dtype(previous)
+    with tempfile.TemporaryDirectory() as scratch:
+        build_tokenizer(Path(scratch))  # byte-level: the real Qwen vocabulary is not needed for timing
+        tokenizer = AutoTokenizer.from_pretrained(scratch)
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=False
+    )
+    pipe = ZImagePipeline(
+        scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer
+    )
+    built = time.perf_counter() - started
+    pipe.save_pretrained(str(directory), safe_serialization=True)
+    del pipe, text_encoder, transformer, vae
+    gc.collect()
+    torch.cuda.empty_cache()
+    marker.write_text(
+        json.dumps({"scale": scale, "build_s": built, "save_s": time.perf_counter() - started - built})
+    )
+    _ = build_tiny_pipeline  # the tiny recipe lives in the server package
+    return directory
+
+
+# ---------------------------------------------------------------- timing
+
+
+def sync() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def timed(fn: Callable[[], Any], repeat: int, warmup: int = 1) -> float:
+    """Median seconds of ``repeat`` calls after ``warmup`` calls."""
+    for _ in range(warmup):
+        fn()
+    sync()
+    samples = []
+    for _ in range(repeat):
+        started = time.perf_counter()
+        fn()
+        sync()
+        samples.append(time.perf_counter() - started)
+    return statistics.median(samples)
+
+
+def server_settings(model: Path, path: str, size: str, device: str, **extra: Any) -> Any:
+    from zimage_server.config import Settings
+
+    tuned = path != "diffusers"
+    return Settings(
+        model=str(model),
+        device=device,
+        precision="fp8" if path == "server-fp8" else "bf16",
+        compile=tuned and device == "cuda",
+        attention_backend="auto" if tuned else "native",
+        warmup_sizes=[size],
+        max_batch_size=4,
+        **extra,
+    )
+
+
+def part_timings(pipe: Any, batch: int, width: int, height: int, repeat: int) -> dict[str, float]:
+    import torch
+
+    device = pipe._execution_device
+    prompts = [PROMPT] * batch
+    text = timed(
+        lambda: pipe.encode_prompt(prompts, device=device, do_classifier_free_guidance=False), repeat
+    )
+    with torch.no_grad():
+        caps = pipe.encode_prompt(prompts, device=device, do_classifier_free_guidance=False)[0]
+        latents = torch.randn(
+            batch, 16, 1, height // 8, width // 8, device=device, dtype=pipe.transformer.dtype
+        )
+        t = torch.full((batch,), 0.5, device=device, dtype=pipe.transformer.dtype)
+
+        def forward() -> Any:
+            return pipe.transformer(list(latents.unbind(0)), t, caps, return_dict=False)[0]
+
+        step = timed(forward, repeat)
+        decode_in = torch.randn(batch, 16, height // 8, width // 8, device=device, dtype=pipe.vae.dtype)
+        vae = timed(lambda: pipe.vae.decode(decode_in, return_dict=False), repeat)
+    return {"text_s": text / batch, "forward_s": step / batch, "vae_s": vae / batch}
+
+
+def encode_timings(repeat: int) -> dict[str, float]:
+    """Encoding a 1024x1024 image: Pillow's PNG (plain diffusers users save with it) against
+    the server's PNG and JPEG."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from zimage_server.encoding import encode_image
+
+    rng = np.random.default_rng(0)
+    axis = np.linspace(0, 255, 1024)
+    smooth = np.stack(
+        [np.add.outer(axis, axis) / 2, np.add.outer(axis, axis[::-1]) / 2, np.full((1024, 1024), 96.0)], -1
+    )
+    image = Image.fromarray((smooth + rng.normal(0, 3, smooth.shape)).clip(0, 255).astype(np.uint8))
+
+    def pillow_png() -> None:
+        image.save(io.BytesIO(), format="PNG")
+
+    return {
+        "pillow_png_default_s": timed(pillow_png, repeat),
+        "server_png_s": timed(lambda: encode_image(image, "png", 90, 1, "fast"), repeat),
+        "server_jpeg_s": timed(lambda: encode_image(image, "jpeg", 90, 1, "fast"), repeat),
+    }
+
+
+def transformer_output(pipe: Any, width: int, height: int) -> Any:
+    """The transformer's output on fixed inputs, for the fp8-against-bf16 error."""
+    import torch
+
+    device = pipe._execution_device
+    generator = torch.Generator("cpu").manual_seed(7)
+    with torch.no_grad():
+        caps = pipe.encode_prompt([PROMPT], device=device, do_classifier_free_guidance=False)[0]
+        latents = torch.randn(1, 16, 1, height // 8, width // 8, generator=generator).to(
+            device, pipe.transformer.dtype
+        )
+        t = torch.full((1,), 0.5, device=device, dtype=pipe.transformer.dtype)
+        out = pipe.transformer(list(latents.unbind(0)), t, caps, return_dict=False)[0]
+    return torch.stack([o.float() for o in out]).cpu()
+
+
+def stage_pipeline(args: argparse.Namespace, model: Path, results: dict[str, Any]) -> None:
+    import torch
+
+    width, height = (int(side) for side in args.size.split("x"))
+    cuda = torch.cuda.is_available() and args.device != "cpu"
+    device = "cuda" if cuda else "cpu"
+    rows: dict[str, Any] = results.setdefault("pipeline", {})
+    reference: Any = None
+    for path in args.paths.split(","):
+        if path == "server-fp8" and not cuda:
+            continue
+        try:
+            reference = measure_path(args, model, path, device, cuda, width, height, rows, reference)
+        except Exception as exc:  # one path failing still leaves the others' figures
+            import traceback
+
+            traceback.print_exc()
+            rows[path] = {"error": f"{type(exc).__name__}: {exc}"[:500]}
+        gc.collect()
+    results["encode"] = encode_timings(args.repeat * 3)
+
+
+def measure_path(
+    args: argparse.Namespace,
+    model: Path,
+    path: str,
+    device: str,
+    cuda: bool,
+    width: int,
+    height: int,
+    rows: dict[str, Any],
+    reference: Any,
+) -> Any:
+    import torch
+
+    from zimage_server.runner import TURBO_GUIDANCE_SCALE, BatchSpec, PipelineRunner
+
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    settings = server_settings(
+        model, path, args.size, device, compile_cache_dir=str(args.work / "compile-cache")
+    )
+    runner = PipelineRunner(settings)
+    started = time.perf_counter()
+    if path == "diffusers":  # plain: from_pretrained and .to(device), nothing else
+        from diffusers import ZImagePipeline
+
+        runner.pipe = ZImagePipeline.from_pretrained(str(model), dtype=runner.dtype).to(runner.device)
+        runner.pipe.set_progress_bar_config(disable=True)
+    else:
+        runner.load()
+    load_s = time.perf_counter() - started
+    started = time.perf_counter()
+    if path != "diffusers":
+        for spec in runner.warmup_specs():
+            runner.generate(spec)
+    warmup_s = time.perf_counter() - started
+    row: dict[str, Any] = {"load_s": load_s, "warmup_s": warmup_s}
+    if runner.tuning is not None:
+        row["attention_backend"] = runner.tuning.attention_backend
+        row["attention_ms"] = {k: v for k, v in runner.tuning.attention_ms.items() if v != float("inf")}
+        row["fp8_linears"] = runner.tuning.fp8_linears
+    for batch in (1, 4):
+        spec = BatchSpec([PROMPT] * batch, list(range(batch)), width, height, args.steps)
+        if path == "diffusers":
+
+            def run(spec: BatchSpec = spec) -> None:
+                generators = [torch.Generator("cpu").manual_seed(seed) for seed in spec.seeds]
+                runner.pipe(
+                    prompt=list(spec.prompts),
+                    height=height,
+                    width=width,
+                    num_inference_steps=args.steps,
+                    guidance_scale=TURBO_GUIDANCE_SCALE,
+                    generator=generators,
+                )  # PIL images, as diffusers returns them by default
+
+        else:
+
+            def run(spec: BatchSpec = spec) -> None:
+                runner.generate(spec)
+
+        seconds = timed(run, args.repeat, warmup=1)
+        row[f"batch{batch}"] = {
+            "s_per_image": seconds / batch,
+            "images_per_s": batch / seconds,
+            **part_timings(runner.pipe, batch, width, height, args.repeat),
+        }
+        print(f"{path} batch {batch}: {seconds / batch:.3f} s per image", flush=True)
+    if cuda:
+        row["peak_vram_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    output = transformer_output(runner.pipe, width, height)
+    if path == "server-bf16":
+        reference = output
+    if path == "server-fp8" and reference is not None:
+        row["fp8_rel_error"] = float((output - reference).norm() / reference.norm())
+    rows[path] = row
+    return reference
+
+
+# ---------------------------------------------------------------- server processes
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def start_server(
+    model: Path, path: str, args: argparse.Namespace, cache: Path
+) -> tuple[subprocess.Popen[bytes], int]:
+    port = free_port()
+    command = [sys.executable, "-m", "zimage_server", "serve", "--port", str(port), "--model", str(model)]
+    command += ["--warmup-sizes", args.size, "--max-batch-size", "4", "--log-level", "warning"]
+    command += ["--compile-cache-dir", str(cache), "--device", args.device]
+    command += ["--precision", "fp8" if path == "server-fp8" else "bf16"]
+    return subprocess.Popen(command), port
+
+
+def wait_ready(proc: subprocess.Popen[bytes], port: int, timeout: float) -> float:
+    started = time.monotonic()
+    while time.monotonic() - started < timeout:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the server exited with {proc.returncode}")
+        with contextlib.suppress(OSError, http.client.HTTPException):
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+            conn.request("GET", "/healthz/ready")
+            response = conn.getresponse()
+            body = response.read().decode()
+            if response.status == 200:
+                return time.monotonic() - started
+            if '"failed"' in body:
+                raise RuntimeError(f"the server failed to start: {body}")
+        time.sleep(0.2)
+    raise RuntimeError(f"not ready in {timeout}s")
+
+
+def stop_server(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def metric(port: int, name: str) -> float:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    conn.request("GET", "/metrics")
+    total = 0.0
+    for line in conn.getresponse().read().decode().splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "{"):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def served_paths(args: argparse.Namespace) -> list[str]:
+    """The server's own paths; fp8 only where there is a GPU."""
+    import torch
+
+    cuda = torch.cuda.is_available() and args.device != "cpu"
+    return [path for path in args.paths.split(",") if path != "diffusers" and (cuda or path != "server-fp8")]
+
+
+def post_images(port: int, body: str, count: int, errors: list[str]) -> None:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
+    for _ in range(count):
+        conn.request("POST", "/v1/images/generations", body, {"content-type": "application/json"})
+        response = conn.getresponse()
+        data = response.read()
+        if response.status != 200:
+            errors.append(f"{response.status}: {data[:200]!r}")
+    conn.close()
+
+
+def stage_http(args: argparse.Namespace, model: Path, results: dict[str, Any]) -> None:
+    rows = results.setdefault("http", {})
+    for path in served_paths(args):
+        cache = args.work / f"coldstart-{path}"  # the cold-start stage's, when it ran first
+        proc, port = start_server(model, path, args, cache if cache.is_dir() else args.work / "compile-cache")
+        try:
+            ready_s = wait_ready(proc, port, 900)
+            body = json.dumps({"prompt": PROMPT, "size": args.size, "num_inference_steps": args.steps})
+            per_client = args.requests // args.clients
+            errors: list[str] = []
+
+            post_images(port, body, 2, errors)  # the request path warm before the clock starts
+            encode_before = (
+                metric(port, "zimage_encode_duration_seconds_sum"),
+                metric(port, "zimage_encode_duration_seconds_count"),
+            )
+            threads = [
+                threading.Thread(target=post_images, args=(port, body, per_client, errors))
+                for _ in range(args.clients)
+            ]
+            started = time.perf_counter()
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+            elapsed = time.perf_counter() - started
+            if errors:
+                raise RuntimeError(f"{len(errors)} requests failed, first: {errors[0]}")
+            encode_sum = metric(port, "zimage_encode_duration_seconds_sum") - encode_before[0]
+            encode_count = metric(port, "zimage_encode_duration_seconds_count") - encode_before[1]
+            images = per_client * args.clients
+            rows[path] = {
+                "clients": args.clients,
+                "images": images,
+                "images_per_s": images / elapsed,
+                "encode_ms_per_image": 1000 * encode_sum / max(encode_count, 1),
+                "output_format": "png",
+                "start_to_ready_s": ready_s,
+            }
+            print(f"http {path}: {images / elapsed:.2f} images/s with {args.clients} clients", flush=True)
+        finally:
+            stop_server(proc)
+
+
+def stage_coldstart(args: argparse.Namespace, model: Path, results: dict[str, Any]) -> None:
+    rows = results.setdefault("coldstart", {})
+    for path in served_paths(args):
+        cache = args.work / f"coldstart-{path}"
+        shutil.rmtree(cache, ignore_errors=True)
+        row = {}
+        for label in ("empty_cache_s", "warm_cache_s"):
+            proc, port = start_server(model, path, args, cache)
+            try:
+                row[label] = wait_ready(proc, port, 1200)
+            finally:
+                stop_server(proc)
+            print(f"cold start {path} {label}: {row[label]:.1f} s", flush=True)
+        rows[path] = row
+
+
+# ---------------------------------------------------------------- report
+
+
+def environment() -> dict[str, str]:
+    import diffusers
+    import torch
+
+    env = {
+        "date": datetime.date.today().isoformat(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+    }
+    with contextlib.suppress(ImportError):
+        import torchao
+
+        env["torchao"] = torchao.__version__
+    if torch.cuda.is_available():
+        env["card"] = torch.cuda.get_device_name(0)
+        with contextlib.suppress(Exception):
+            out = subprocess.run(
+                ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                capture_output=True,
+                text=True,
+            )
+            env["driver"] = out.stdout.strip()
+    else:
+        env["card"] = f"CPU ({os.cpu_count()} cores)"
+    return env
+
+
+def render(results: dict[str, Any]) -> str:
+    env = results.get("environment", {})
+    lines = [
+        "# Performance",
+        "",
+        "Written by `bench/performance.py` (the commands are below, one per stage), all on one card. The",
+        "model is the real Z-Image-Turbo architecture with random weights (no download).",
+        "",
+        f"- date: {env.get('date')}, card: {env.get('card')}, driver: {env.get('driver', '-')}",
+        f"- python {env.get('python')}, torch {env.get('torch')}, diffusers {env.get('diffusers')}, "
+        f"torchao {env.get('torchao', '-')}",
+        f"- {results.get('size')}, {results.get('steps')} steps, prompt of {len(PROMPT)} characters",
+        *(f"- {stage}: `{command}`" for stage, command in results.get("commands", {}).items()),
+        "",
+    ]
+    pipeline = results.get("pipeline", {})
+    base = pipeline.get("diffusers", {})
+    if pipeline:
+        lines += [
+            "## End to end in the pipeline (seconds per image; ratio = baseline / this)",
+            "",
+            "| path | batch 1 s/image | vs baseline | batch 4 s/image | batch 4 images/s | vs baseline "
+            "| peak VRAM GiB |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for path in PATHS:
+            row = pipeline.get(path)
+            if not row or "error" in row:
+                continue
+            one, four = row["batch1"], row["batch4"]
+            ratio1 = base["batch1"]["s_per_image"] / one["s_per_image"] if base else float("nan")
+            ratio4 = base["batch4"]["s_per_image"] / four["s_per_image"] if base else float("nan")
+            lines.append(
+                f"| {path} | {one['s_per_image']:.3f} | {ratio1:.2f}x | {four['s_per_image']:.3f} | "
+                f"{four['images_per_s']:.2f} | {ratio4:.2f}x | {row.get('peak_vram_gib', 0):.1f} |"
+            )
+        lines += [
+            "",
+            "## Where the time goes (milliseconds per image, batch 1 / batch 4)",
+            "",
+            "| path | text encoding | one transformer forward | VAE decode | attention backend |",
+            "|---|---|---|---|---|",
+        ]
+        for path in PATHS:
+            row = pipeline.get(path)
+            if not row or "error" in row:
+                continue
+            one, four = row["batch1"], row["batch4"]
+
+            def pair(key: str, one: dict[str, float] = one, four: dict[str, float] = four) -> str:
+                return f"{1000 * one[key]:.1f} / {1000 * four[key]:.1f}"
+
+            lines.append(
+                f"| {path} | {pair('text_s')} | {pair('forward_s')} | {pair('vae_s')} | "
+                f"{row.get('attention_backend', 'native (SDPA)')} |"
+            )
+        extra = []
+        for path in PATHS:
+            row = pipeline.get(path, {})
+            if "error" in row:
+                extra.append(f"- {path}: failed: {row['error']}")
+                continue
+            if row.get("attention_ms"):
+                timings = ", ".join(
+                    f"{k} {v:.2f} ms" for k, v in sorted(row["attention_ms"].items(), key=lambda kv: kv[1])
+                )
+                extra.append(f"- {path}: attention backends timed at start-up: {timings}")
+            if "fp8_rel_error" in row:
+                extra.append(
+                    f"- {path}: {row['fp8_linears']} linears in fp8; relative error of the transformer "
+                    f"output against bf16 on the same inputs: {row['fp8_rel_error']:.4f}"
+                )
+            if row:
+                extra.append(
+                    f"- {path}: load {row['load_s']:.1f} s, "
+                    f"warm-up (compiles included) {row['warmup_s']:.1f} s"
+                )
+        lines += ["", *extra, ""]
+    encode = results.get("encode")
+    if encode:
+        lines += [
+            "## Image encoding (1024x1024, one image, milliseconds)",
+            "",
+            "| Pillow PNG (default settings) | server PNG | server JPEG |",
+            "|---|---|---|",
+            f"| {1000 * encode['pillow_png_default_s']:.1f} | {1000 * encode['server_png_s']:.1f} | "
+            f"{1000 * encode['server_jpeg_s']:.1f} |",
+            "",
+        ]
+    served = results.get("http", {})
+    if served:
+        lines += [
+            "## Through HTTP on loopback (default output format png)",
+            "",
+            "| path | clients | images/s | pipeline batch 4 images/s | HTTP / pipeline | encode ms/image "
+            "| start to ready s |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for path, row in served.items():
+            own = pipeline.get(path, {}).get("batch4", {}).get("images_per_s", float("nan"))
+            lines.append(
+                f"| {path} | {row['clients']} | {row['images_per_s']:.2f} | {own:.2f} | "
+                f"{row['images_per_s'] / own:.2f} | {row['encode_ms_per_image']:.1f} | "
+                f"{row.get('start_to_ready_s', float('nan')):.1f} |"
+            )
+        lines.append("")
+    cold = results.get("coldstart", {})
+    if cold:
+        lines += [
+            "## Process start to ready (weights already on disk)",
+            "",
+            "| path | empty compile cache s | warm compile cache s |",
+            "|---|---|---|",
+        ]
+        for path, row in cold.items():
+            lines.append(f"| {path} | {row['empty_cache_s']:.1f} | {row['warm_cache_s']:.1f} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--scale", choices=["tiny", "full"], default="tiny")
+    parser.add_argument("--stages", default="pipeline,report")
+    parser.add_argument("--paths", default=",".join(PATHS))
+    parser.add_argument("--size", default="1024x1024")
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--clients", type=int, default=4)
+    parser.add_argument("--requests", type=int, default=24)
+    parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "zimage-bench")
+    parser.add_argument(
+        "--results", type=Path, default=None, help="JSON results (default: WORK/results.json)"
+    )
+    parser.add_argument("--doc", type=Path, default=None, help="where the report stage writes the Markdown")
+    args = parser.parse_args()
+    args.work.mkdir(parents=True, exist_ok=True)
+    results_path = args.results or args.work / "results.json"
+    results: dict[str, Any] = json.loads(results_path.read_text()) if results_path.is_file() else {}
+    stages = args.stages.split(",")
+    measuring = [stage for stage in stages if stage != "report"]
+    if measuring:
+        results["environment"] = environment()
+        results.update(size=args.size, steps=args.steps, scale=args.scale)
+        command = "python bench/performance.py " + " ".join(sys.argv[1:])
+        for stage in measuring:
+            results.setdefault("commands", {})[stage] = command
+        model = build_model(args.scale, args.work / f"model-{args.scale}")
+    for stage in measuring:
+        {"pipeline": stage_pipeline, "http": stage_http, "coldstart": stage_coldstart}[stage](
+            args, model, results
+        )
+        results_path.write_text(json.dumps(results, indent=2))
+    if "report" in stages:
+        text = render(results)
+        print(text)
+        if args.doc:
+            # Hand-written notes below the marker survive a new run.
+            notes = ""
+            if args.doc.is_file() and NOTES_MARKER in args.doc.read_text():
+                notes = args.doc.read_text().split(NOTES_MARKER, 1)[1]
+            args.doc.write_text(text + "\n" + NOTES_MARKER + notes)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,117 @@
+"""The tuned pipeline path on this machine: what runs on a CPU (compile, warm-up shapes, the
+fp8 layer choice, setting checks); the GPU figures are in docs/performance.md."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from pydantic import ValidationError
+
+from zimage_server.acceleration import AccelerationError, check_attention_backend, fp8_filter, quantize_fp8
+from zimage_server.config import Settings
+from zimage_server.runner import BatchSpec, PipelineRunner
+
+
+def _settings(model: Path, **values: object) -> Settings:
+    base: dict[str, object] = {"model": str(model), "device": "cpu", "warmup_sizes": ["256x256"]}
+    return Settings(_env_file=None, **{**base, **values})  # type: ignore[arg-type]
+
+
+def test_fp8_takes_the_main_blocks_linears_and_keeps_the_sensitive_layers(tiny_model_dir: Path) -> None:
+    runner = PipelineRunner(_settings(tiny_model_dir))
+    runner.load()
+    transformer = runner.pipe.transformer
+    chosen = [name for name, module in transformer.named_modules() if fp8_filter(module, name)]
+    linears = [name for name, module in transformer.named_modules() if isinstance(module, torch.nn.Linear)]
+    # q, k, v, out and the three feed-forward projections of each main block.
+    assert len(chosen) == 7 * transformer.config.n_layers
+    assert all(name.startswith("layers.") for name in chosen)
+    kept = set(linears) - set(chosen)
+    for sensitive in ("adaLN_modulation", "noise_refiner", "context_refiner", "x_embedder", "final_layer"):
+        assert any(sensitive in name for name in kept), sensitive
+    assert not any("adaLN_modulation" in name for name in chosen)
+
+
+def test_fp8_on_a_cpu_is_refused_with_the_reason() -> None:
+    with pytest.raises(AccelerationError, match="fp8 needs an NVIDIA GPU"):
+        quantize_fp8(torch.nn.Linear(16, 16), torch.device("cpu"))
+
+
+def test_a_server_asked_for_fp8_on_a_cpu_fails_its_load_with_that_reason(tiny_model_dir: Path) -> None:
+    runner = PipelineRunner(_settings(tiny_model_dir, precision="fp8"))
+    with pytest.raises(AccelerationError, match="precision fp8 needs an NVIDIA GPU"):
+        runner.load()
+
+
+def test_unknown_attention_backends_and_compile_parts_are_refused_by_name(tiny_model_dir: Path) -> None:
+    with pytest.raises(ValueError, match="attention_backend 'fastest' is not one of: auto, flash"):
+        check_attention_backend("fastest")
+    with pytest.raises(ValidationError, match="_native_cudnn"):
+        _settings(tiny_model_dir, attention_backend="cudnn")
+    with pytest.raises(ValidationError, match="compile_parts: 'unet' is not one of"):
+        _settings(tiny_model_dir, compile_parts="transformer,unet")
+    assert _settings(tiny_model_dir, attention_backend="_native_cudnn").attention_backend == "_native_cudnn"
+
+
+def test_the_operator_strings_parse(monkeypatch: pytest.MonkeyPatch, tiny_model_dir: Path) -> None:
+    monkeypatch.setenv("ZIMAGE_COMPILE", "false")
+    monkeypatch.setenv("ZIMAGE_PRECISION", "fp8")
+    monkeypatch.setenv("ZIMAGE_ATTENTION_BACKEND", "auto")
+    monkeypatch.setenv("ZIMAGE_COMPILE_CACHE_DIR", "/tmp/zimage/compile")
+    settings = _settings(tiny_model_dir)
+    assert (settings.compile, settings.precision, settings.attention_backend) == (False, "fp8", "auto")
+    assert settings.compile_cache_dir == "/tmp/zimage/compile"
+
+
+def test_compile_is_on_by_default_only_on_a_gpu(tiny_model_dir: Path) -> None:
+    assert PipelineRunner(_settings(tiny_model_dir)).compile is False
+    assert PipelineRunner(_settings(tiny_model_dir, compile=True)).compile is True
+
+
+def test_warm_up_covers_the_shapes_requests_bring_when_compiling(tiny_model_dir: Path) -> None:
+    plain = PipelineRunner(_settings(tiny_model_dir, warmup_sizes="256x256,512x512"))
+    assert [(s.width, len(s.prompts)) for s in plain.warmup_specs()] == [(256, 1), (512, 1)]
+    tuned = PipelineRunner(_settings(tiny_model_dir, warmup_sizes="256x256,512x512", compile=True))
+    specs = tuned.warmup_specs()
+    assert [(s.width, len(s.prompts)) for s in specs] == [
+        (256, 1),
+        (256, 1),
+        (256, 4),
+        (256, 4),
+        (256, 2),
+        (512, 1),
+    ]
+    assert len(specs[0].prompts[0]) != len(specs[1].prompts[0])  # another sequence length
+    assert len(set(specs[2].prompts)) == 1  # a batch that needs no padding
+    assert len(set(specs[3].prompts)) == 2  # one that does
+    assert max(map(len, specs[4].prompts)) != max(map(len, specs[3].prompts))
+
+
+@pytest.mark.slow
+def test_compiled_pipeline_matches_eager_and_does_not_recompile_after_warm_up(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    from torch._dynamo.utils import counters
+
+    eager = PipelineRunner(_settings(tiny_model_dir))
+    eager.load()
+    tuned = PipelineRunner(_settings(tiny_model_dir, compile=True, compile_cache_dir=str(tmp_path / "cc")))
+    tuned.load()
+    assert tuned.tuning is not None
+    assert tuned.tuning.compiled == ["transformer", "vae", "text_encoder"]
+    assert (tmp_path / "cc" / "inductor").is_dir()
+    for spec in tuned.warmup_specs():
+        tuned.generate(spec)
+    compiled_frames = counters["frames"]["ok"]
+    prompt = "a lighthouse on a cliff at dusk, oil painting"
+    for prompts in ([prompt], [prompt] * 3, ["short", prompt, prompt * 2], [prompt * 3]):
+        spec = BatchSpec(prompts, list(range(len(prompts))), 256, 256, 3)
+        images = tuned.generate(spec).images
+        reference = eager.generate(spec).images
+        for image, expected in zip(images, reference, strict=True):
+            difference = np.abs(np.asarray(image, dtype=np.int16) - np.asarray(expected, dtype=np.int16))
+            assert difference.mean() < 2.0, "compiled output strays from eager"
+    assert counters["frames"]["ok"] == compiled_frames, "a request shape was compiled after warm-up"

@@ -41,7 +41,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     ZIMAGE_PORT=8000
 VOLUME ["/models", "/var/cache/zimage", "/tmp"]
 USER 10001:10001
-EXPOSE 8000
+EXPOSE 8000 8001
 ENTRYPOINT ["zimage-server"]
 CMD ["serve"]
 

@@ -55,6 +55,14 @@ bench: install ## Run bench/performance.py on the tiny model here (on a GPU: see
 	$(PY) bench/performance.py --scale tiny --size 256x256 --steps 2 --repeat 2 \
 		--stages pipeline,report --work .out/bench
 
+BENCH_WORK ?= /tmp/zimage-bench
+.PHONY: bench-gpu
+bench-gpu: install ## On a GPU machine: every benchmark at full size; rewrites docs/performance.md
+	$(PY) bench/performance.py --scale full --stages pipeline --repeat 2 --work $(BENCH_WORK)
+	$(PY) bench/performance.py --scale full --stages coldstart,http --paths server-bf16 --work $(BENCH_WORK)
+	$(PY) bench/probe_latency.py --device cuda --probes 300 --out $(BENCH_WORK)/probe
+	$(PY) bench/performance.py --stages report --work $(BENCH_WORK) --doc docs/performance.md
+
 .PHONY: cluster-binaries
 cluster-binaries: ## Build kube-apiserver, kube-controller-manager, kube-scheduler, kubectl, etcd, kwok and helm (cached)
 	bash tests/cluster/build-binaries.sh

@@ -7,6 +7,8 @@ probes from outside:
   this prober can do at best;
 - ``idle``: the server with nothing to do;
 - ``busy``: the server while client processes keep it generating;
+- ``idle-health``, ``busy-health``: the same on the health port (``--health-port``), which a
+  separate process answers;
 - ``floor-busy``: the minimal responder again while the server is busy (machine noise).
 
 With ``--trace-stalls MS`` the server process also arms ``faulthandler`` from its event loop
@@ -187,8 +189,9 @@ def main() -> None:
 
     floor_port = free_port()
     floor = subprocess.Popen([sys.executable, "-c", FLOOR_SERVER, str(floor_port)])
-    port = free_port()
+    port, health_port = free_port(), free_port()
     serve_args = ["--port", str(port), "--model", args.model, "--device", args.device]
+    serve_args += ["--health-port", str(health_port)]
     serve_args += ["--warmup-sizes", args.size, "--vram-limit", "95%", "--max-size", "2048"]
     serve_args += ["--log-level", "warning", *args.server_args]
     if args.trace_stalls:
@@ -202,6 +205,7 @@ def main() -> None:
         results["floor"] = probe(floor_port, "/", args.probes, gap)
         wait_http(port, "/healthz/ready", server, 600)
         results["idle"] = probe(port, "/healthz/live", args.probes, gap)
+        results["idle-health"] = probe(health_port, "/healthz/live", args.probes, gap)
         body = json.dumps(
             {
                 "prompt": "busy",
@@ -220,6 +224,7 @@ def main() -> None:
             time.sleep(0.05)
         before = images(port)
         results["busy"] = probe(port, "/healthz/live", args.probes, gap)
+        results["busy-health"] = probe(health_port, "/healthz/live", args.probes, gap)
         results["floor-busy"] = probe(floor_port, "/", args.probes, gap)
         results["images_while_busy"] = images(port) - before
     finally:
@@ -227,7 +232,7 @@ def main() -> None:
     for name, row in results.items():
         if isinstance(row, dict):
             print(
-                f"{name:11s} p50 {row['p50_ms']:6.2f} ms  p99 {row['p99_ms']:6.2f} ms  "
+                f"{name:12s} p50 {row['p50_ms']:6.2f} ms  p99 {row['p99_ms']:6.2f} ms  "
                 f"max {row['max_ms']:6.2f} ms  over 5 ms: {row['over_5ms']}/{row['count']}"
             )
     print(f"images generated while probing busy: {results.get('images_while_busy', 0):.0f}")

@@ -19,6 +19,10 @@ PLURAL = "zimageservices"
 
 SERVER_PORT = 8000
 PORT_NAME = "http"
+# The probes go to a small separate process of the server's (ZIMAGE_HEALTH_PORT), which
+# answers in about a millisecond even while the serving process is busy generating.
+HEALTH_PORT = 8001
+HEALTH_PORT_NAME = "health"
 MODEL_DIR = "/models"
 HUB_CACHE_DIR = f"{MODEL_DIR}/hub"
 PVC_MOUNT = f"{MODEL_DIR}/pvc"
@@ -140,6 +144,7 @@ def server_env(spec: ZImageServiceSpec) -> list[Manifest]:
     settings = {
         "ZIMAGE_HOST": "0.0.0.0",
         "ZIMAGE_PORT": str(SERVER_PORT),
+        "ZIMAGE_HEALTH_PORT": str(HEALTH_PORT),
         "ZIMAGE_DEVICE": "cuda",
         "ZIMAGE_LOG_LEVEL": runtime.log_level,
         "ZIMAGE_MAX_BATCH_SIZE": str(runtime.max_batch_size),
@@ -190,7 +195,7 @@ def _volumes(owner: Owner, spec: ZImageServiceSpec) -> tuple[list[Manifest], lis
 
 def _probe(path: str, period: int, failures: int, timeout: int = 5) -> Manifest:
     return {
-        "httpGet": {"path": path, "port": PORT_NAME},
+        "httpGet": {"path": path, "port": HEALTH_PORT_NAME},
         "periodSeconds": period,
         "failureThreshold": failures,
         "timeoutSeconds": timeout,
@@ -233,7 +238,10 @@ def build_deployment(
         "name": "server",
         "image": image,
         "args": ["serve"],
-        "ports": [{"name": PORT_NAME, "containerPort": SERVER_PORT, "protocol": "TCP"}],
+        "ports": [
+            {"name": PORT_NAME, "containerPort": SERVER_PORT, "protocol": "TCP"},
+            {"name": HEALTH_PORT_NAME, "containerPort": HEALTH_PORT, "protocol": "TCP"},
+        ],
         "env": server_env(spec),
         "resources": {
             "requests": {"cpu": spec.resources.cpu, "memory": spec.resources.memory, **gpu},

@@ -188,6 +188,12 @@ def apply(
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
+    if "transformer" in compile_parts:
+        from .rotary import use_real_rotary
+
+        # Same numbers, but no complex tensors inside the compiled blocks (see rotary.py).
+        # Swapped before the attention backend is set, which configures the processors.
+        use_real_rotary(pipe.transformer)
     backend = attention_backend
     if backend == "auto":
         if device.type == "cuda":
@@ -197,7 +203,8 @@ def apply(
             )
         else:
             backend = "native"
-    pipe.transformer.set_attention_backend(backend)
+    if backend != "native":  # native (SDPA) is what diffusers uses unless told otherwise
+        pipe.transformer.set_attention_backend(backend)
     report.attention_backend = backend
     if precision == "fp8":
         report.fp8_linears = quantize_fp8(pipe.transformer, device)

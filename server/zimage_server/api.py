@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import datetime
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -10,11 +9,11 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from . import health
 from .errors import bad_request
 from .protocol import MEDIA_TYPES, ImageGenerationRequest, ImageGenerationResponse
 from .service import ImageService
-from .state import Phase, ServerState
-from .vram import VramSampler
+from .state import ServerState
 
 router = APIRouter()
 
@@ -79,14 +78,9 @@ async def list_models(request: Request) -> dict[str, Any]:
     }
 
 
-def _health(ok: bool, state: ServerState, **extra: Any) -> JSONResponse:
-    body = {
-        "status": "ok" if ok else "unavailable",
-        "phase": state.phase.value,
-        "detail": state.detail,
-        **extra,
-    }
-    return JSONResponse(body, status_code=200 if ok else 503)
+def _probe(answer: tuple[int, dict[str, Any]]) -> JSONResponse:
+    status, body = answer
+    return JSONResponse(body, status_code=status)
 
 
 @router.get("/healthz/live", tags=["health"])
@@ -94,45 +88,19 @@ async def live(request: Request) -> JSONResponse:
     """Fails when the process can no longer serve: the model failed to load, the worker died,
     or GPU memory has stayed over the VRAM limit (the sampler's last verdict; no NVML call)."""
     state: ServerState = request.app.state.server_state
-    sampler: VramSampler = request.app.state.vram
-    engine_alive = _service(request).engine.alive
-    vram = _vram_report(sampler)
-    ok = state.phase is not Phase.FAILED and engine_alive and not vram.get("over_limit", False)
-    return _health(ok, state, engine_alive=engine_alive, vram=vram)
-
-
-def _vram_report(sampler: VramSampler) -> dict[str, Any]:
-    if sampler.source.unavailable_reason is not None:
-        return {"available": False, "reason": sampler.source.unavailable_reason}
-    report: dict[str, Any] = {"available": True}
-    if sampler.latest is not None:
-        report.update(process_bytes=sampler.latest.process_bytes, device_bytes=sampler.latest.device_bytes)
-    verdict = sampler.policy.last if sampler.policy is not None else None
-    if sampler.policy is not None and verdict is not None:
-        report.update(
-            over_limit=verdict.over,
-            scope=sampler.policy.scope,
-            used_bytes=verdict.used_bytes,
-            limit_bytes=verdict.limit_bytes,
-            limit=str(sampler.policy.limit),
-        )
-        if verdict.since is not None:
-            report["since"] = datetime.datetime.fromtimestamp(verdict.since, datetime.UTC).isoformat()
-    return report
+    return _probe(health.live(state, _service(request).engine.alive, request.app.state.vram))
 
 
 @router.get("/healthz/ready", tags=["health"])
 async def ready(request: Request) -> JSONResponse:
     """503 until the model is loaded and warmed up, and again while draining."""
-    state: ServerState = request.app.state.server_state
-    return _health(state.serving, state, draining=state.draining)
+    return _probe(health.ready(request.app.state.server_state))
 
 
 @router.get("/healthz/startup", tags=["health"])
 async def startup(request: Request) -> JSONResponse:
     """Passes once loading and warm-up are done; the kubelet holds other probes until then."""
-    state: ServerState = request.app.state.server_state
-    return _health(state.ready, state)
+    return _probe(health.startup(request.app.state.server_state))
 
 
 @router.get("/load", tags=["health"])

@@ -16,6 +16,7 @@ from .api import router
 from .config import Settings
 from .engine import Engine
 from .errors import install_error_handlers
+from .health import HealthProcess, probe_responses
 from .metrics import Metrics
 from .middleware import RequestMetricsMiddleware
 from .runner import BatchSpec, PipelineRunner
@@ -45,6 +46,10 @@ def create_app(settings: Settings, memory_source: MemorySource | None = None) ->
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        prober = None
+        if settings.health_port is not None:  # first: a port in use stops the start-up here
+            prober = HealthProcess(settings.host, settings.health_port, settings.health_stall_s)
+            prober.start()
         engine = Engine(runner, settings, metrics)
         encoder = ThreadPoolExecutor(max_workers=settings.encode_threads, thread_name_prefix="zimage-encode")
         app.state.service = ImageService(settings, engine, metrics, state, encoder)
@@ -52,9 +57,20 @@ def create_app(settings: Settings, memory_source: MemorySource | None = None) ->
         engine.start()
         sampler.start()
         loader = asyncio.create_task(_load_and_warm_up(runner, engine, state, metrics, settings))
+        publisher = None
+        if prober is not None:
+            publisher = asyncio.create_task(
+                prober.publish_forever(lambda: probe_responses(state, engine.alive, sampler))
+            )
         try:
             yield
         finally:
+            if publisher is not None:
+                publisher.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await publisher
+            if prober is not None:
+                prober.stop()
             sampler.stop()
             loader.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -51,6 +51,18 @@ class Settings(BaseSettings):
 
     host: str = Field("127.0.0.1", description="Address to listen on (0.0.0.0 in a container)")
     port: int = Field(8000, ge=1, le=65535)
+    health_port: int | None = Field(
+        None,
+        ge=1,
+        le=65535,
+        description="Also answer /healthz/* on this port from a small separate process, so probes never "
+        "wait for the serving process (the operator uses 8001)",
+    )
+    health_stall_s: float = Field(
+        30.0,
+        gt=0,
+        description="With health_port: liveness fails when the serving event loop stalls this long",
+    )
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
@@ -140,6 +152,8 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _check(self) -> Settings:
+        if self.health_port is not None and self.health_port == self.port:
+            raise ValueError(f"health_port must differ from port ({self.port})")
         if self.min_size > self.max_size:
             raise ValueError(f"min_size ({self.min_size}) must not exceed max_size ({self.max_size})")
         for name in ("min_size", "max_size"):

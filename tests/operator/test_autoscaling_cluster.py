@@ -33,8 +33,8 @@ def serving_urls(api: client.ApiClient, namespace: str) -> list[str]:
         if pod.metadata.deletion_timestamp or not pod.status.pod_ip:
             continue
         url = f"http://{pod.status.pod_ip}:8000"
-        try:
-            if httpx.get(f"{url}/healthz/ready", timeout=1).status_code == 200:
+        try:  # ready as the kubelet sees it: on the server's health port
+            if httpx.get(f"http://{pod.status.pod_ip}:8001/healthz/ready", timeout=1).status_code == 200:
                 urls.append(url)
         except httpx.TransportError:
             continue

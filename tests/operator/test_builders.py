@@ -79,11 +79,15 @@ def test_cpu_and_memory_come_from_the_spec() -> None:
     assert resources["limits"]["memory"] == "32Gi"
 
 
-def test_probes_use_the_servers_endpoints() -> None:
+def test_probes_use_the_servers_endpoints_on_its_health_port() -> None:
     main = container()
     assert main["startupProbe"]["httpGet"]["path"] == "/healthz/startup"
     assert main["readinessProbe"]["httpGet"]["path"] == "/healthz/ready"
     assert main["livenessProbe"]["httpGet"]["path"] == "/healthz/live"
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert main[probe]["httpGet"]["port"] == "health"
+    assert {"name": "health", "containerPort": 8001, "protocol": "TCP"} in main["ports"]
+    assert {"name": "ZIMAGE_HEALTH_PORT", "value": "8001"} in main["env"]
 
 
 def test_the_startup_probe_allows_minutes_for_loading_and_warm_up() -> None:

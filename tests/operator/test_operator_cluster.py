@@ -104,6 +104,8 @@ def test_the_minimal_example_becomes_a_ready_gpu_service(
     assert main.readiness_probe.http_get.path == "/healthz/ready"
     assert (main.liveness_probe.http_get.path, main.liveness_probe.period_seconds) == ("/healthz/live", 10)
     assert main.liveness_probe.failure_threshold == 3
+    probes = (main.startup_probe, main.readiness_probe, main.liveness_probe)
+    assert {probe.http_get.port for probe in probes} == {"health"}  # served in test_autoscaling_cluster
     assert main.lifecycle.pre_stop.sleep.seconds == 5
     assert deployment.spec.template.spec.termination_grace_period_seconds > 120
     env = {e.name: e.value for e in main.env}

@@ -81,12 +81,13 @@ def test_serve_defaults_to_the_builtin_tiny_model(tmp_path: Path) -> None:
 def test_sigterm_drains_accepted_work_refuses_new_and_exits_zero(
     tiny_model_dir: Path, tmp_path: Path
 ) -> None:
-    port = _free_port()
+    port, health_port = _free_port(), _free_port()
     proc = subprocess.Popen(
         [
             sys.executable, "-m", "zimage_server", "serve", "--port", str(port),
             "--model", str(tiny_model_dir), "--device", "cpu", "--max-batch-size", "1",
             "--batch-wait-ms", "0", "--warmup-sizes", "256x256", "--min-size", "64",
+            "--health-port", str(health_port),
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -114,6 +115,10 @@ def test_sigterm_drains_accepted_work_refuses_new_and_exits_zero(
             proc.send_signal(signal.SIGTERM)
             time.sleep(0.3)
             assert httpx.get(f"{url}/healthz/ready").status_code == 503
+            # The health process's answer follows within its publishing period.
+            health = httpx.get(f"http://127.0.0.1:{health_port}/healthz/ready")
+            assert health.status_code == 503
+            assert health.json()["draining"] is True
             refused = httpx.post(f"{url}/generate", json=body, timeout=30)
             assert refused.status_code == 503
             assert refused.json()["error"]["code"] == "draining"
@@ -129,3 +134,5 @@ def test_sigterm_drains_accepted_work_refuses_new_and_exits_zero(
     assert proc.returncode == 0
     assert proc.stdout is not None
     assert "drained: every accepted request is answered" in proc.stdout.read()
+    with pytest.raises(httpx.ConnectError):  # the health process went with the server
+        httpx.get(f"http://127.0.0.1:{health_port}/healthz/live")

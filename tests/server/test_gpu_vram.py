@@ -30,6 +30,12 @@ HOG = (
 )
 
 
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
 def _smi(query: str, kind: str = "gpu") -> list[list[str]]:
     flag = "--query-gpu" if kind == "gpu" else "--query-compute-apps"
     out = subprocess.run(
@@ -126,11 +132,9 @@ def test_a_process_limit_below_the_model_fails_liveness_after_start_up(
 def test_probe_latency_stays_low_while_the_gpu_generates(tiny_model_dir: Path) -> None:
     """Server, load and prober each in their own process, as in a cluster where the kubelet
     probes from outside: the latency measured is the server's, not a client's GIL."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port, health_port = _free_port(), _free_port()
     args = ["--port", str(port), "--model", str(tiny_model_dir), "--device", "cuda", "--max-size", "2048"]
-    args += ["--warmup-sizes", "1024x1024", "--vram-limit", "95%"]
+    args += ["--warmup-sizes", "1024x1024", "--vram-limit", "95%", "--health-port", str(health_port)]
     server = subprocess.Popen([sys.executable, "-m", "zimage_server", "serve", *args])
     url = f"http://127.0.0.1:{port}"
     load: list[subprocess.Popen[bytes]] = []
@@ -152,7 +156,7 @@ def test_probe_latency_stays_low_while_the_gpu_generates(tiny_model_dir: Path) -
         with httpx.Client(timeout=5) as http:
             for _ in range(300):
                 started = time.perf_counter()
-                assert http.get(f"{url}/healthz/live").status_code == 200
+                assert http.get(f"http://127.0.0.1:{health_port}/healthz/live").status_code == 200
                 latencies.append((time.perf_counter() - started) * 1000)
                 time.sleep(0.01)
         generated = _images(url) - images_before
@@ -168,9 +172,8 @@ def test_probe_latency_stays_low_while_the_gpu_generates(tiny_model_dir: Path) -
     )
     print(f"{generated:.0f} images generated while probing")
     assert generated >= 2, "the GPU was generating while the probes ran"
-    # The target is 5 ms; on an H100 with the tiny model p99 measured 6-14 ms (docs/gpu-validation.md).
-    # This bound guards against regressions meanwhile; probes time out after 5 s.
-    assert p99 < 50.0
+    # The probes go to the health port, as the operator's do (docs/gpu-validation.md).
+    assert p99 < 5.0
 
 
 # A client in its own process that keeps the GPU generating until stopped: many denoising

@@ -462,6 +462,18 @@ def stage_http(args: argparse.Namespace, model: Path, results: dict[str, Any]) -
             stop_server(proc)
 
 
+def startup_phases(port: int) -> dict[str, float]:
+    """The server's own account of its start: zimage_startup_seconds{phase=...}."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    conn.request("GET", "/metrics")
+    phases = {}
+    for line in conn.getresponse().read().decode().splitlines():
+        if line.startswith('zimage_startup_seconds{phase="'):
+            name = line.split('"')[1]
+            phases[name] = float(line.rsplit(" ", 1)[1])
+    return phases
+
+
 def stage_coldstart(args: argparse.Namespace, model: Path, results: dict[str, Any]) -> None:
     rows = results.setdefault("coldstart", {})
     for path in served_paths(args):
@@ -472,6 +484,7 @@ def stage_coldstart(args: argparse.Namespace, model: Path, results: dict[str, An
             proc, port = start_server(model, path, args, cache)
             try:
                 row[label] = wait_ready(proc, port, 1200)
+                row[label.replace("_s", "_phases")] = startup_phases(port)
             finally:
                 stop_server(proc)
             print(f"cold start {path} {label}: {row[label]:.1f} s", flush=True)
@@ -620,11 +633,13 @@ def render(results: dict[str, Any]) -> str:
         lines += [
             "## Process start to ready (weights already on disk)",
             "",
-            "| path | empty compile cache s | warm compile cache s |",
-            "|---|---|---|",
+            "| path | empty compile cache s | warm compile cache s | of which load / tune / warm-up s |",
+            "|---|---|---|---|",
         ]
         for path, row in cold.items():
-            lines.append(f"| {path} | {row['empty_cache_s']:.1f} | {row['warm_cache_s']:.1f} |")
+            warm = row.get("warm_cache_phases", {})
+            parts = " / ".join(f"{warm.get(phase, float('nan')):.1f}" for phase in ("load", "tune", "warmup"))
+            lines.append(f"| {path} | {row['empty_cache_s']:.1f} | {row['warm_cache_s']:.1f} | {parts} |")
         lines.append("")
     return "\n".join(lines)
 

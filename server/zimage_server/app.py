@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import gc
 import logging
+import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 
@@ -140,6 +141,7 @@ async def _load_and_warm_up(
     try:
         state.set(Phase.LOADING, f"loading {runner.source}")
         await loop.run_in_executor(engine.gpu, runner.load)
+        warmup_started = time.perf_counter()
         for spec in runner.warmup_specs():
             size, count = f"{spec.width}x{spec.height}", len(spec.prompts)
             state.set(Phase.WARMING, f"warming up at {size} (batch {count})")
@@ -153,6 +155,9 @@ async def _load_and_warm_up(
                 spec = BatchSpec(["warm-up"], [0], width, height, settings.warmup_steps)
                 result = await loop.run_in_executor(engine.gpu, runner.generate, spec)
                 engine.cost.observe(width, height, spec.steps, 1, result.seconds)
+        runner.startup_seconds["warmup"] = time.perf_counter() - warmup_started
+        for phase, seconds in runner.startup_seconds.items():
+            metrics.startup_seconds.labels(phase).set(seconds)
     except asyncio.CancelledError:
         raise
     except Exception as exc:

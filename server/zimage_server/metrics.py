@@ -69,6 +69,13 @@ class Metrics:
             registry=r,
         )
         self.ready = Gauge("zimage_model_ready", "1 once the model is loaded and warmed up", registry=r)
+        self.startup_seconds = Gauge(
+            "zimage_startup_seconds",
+            "Seconds each start-up phase took: load (weights to the device), tune (attention "
+            "timing, fp8), warmup (the warm-up generations, compiles included)",
+            ["phase"],
+            registry=r,
+        )
         self.draining = Gauge("zimage_draining", "1 while finishing accepted work before exit", registry=r)
         self.vram_used = Gauge(
             "zimage_vram_used_bytes",

@@ -1,8 +1,8 @@
 """A fast PNG writer for 8-bit RGB(A) images.
 
 Pillow's PNG encoder picks a filter per row and runs zlib's LZ77 search; on a 1024x1024
-image that takes 50-100 ms of one core. Here every row gets the ``Up`` filter (one vectorised
-subtraction), zlib runs with the run-length strategy (no match search), and the deflate
+image that takes 50-300 ms of one core. Here every row gets the ``Up`` filter (one vectorised
+subtraction), zlib-ng runs with the run-length strategy (no match search), and the deflate
 stream is made in slices on several threads at once (zlib lets go of the GIL): each slice
 but the last ends on a byte-aligned sync flush, so the slices join into one valid stream,
 which is what pigz does. The result is a standard PNG that any decoder reads, a little
@@ -13,11 +13,15 @@ from __future__ import annotations
 
 import os
 import struct
-import zlib
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 from PIL import Image
+
+try:  # zlib-ng writes the same deflate format about twice as fast
+    from zlib_ng import zlib_ng as zlib
+except ImportError:  # the server depends on zlib-ng; plain zlib writes the same format
+    import zlib  # type: ignore[no-redef]
 
 SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _COLOR_TYPES = {"RGB": 2, "RGBA": 6, "L": 0}

@@ -73,6 +73,7 @@ class PipelineRunner:
         self.model_path: Path | None = None
         self.compile = settings.compile if settings.compile is not None else self.device.type == "cuda"
         self.tuning: acceleration.AccelerationReport | None = None
+        self.startup_seconds: dict[str, float] = {}
 
     def load(self) -> None:
         from diffusers import ZImagePipeline
@@ -96,6 +97,8 @@ class PipelineRunner:
             str(self.dtype).removeprefix("torch."),
             time.perf_counter() - started,
         )
+        self.startup_seconds["load"] = time.perf_counter() - started
+        started = time.perf_counter()
         width, height = self.settings.check_size(
             self.settings.warmup_sizes[0] if self.settings.warmup_sizes else self.settings.default_size
         )
@@ -109,14 +112,15 @@ class PipelineRunner:
             # image tokens after the 2x2 patching of the 8x smaller latents, plus a prompt's
             attention_tokens=(width // 16) * (height // 16) + 64,
         )
+        self.startup_seconds["tune"] = time.perf_counter() - started
         self.pipe = pipe
 
     def warmup_specs(self) -> list[BatchSpec]:
         """What start-up generates before ready: each warm-up size once. With compile, the first
         size also runs the shapes requests bring later, so they are compiled now rather than on
         a client's time: another prompt length (the sequence becomes a dynamic dimension), a
-        full batch of one prompt (the batch dimension too) and a full batch of prompts of
-        different lengths (the padded, masked attention)."""
+        full batch of one prompt (the batch dimension too), a full batch of prompts of
+        different lengths (the padded, masked attention) and a smaller such batch."""
         steps = self.settings.warmup_steps
         specs = []
         for index, size in enumerate(self.settings.warmup_sizes):

@@ -117,6 +117,9 @@ def test_metrics_expose_the_serving_families(server: RunningServer) -> None:
         "zimage_model_ready 1.0",
     ):
         assert family in text, family
+    samples = server.metrics()
+    for phase in ("load", "tune", "warmup"):
+        assert samples[f'zimage_startup_seconds{{phase="{phase}"}}'] > 0, phase
 
 
 def test_the_response_body_is_the_documented_shape(server: RunningServer) -> None:

@@ -120,3 +120,17 @@ def test_compiled_pipeline_matches_eager_and_does_not_recompile_after_warm_up(
             difference = np.abs(np.asarray(image, dtype=np.int16) - np.asarray(expected, dtype=np.int16))
             assert difference.mean() < 2.0, "compiled output strays from eager"
     assert counters["frames"]["ok"] == compiled_frames, "a request shape was compiled after warm-up"
+
+
+def test_the_text_encoder_is_compiled_layer_by_layer(tiny_model_dir: Path) -> None:
+    from zimage_server.acceleration import compile_layers
+
+    runner = PipelineRunner(_settings(tiny_model_dir))
+    runner.load()
+    text_encoder = runner.pipe.text_encoder
+    assert compile_layers(text_encoder) == text_encoder.config.num_hidden_layers
+    assert all(layer._compiled_call_impl is not None for layer in text_encoder.layers)
+    assert text_encoder._compiled_call_impl is None  # not traced whole
+    plain = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    assert compile_layers(plain) == 0
+    assert plain._compiled_call_impl is not None  # no named layers: compiled whole

@@ -124,8 +124,15 @@ def _attention_call(
 
 def fp8_filter(module: torch.nn.Module, fqn: str) -> bool:
     """Which linears go to fp8: those of the main transformer blocks, except their adaLN
-    modulation. Embedders, refiners and the final layer stay in bf16 (precision-sensitive)."""
-    return isinstance(module, torch.nn.Linear) and fqn.startswith("layers.") and "adaLN_modulation" not in fqn
+    modulation. Embedders, refiners and the final layer stay in bf16 (precision-sensitive).
+    Float8 matmuls need both sides a multiple of 16 (all of Z-Image-Turbo's are)."""
+    return (
+        isinstance(module, torch.nn.Linear)
+        and fqn.startswith("layers.")
+        and "adaLN_modulation" not in fqn
+        and module.in_features % 16 == 0
+        and module.out_features % 16 == 0
+    )
 
 
 def quantize_fp8(transformer: torch.nn.Module, device: torch.device) -> int:

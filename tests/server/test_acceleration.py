@@ -27,9 +27,12 @@ def test_fp8_takes_the_main_blocks_linears_and_keeps_the_sensitive_layers(tiny_m
     transformer = runner.pipe.transformer
     chosen = [name for name, module in transformer.named_modules() if fp8_filter(module, name)]
     linears = [name for name, module in transformer.named_modules() if isinstance(module, torch.nn.Linear)]
-    # q, k, v, out and the three feed-forward projections of each main block.
-    assert len(chosen) == 7 * transformer.config.n_layers
+    # q, k, v and out of each main block; the tiny model's feed-forward width (85) is not a
+    # multiple of 16, which float8 matmuls need, so those stay bf16 (the real model's 10240 is).
+    assert len(chosen) == 4 * transformer.config.n_layers
     assert all(name.startswith("layers.") for name in chosen)
+    assert not any("feed_forward" in name for name in chosen)
+    assert fp8_filter(torch.nn.Linear(3840, 10240), "layers.0.feed_forward.w1")
     kept = set(linears) - set(chosen)
     for sensitive in ("adaLN_modulation", "noise_refiner", "context_refiner", "x_embedder", "final_layer"):
         assert any(sensitive in name for name in kept), sensitive

@@ -52,3 +52,16 @@ def test_the_gpu_batches_concurrent_requests(serve: ServerFactory) -> None:
     metrics = server.metrics()
     assert metrics["zimage_batch_size_count"] == 1
     assert metrics["zimage_batch_size_sum"] == 4
+
+
+def test_fp8_and_compile_serve_images(serve: ServerFactory) -> None:
+    if torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("float8 matmuls need compute capability 8.9 or newer")
+    server = serve(device="cuda", precision="fp8", warmup_sizes=["256x256"], max_batch_size=2)
+    runner = server.app.state.runner
+    assert runner.tuning.fp8_linears == 4 * runner.pipe.transformer.config.n_layers
+    assert runner.tuning.compiled == ["transformer", "vae", "text_encoder"]
+    body = {"prompt": "a red fox", "size": "256x256", "num_inference_steps": 4, "n": 2}
+    response = httpx.post(f"{server.url}/v1/images/generations", json=body, timeout=120)
+    assert response.status_code == 200
+    assert all(base64.b64decode(d["b64_json"]).startswith(b"\x89PNG") for d in response.json()["data"])

@@ -55,7 +55,7 @@ def build_model(scale: str, directory: Path) -> Path:
     marker = directory / "bench_model.json"
     if marker.is_file() and json.loads(marker.read_text()).get("scale") == scale:
         return directory
-    from zimage_server.tiny_model import build_tiny_pipeline, build_tokenizer, make_tiny_model
+    from zimage_server.tiny_model import build_tokenizer, build_vae, make_tiny_model
 
     if scale == "tiny":
         make_tiny_model(directory)
@@ -63,7 +63,6 @@ def build_model(scale: str, directory: Path) -> Path:
         return directory
     import torch
     from diffusers import (
-        AutoencoderKL,
         FlowMatchEulerDiscreteScheduler,
         ZImagePipeline,
         ZImageTransformer2DModel,
@@ -95,21 +94,7 @@ def build_model(scale: str, directory: Path) -> Path:
             for name, param in transformer.named_parameters():
                 if name.endswith("pad_token"):  # created with torch.empty
                     torch.nn.init.normal_(param, std=0.02)
-            vae = AutoencoderKL(
-                in_channels=3,
-                out_channels=3,
-                down_block_types=("DownEncoderBlock2D",) * 4,
-                up_block_types=("UpDecoderBlock2D",) * 4,
-                block_out_channels=(128, 256, 512, 512),
-                layers_per_block=2,
-                latent_channels=16,
-                norm_num_groups=32,
-                sample_size=1024,
-                scaling_factor=0.3611,
-                shift_factor=0.1159,
-                use_quant_conv=False,
-                use_post_quant_conv=False,
-            ).eval()
+            vae = build_vae((128, 256, 512, 512), layers_per_block=2, norm_num_groups=32, sample_size=1024)
     finally:
         torch.set_default_dtype(previous)
     with tempfile.TemporaryDirectory() as scratch:
@@ -129,7 +114,6 @@ def build_model(scale: str, directory: Path) -> Path:
     marker.write_text(
         json.dumps({"scale": scale, "build_s": built, "save_s": time.perf_counter() - started - built})
     )
-    _ = build_tiny_pipeline  # the tiny recipe lives in the server package
     return directory
 
 
@@ -389,14 +373,21 @@ def stop_server(proc: subprocess.Popen[bytes]) -> None:
             proc.wait()
 
 
-def metric(port: int, name: str) -> float:
+def metric_lines(port: int, name: str) -> list[tuple[str, float]]:
+    """``(line, value)`` for each sample of the metric family ``name`` on the server's /metrics."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
     conn.request("GET", "/metrics")
-    total = 0.0
-    for line in conn.getresponse().read().decode().splitlines():
-        if line.startswith(name + " ") or line.startswith(name + "{"):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
+    text = conn.getresponse().read().decode()
+    conn.close()
+    return [
+        (line, float(line.rsplit(" ", 1)[1]))
+        for line in text.splitlines()
+        if line.startswith(name + " ") or line.startswith(name + "{")
+    ]
+
+
+def metric(port: int, name: str) -> float:
+    return sum(value for _, value in metric_lines(port, name))
 
 
 def served_paths(args: argparse.Namespace) -> list[str]:
@@ -464,14 +455,7 @@ def stage_http(args: argparse.Namespace, model: Path, results: dict[str, Any]) -
 
 def startup_phases(port: int) -> dict[str, float]:
     """The server's own account of its start: zimage_startup_seconds{phase=...}."""
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-    conn.request("GET", "/metrics")
-    phases = {}
-    for line in conn.getresponse().read().decode().splitlines():
-        if line.startswith('zimage_startup_seconds{phase="'):
-            name = line.split('"')[1]
-            phases[name] = float(line.rsplit(" ", 1)[1])
-    return phases
+    return {line.split('"')[1]: value for line, value in metric_lines(port, "zimage_startup_seconds")}
 
 
 def stage_coldstart(args: argparse.Namespace, model: Path, results: dict[str, Any]) -> None:

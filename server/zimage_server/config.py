@@ -165,10 +165,11 @@ class Settings(BaseSettings):
             raise ValueError("served_model_names needs at least one name")
         for size in [self.default_size, *self.warmup_sizes]:
             self.check_size(size)
+        from .acceleration import COMPILABLE, check_attention_backend
+
         for part in self.compile_parts:
-            if part not in ("transformer", "vae", "text_encoder"):
-                raise ValueError(f"compile_parts: {part!r} is not one of transformer, vae, text_encoder")
-        from .acceleration import check_attention_backend
+            if part not in COMPILABLE:
+                raise ValueError(f"compile_parts: {part!r} is not one of {', '.join(COMPILABLE)}")
 
         check_attention_backend(self.attention_backend)
         if self.vram_limit is not None:

@@ -95,8 +95,7 @@ class HealthProcess:
         line = self.proc.stdout.readline().strip()  # "listening", or nothing when it failed
         if line != "listening":
             self.proc.wait(timeout=timeout)
-            self.proc.stdout.close()
-            self.board.close(remove=True)
+            self.stop()
             raise RuntimeError(
                 f"the health server could not listen on {self.host}:{self.port} (see the log above)"
             )

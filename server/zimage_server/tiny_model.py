@@ -55,10 +55,33 @@ def build_tokenizer(directory: Path) -> int:
     return len(vocab)
 
 
+def build_vae(  # type: ignore[no-untyped-def]
+    block_out_channels: tuple[int, ...], layers_per_block: int, norm_num_groups: int, sample_size: int
+):
+    """Z-Image's VAE (the Flux type: 16 latent channels, its scaling and shift, no quant convs);
+    the real one has channels (128, 256, 512, 512), 2 layers per block and 32 norm groups."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * len(block_out_channels),
+        up_block_types=("UpDecoderBlock2D",) * len(block_out_channels),
+        block_out_channels=block_out_channels,
+        layers_per_block=layers_per_block,
+        latent_channels=16,
+        norm_num_groups=norm_num_groups,
+        sample_size=sample_size,
+        scaling_factor=0.3611,
+        shift_factor=0.1159,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+    ).eval()
+
+
 def build_tiny_pipeline(vocab_size: int, tokenizer_dir: Path):  # type: ignore[no-untyped-def]
     import torch
     from diffusers import (
-        AutoencoderKL,
         FlowMatchEulerDiscreteScheduler,
         ZImagePipeline,
         ZImageTransformer2DModel,
@@ -93,21 +116,7 @@ def build_tiny_pipeline(vocab_size: int, tokenizer_dir: Path):  # type: ignore[n
         axes_dims=[8, 4, 4],
         axes_lens=[1024, 128, 128],  # caption positions up to the 512-token prompt limit
     ).eval()
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(8, 8, 8, 8),
-        layers_per_block=1,
-        latent_channels=16,
-        norm_num_groups=4,
-        sample_size=256,
-        scaling_factor=0.3611,
-        shift_factor=0.1159,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-    ).eval()
+    vae = build_vae(block_out_channels=(8, 8, 8, 8), layers_per_block=1, norm_num_groups=4, sample_size=256)
     scheduler = FlowMatchEulerDiscreteScheduler(
         num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=False
     )

@@ -46,6 +46,7 @@ class AccelerationReport:
     fp8_linears: int = 0
     compiled: list[str] = field(default_factory=list)
     compile_cache_dir: str | None = None
+    cuda_graphs: bool = False
 
 
 def check_attention_backend(name: str) -> None:

@@ -93,6 +93,13 @@ class Settings(BaseSettings):
         "of the compile); default: torch's own under /tmp",
     )
 
+    cuda_graphs: bool = Field(
+        False,
+        description="Replay the transformer's forward as a CUDA graph per input shape (GPU only; pays "
+        "where the CPU limits and shapes repeat: small images, the same prompts)",
+    )
+    max_cuda_graphs: int = Field(32, ge=1, le=1024, description="Most input shapes kept as CUDA graphs")
+
     max_batch_size: int = Field(4, ge=1, le=64, description="Most images in one forward pass")
     batch_wait_ms: float = Field(10.0, ge=0, le=10_000, description="How long a batch waits to fill up")
     max_queue: int = Field(32, ge=1, description="Requests allowed to wait; more get 429")

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from . import acceleration
+from . import acceleration, cuda_graphs
 from .config import Settings
 from .model_source import ModelSource, resolve
 
@@ -22,6 +22,11 @@ logger = logging.getLogger(__name__)
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 # Z-Image-Turbo is distilled to run without classifier-free guidance.
 TURBO_GUIDANCE_SCALE = 0.0
+# The pipeline's prompt window: longer prompts are truncated to it.
+MAX_PROMPT_TOKENS = 512
+# Prompts are encoded padded to a multiple of this (as the transformer pads its caption), not
+# to the whole window: the text encoder's work follows the prompt's length.
+PROMPT_PAD_MULTIPLE = 32
 # Warm-up prompts of clearly different token lengths (the sequence is padded to 32 tokens).
 WARMUP_PROMPTS = (
     "warm-up",
@@ -74,6 +79,7 @@ class PipelineRunner:
         self.compile = settings.compile if settings.compile is not None else self.device.type == "cuda"
         self.tuning: acceleration.AccelerationReport | None = None
         self.startup_seconds: dict[str, float] = {}
+        self.graphs: cuda_graphs.GraphedForward | None = None
 
     def load(self) -> None:
         from diffusers import ZImagePipeline
@@ -88,6 +94,9 @@ class PipelineRunner:
         started = time.perf_counter()
         pipe = ZImagePipeline.from_pretrained(str(self.model_path), dtype=self.dtype)
         pipe.to(self.device)
+        # Encoding a prompt is one pass: a key/value cache is never read, and filling one
+        # per layer makes every compiled layer guard on its own cache slot (a recompile each).
+        pipe.text_encoder.config.use_cache = False
         pipe.set_progress_bar_config(disable=True)
         logger.info(
             "loaded %s from %s on %s as %s in %.1fs",
@@ -112,30 +121,45 @@ class PipelineRunner:
             # image tokens after the 2x2 patching of the 8x smaller latents, plus a prompt's
             attention_tokens=(width // 16) * (height // 16) + 64,
         )
+        if self._use_cuda_graphs():
+            self.graphs = cuda_graphs.install(pipe.transformer, self.settings.max_cuda_graphs)
+            self.tuning.cuda_graphs = True
         self.startup_seconds["tune"] = time.perf_counter() - started
         self.pipe = pipe
+
+    def _use_cuda_graphs(self) -> bool:
+        if self.settings.cuda_graphs and self.device.type != "cuda":
+            raise acceleration.AccelerationError(
+                f"cuda_graphs needs an NVIDIA GPU; the device is {self.device}"
+            )
+        return self.settings.cuda_graphs
 
     def warmup_specs(self) -> list[BatchSpec]:
         """What start-up generates before ready: each warm-up size once. With compile, the first
         size also runs the shapes requests bring later, so they are compiled now rather than on
-        a client's time: another prompt length (the sequence becomes a dynamic dimension), a
-        full batch of one prompt (the batch dimension too), a full batch of prompts of
-        different lengths (the padded, masked attention) and a smaller such batch."""
+        a client's time: another prompt length (the sequence becomes a dynamic dimension), full
+        batches of one prompt (the batch dimension too), a full batch of prompts of different
+        lengths (the padded, masked attention) and a smaller such batch. The first prompt's
+        length is a multiple of 32 tokens and the second's is not: the transformer pads only
+        the latter, and the two compile apart. Prompts longer than the 512-token window fill
+        it without padding and still compile their own variant on first use."""
         steps = self.settings.warmup_steps
+        prompts = warmup_prompts(self.pipe.tokenizer) if self.pipe is not None else WARMUP_PROMPTS
         specs = []
         for index, size in enumerate(self.settings.warmup_sizes):
             width, height = self.settings.check_size(size)
-            specs.append(BatchSpec([WARMUP_PROMPTS[0]], [0], width, height, steps))
+            specs.append(BatchSpec([prompts[0]], [0], width, height, steps))
             if not self.compile or index > 0:
                 continue
-            specs.append(BatchSpec([WARMUP_PROMPTS[1]], [0], width, height, steps))
+            specs.append(BatchSpec([prompts[1]], [0], width, height, steps))
             batch = self.settings.max_batch_size
             if batch > 1:
-                specs.append(BatchSpec([WARMUP_PROMPTS[0]] * batch, list(range(batch)), width, height, steps))
-                prompts = [WARMUP_PROMPTS[i % 2] for i in range(batch)]
-                specs.append(BatchSpec(prompts, list(range(batch)), width, height, steps))
+                specs.append(BatchSpec([prompts[0]] * batch, list(range(batch)), width, height, steps))
+                specs.append(BatchSpec([prompts[1]] * batch, list(range(batch)), width, height, steps))
+                mixed = [prompts[i % 2] for i in range(batch)]
+                specs.append(BatchSpec(mixed, list(range(batch)), width, height, steps))
             if batch > 2:  # another batch size and padded length: both dimensions turn dynamic
-                specs.append(BatchSpec([WARMUP_PROMPTS[2], WARMUP_PROMPTS[0]], [0, 1], width, height, steps))
+                specs.append(BatchSpec([prompts[2], prompts[0]], [0, 1], width, height, steps))
         return specs
 
     def generate(self, spec: BatchSpec) -> BatchResult:
@@ -152,6 +176,7 @@ class PipelineRunner:
             num_inference_steps=spec.steps,
             guidance_scale=TURBO_GUIDANCE_SCALE,
             generator=generators,
+            max_sequence_length=prompt_window(self.pipe.tokenizer, spec.prompts),
             callback_on_step_end=timer,
             output_type="pt",
         )
@@ -160,6 +185,53 @@ class PipelineRunner:
             step_seconds=timer.durations(),
             seconds=time.perf_counter() - started,
         )
+
+
+def prompt_tokens(tokenizer: Any, prompts: Sequence[str]) -> list[int]:
+    """Each prompt's length in tokens as the pipeline encodes it (inside its chat template)."""
+    texts = [
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}],
+            tokenize=False,
+            add_generation_prompt=True,
+            enable_thinking=True,
+        )
+        for prompt in prompts
+    ]
+    return [len(ids) for ids in tokenizer(texts).input_ids]
+
+
+def prompt_window(tokenizer: Any, prompts: Sequence[str]) -> int:
+    """How many tokens the text encoder needs to see for ``prompts``: the longest one in the
+    pipeline's chat template plus at least one padding token, rounded up to
+    ``PROMPT_PAD_MULTIPLE``, at most the full window.
+
+    The pipeline pads every prompt to the full 512-token window by default; the causal text
+    encoder gives the real tokens the same hidden states whatever follows them, so padding on
+    the right to the batch's longest prompt yields the same embeddings for a fraction of the
+    work. The one padding token keeps the attention mask present in every call, so the
+    compiled text encoder has one variant for it. With left padding the positions would move,
+    so the full window is kept."""
+    if getattr(tokenizer, "padding_side", "right") != "right":
+        return MAX_PROMPT_TOKENS
+    longest = max(prompt_tokens(tokenizer, prompts))
+    padded = (longest // PROMPT_PAD_MULTIPLE + 1) * PROMPT_PAD_MULTIPLE
+    return min(padded, MAX_PROMPT_TOKENS)
+
+
+def warmup_prompts(tokenizer: Any) -> tuple[str, str, str]:
+    """``WARMUP_PROMPTS`` with the first one lengthened to a multiple of 32 tokens (such a
+    caption needs no padding in the transformer, a variant of its own for the compiler) and
+    the second one not a multiple."""
+    first, second = WARMUP_PROMPTS[0], WARMUP_PROMPTS[1]
+    for extra in range(4 * PROMPT_PAD_MULTIPLE):
+        candidate = first + " x" * extra
+        if prompt_tokens(tokenizer, [candidate])[0] % PROMPT_PAD_MULTIPLE == 0:
+            first = candidate
+            break
+    if prompt_tokens(tokenizer, [second])[0] % PROMPT_PAD_MULTIPLE == 0:
+        second += " x"  # the second one must need padding
+    return first, second, WARMUP_PROMPTS[2]
 
 
 def to_pil(images: torch.Tensor) -> list[Image.Image]:

@@ -50,7 +50,9 @@ class RunningServer:
                 raise RuntimeError("the server did not start")
             time.sleep(0.02)
 
-    def wait_ready(self, timeout: float = 60) -> None:
+    def wait_ready(self, timeout: float = 600) -> None:
+        # Generous: on a GPU, start-up compiles the model (about a minute and a half even
+        # for the tiny one); a server that never gets ready still fails here.
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if httpx.get(f"{self.url}/healthz/ready").status_code == 200:

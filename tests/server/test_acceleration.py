@@ -13,7 +13,7 @@ from pydantic import ValidationError
 
 from zimage_server.acceleration import AccelerationError, check_attention_backend, fp8_filter, quantize_fp8
 from zimage_server.config import Settings
-from zimage_server.runner import BatchSpec, PipelineRunner
+from zimage_server.runner import MAX_PROMPT_TOKENS, BatchSpec, PipelineRunner, prompt_tokens, prompt_window
 
 
 def _settings(model: Path, **values: object) -> Settings:
@@ -48,6 +48,17 @@ def test_a_server_asked_for_fp8_on_a_cpu_fails_its_load_with_that_reason(tiny_mo
     runner = PipelineRunner(_settings(tiny_model_dir, precision="fp8"))
     with pytest.raises(AccelerationError, match="precision fp8 needs an NVIDIA GPU"):
         runner.load()
+
+
+def test_cuda_graphs_are_off_on_a_cpu_and_refused_when_asked_for(tiny_model_dir: Path) -> None:
+    runner = PipelineRunner(_settings(tiny_model_dir, compile=True))
+    runner.load()
+    assert runner.graphs is None
+    assert runner.tuning is not None
+    assert not runner.tuning.cuda_graphs
+    asked = PipelineRunner(_settings(tiny_model_dir, cuda_graphs=True))
+    with pytest.raises(AccelerationError, match="cuda_graphs needs an NVIDIA GPU"):
+        asked.load()
 
 
 def test_unknown_attention_backends_and_compile_parts_are_refused_by_name(tiny_model_dir: Path) -> None:
@@ -85,13 +96,21 @@ def test_warm_up_covers_the_shapes_requests_bring_when_compiling(tiny_model_dir:
         (256, 1),
         (256, 4),
         (256, 4),
+        (256, 4),
         (256, 2),
         (512, 1),
     ]
     assert len(specs[0].prompts[0]) != len(specs[1].prompts[0])  # another sequence length
-    assert len(set(specs[2].prompts)) == 1  # a batch that needs no padding
-    assert len(set(specs[3].prompts)) == 2  # one that does
-    assert max(map(len, specs[4].prompts)) != max(map(len, specs[3].prompts))
+    assert len(set(specs[2].prompts)) == 1  # batches that need no padding
+    assert len(set(specs[3].prompts)) == 1
+    assert len(set(specs[4].prompts)) == 2  # one that does
+    assert max(map(len, specs[5].prompts)) != max(map(len, specs[4].prompts))
+    # Loaded, the first prompt is lengthened to a multiple of 32 tokens (no caption padding).
+    tuned.load()
+    first, second = (spec.prompts[0] for spec in tuned.warmup_specs()[:2])
+    tokens = prompt_tokens(tuned.pipe.tokenizer, [first, second])
+    assert tokens[0] % 32 == 0
+    assert tokens[1] % 32 != 0
 
 
 @pytest.mark.slow
@@ -115,7 +134,15 @@ def test_compiled_pipeline_matches_eager_and_does_not_recompile_after_warm_up(
     assert not [w for w in caught if "complex operators" in str(w.message)]
     compiled_frames = counters["frames"]["ok"]
     prompt = "a lighthouse on a cliff at dusk, oil painting"
-    for prompts in ([prompt], [prompt] * 3, ["short", prompt, prompt * 2], [prompt * 3]):
+    other = "a photo of a red fox in fresh snow at golden hour, detailed fur, soft rim light"
+    for prompts in (
+        [prompt],
+        [prompt] * 3,
+        ["short", prompt, prompt * 2],
+        [prompt * 3],
+        [other] * 4,
+        [other, prompt],
+    ):
         spec = BatchSpec(prompts, list(range(len(prompts))), 256, 256, 3)
         images = tuned.generate(spec).images
         reference = eager.generate(spec).images
@@ -137,3 +164,38 @@ def test_the_text_encoder_is_compiled_layer_by_layer(tiny_model_dir: Path) -> No
     plain = torch.nn.Sequential(torch.nn.Linear(4, 4))
     assert compile_layers(plain) == 0
     assert plain._compiled_call_impl is not None  # no named layers: compiled whole
+
+
+def test_prompts_are_encoded_at_their_own_length_with_the_same_images(tiny_model_dir: Path) -> None:
+    runner = PipelineRunner(_settings(tiny_model_dir))
+    runner.load()
+    tokenizer = runner.pipe.tokenizer
+    short, longer = "a red fox", "a red fox in fresh snow at golden hour, detailed fur " * 3
+    lengths = prompt_tokens(tokenizer, [short, longer])
+    for prompts, longest in (([short], lengths[0]), ([short, longer], max(lengths))):
+        window = prompt_window(tokenizer, prompts)  # the batch's longest prompt decides
+        assert window % 32 == 0
+        assert longest < window <= longest + 32
+    assert prompt_window(tokenizer, ["x" * 2000]) == MAX_PROMPT_TOKENS  # truncated as before
+    spec = BatchSpec([short, longer], [3, 4], 256, 256, 2)
+    images = runner.generate(spec).images
+    # The pipeline's own way: every prompt padded to the full 512-token window.
+    generators = [torch.Generator("cpu").manual_seed(seed) for seed in spec.seeds]
+    full = runner.pipe(
+        prompt=list(spec.prompts),
+        height=256,
+        width=256,
+        num_inference_steps=2,
+        guidance_scale=0.0,
+        generator=generators,
+        output_type="np",
+        max_sequence_length=MAX_PROMPT_TOKENS,
+    ).images
+    for image, expected in zip(images, full, strict=True):
+        difference = np.abs(np.asarray(image, dtype=np.int16) - np.round(expected * 255).astype(np.int16))
+        assert difference.max() <= 1
+    tokenizer.padding_side = "left"  # positions would move with the padding: the full window stays
+    try:
+        assert prompt_window(tokenizer, [short]) == MAX_PROMPT_TOKENS
+    finally:
+        tokenizer.padding_side = "right"

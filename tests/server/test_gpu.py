@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import base64
+from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 import torch
 
@@ -57,11 +59,50 @@ def test_the_gpu_batches_concurrent_requests(serve: ServerFactory) -> None:
 def test_fp8_and_compile_serve_images(serve: ServerFactory) -> None:
     if torch.cuda.get_device_capability() < (8, 9):
         pytest.skip("float8 matmuls need compute capability 8.9 or newer")
-    server = serve(device="cuda", precision="fp8", warmup_sizes=["256x256"], max_batch_size=2)
+    server = serve(
+        device="cuda", precision="fp8", cuda_graphs=True, warmup_sizes=["256x256"], max_batch_size=2
+    )
     runner = server.app.state.runner
     assert runner.tuning.fp8_linears == 4 * runner.pipe.transformer.config.n_layers
     assert runner.tuning.compiled == ["transformer", "vae", "text_encoder"]
+    assert runner.tuning.cuda_graphs
+    captured = runner.graphs.captures
+    assert captured >= 1  # the warm-up shapes
+    replays = runner.graphs.replays
     body = {"prompt": "a red fox", "size": "256x256", "num_inference_steps": 4, "n": 2}
     response = httpx.post(f"{server.url}/v1/images/generations", json=body, timeout=120)
     assert response.status_code == 200
     assert all(base64.b64decode(d["b64_json"]).startswith(b"\x89PNG") for d in response.json()["data"])
+    assert runner.graphs.replays > replays
+
+
+def test_cuda_graphs_replay_the_same_images(tiny_model_dir: Path) -> None:
+    from zimage_server.config import Settings
+    from zimage_server.runner import BatchSpec, PipelineRunner
+
+    def runner(graphs: bool) -> PipelineRunner:
+        settings = Settings(
+            _env_file=None,
+            model=str(tiny_model_dir),
+            device="cuda",
+            compile=False,
+            cuda_graphs=graphs,
+            warmup_sizes=["256x256"],
+        )
+        loaded = PipelineRunner(settings)
+        loaded.load()
+        return loaded
+
+    plain, graphed = runner(False), runner(True)
+    assert plain.graphs is None
+    assert graphed.graphs is not None
+    for prompts in (["a red fox"], ["a red fox", "a lighthouse at dusk, oil painting"]):
+        spec = BatchSpec(prompts, list(range(len(prompts))), 256, 256, 6)
+        for _ in range(2):  # the second run replays every step
+            images = graphed.generate(spec).images
+            expected = plain.generate(spec).images
+            for image, reference in zip(images, expected, strict=True):
+                difference = np.abs(np.asarray(image, dtype=np.int16) - np.asarray(reference, dtype=np.int16))
+                assert difference.max() <= 1
+    assert graphed.graphs.captures == 2  # one graph per input shape
+    assert graphed.graphs.replays == 2 * 6 + 2 * 4  # 6 steps; the first run's first two do not replay

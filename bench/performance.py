@@ -11,7 +11,9 @@ Stages (each appends to ``--results``; ``report`` renders them as docs/performan
   VRAM, and for fp8 the relative error of the transformer output against bf16;
 - ``http``: the server on loopback with concurrent clients, against the same path's own
   throughput from the ``pipeline`` stage;
-- ``coldstart``: process start to ready with an empty and then a warm compile cache.
+- ``coldstart``: process start to ready with an empty and then a warm compile cache;
+- ``text``: text encoding alone, the baseline's way and the server's (the parts table uses it
+  when present).
 
     python bench/performance.py --scale full --stages pipeline --work /tmp/zimage-bench
     python bench/performance.py --scale full --stages http,coldstart --work /tmp/zimage-bench
@@ -157,16 +159,77 @@ def server_settings(model: Path, path: str, size: str, device: str, **extra: Any
     )
 
 
-def part_timings(pipe: Any, batch: int, width: int, height: int, repeat: int) -> dict[str, float]:
+def encode_prompts(pipe: Any, batch: int, window: int) -> Any:
+    """The pipeline's prompt encoding of ``batch`` copies of the prompt in a ``window`` of
+    tokens. A new list each call: the pipeline writes its chat template into the list."""
+    prompts = [PROMPT] * batch
+    device = pipe._execution_device
+    return pipe.encode_prompt(
+        prompts, device=device, do_classifier_free_guidance=False, max_sequence_length=window
+    )[0]
+
+
+def stage_text(args: argparse.Namespace, model: Path, results: dict[str, Any]) -> None:
+    """Text encoding alone, as the baseline runs it (512-token window, eager) and as the
+    server does (the prompt's own window, the decoder layers compiled). Both server paths
+    share it: fp8 covers the transformer only."""
+    import torch
+
+    rows: dict[str, Any] = results.setdefault("text", {})
+    device = "cuda" if torch.cuda.is_available() and args.device != "cpu" else "cpu"
+    for path in ("diffusers", "server-bf16"):
+        rows[path] = text_path(args, model, path, device)
+        print(
+            f"text {path}: window {rows[path]['window']}, {1000 * rows[path]['batch1_s']:.1f} ms", flush=True
+        )
+        gc.collect()
+        if device == "cuda":
+            torch.cuda.empty_cache()
+
+
+def text_path(args: argparse.Namespace, model: Path, path: str, device: str) -> dict[str, Any]:
+    import torch
+
+    from zimage_server.runner import PipelineRunner, prompt_window
+
+    settings = server_settings(
+        model, path, args.size, device, compile_parts=["text_encoder"], cuda_graphs=False
+    )
+    runner = PipelineRunner(settings)
+    if path == "diffusers":
+        from diffusers import ZImagePipeline
+
+        runner.pipe = ZImagePipeline.from_pretrained(str(model), dtype=runner.dtype).to(runner.device)
+    else:
+        runner.load()
+    pipe = runner.pipe
+    window = 512 if path == "diffusers" else prompt_window(pipe.tokenizer, [PROMPT])
+    row: dict[str, Any] = {"window": window}
+    with torch.no_grad():
+        for batch in (1, 4):
+
+            def encode(batch: int = batch) -> Any:
+                return encode_prompts(pipe, batch, window)
+
+            row[f"batch{batch}_s"] = timed(encode, args.repeat * 5, warmup=3) / batch
+    return row
+
+
+def part_timings(
+    pipe: Any, batch: int, width: int, height: int, repeat: int, window: int
+) -> dict[str, float]:
+    """Seconds per image of the parts; ``window`` is the text encoder's token window (the
+    pipeline's 512, or what the server's runner picks for the prompt)."""
     import torch
 
     device = pipe._execution_device
-    prompts = [PROMPT] * batch
-    text = timed(
-        lambda: pipe.encode_prompt(prompts, device=device, do_classifier_free_guidance=False), repeat
-    )
-    with torch.no_grad():
-        caps = pipe.encode_prompt(prompts, device=device, do_classifier_free_guidance=False)[0]
+
+    def encode() -> Any:
+        return encode_prompts(pipe, batch, window)
+
+    with torch.no_grad():  # as in the pipeline's own call
+        text = timed(encode, repeat)
+        caps = encode()
         latents = torch.randn(
             batch, 16, 1, height // 8, width // 8, device=device, dtype=pipe.transformer.dtype
         )
@@ -259,7 +322,7 @@ def measure_path(
 ) -> Any:
     import torch
 
-    from zimage_server.runner import TURBO_GUIDANCE_SCALE, BatchSpec, PipelineRunner
+    from zimage_server.runner import TURBO_GUIDANCE_SCALE, BatchSpec, PipelineRunner, prompt_window
 
     if cuda:
         torch.cuda.empty_cache()
@@ -287,6 +350,8 @@ def measure_path(
         row["attention_backend"] = runner.tuning.attention_backend
         row["attention_ms"] = {k: v for k, v in runner.tuning.attention_ms.items() if v != float("inf")}
         row["fp8_linears"] = runner.tuning.fp8_linears
+        row["cuda_graphs"] = runner.tuning.cuda_graphs
+    window = 512 if path == "diffusers" else prompt_window(runner.pipe.tokenizer, [PROMPT])
     for batch in (1, 4):
         spec = BatchSpec([PROMPT] * batch, list(range(batch)), width, height, args.steps)
         if path == "diffusers":
@@ -311,7 +376,7 @@ def measure_path(
         row[f"batch{batch}"] = {
             "s_per_image": seconds / batch,
             "images_per_s": batch / seconds,
-            **part_timings(runner.pipe, batch, width, height, args.repeat),
+            **part_timings(runner.pipe, batch, width, height, args.repeat, window),
         }
         print(f"{path} batch {batch}: {seconds / batch:.3f} s per image", flush=True)
     if cuda:
@@ -420,11 +485,24 @@ def stage_http(args: argparse.Namespace, model: Path, results: dict[str, Any]) -
             per_client = args.requests // args.clients
             errors: list[str] = []
 
-            post_images(port, body, 2, errors)  # the request path warm before the clock starts
-            encode_before = (
-                metric(port, "zimage_encode_duration_seconds_sum"),
-                metric(port, "zimage_encode_duration_seconds_count"),
+            # The request path warm before the clock starts: full batches of this prompt have
+            # run (and been captured as CUDA graphs), as on a server that has been serving.
+            warm = [
+                threading.Thread(target=post_images, args=(port, body, 2, errors))
+                for _ in range(args.clients)
+            ]
+            for thread in warm:
+                thread.start()
+            for thread in warm:
+                thread.join()
+            names = (
+                "zimage_encode_duration_seconds_sum",
+                "zimage_encode_duration_seconds_count",
+                "zimage_batch_size_sum",
+                "zimage_batch_size_count",
+                "zimage_batch_duration_seconds_sum",
             )
+            before = {name: metric(port, name) for name in names}
             threads = [
                 threading.Thread(target=post_images, args=(port, body, per_client, errors))
                 for _ in range(args.clients)
@@ -437,14 +515,18 @@ def stage_http(args: argparse.Namespace, model: Path, results: dict[str, Any]) -
             elapsed = time.perf_counter() - started
             if errors:
                 raise RuntimeError(f"{len(errors)} requests failed, first: {errors[0]}")
-            encode_sum = metric(port, "zimage_encode_duration_seconds_sum") - encode_before[0]
-            encode_count = metric(port, "zimage_encode_duration_seconds_count") - encode_before[1]
+            delta = {name: metric(port, name) - before[name] for name in names}
+            encode_sum = delta["zimage_encode_duration_seconds_sum"]
+            encode_count = delta["zimage_encode_duration_seconds_count"]
             images = per_client * args.clients
             rows[path] = {
                 "clients": args.clients,
                 "images": images,
                 "images_per_s": images / elapsed,
                 "encode_ms_per_image": 1000 * encode_sum / max(encode_count, 1),
+                "mean_batch": delta["zimage_batch_size_sum"] / max(delta["zimage_batch_size_count"], 1),
+                # the share of the window the GPU worker spent in the pipeline
+                "generating_share": delta["zimage_batch_duration_seconds_sum"] / elapsed,
                 "output_format": "png",
                 "start_to_ready_s": ready_s,
             }
@@ -558,8 +640,12 @@ def render(results: dict[str, Any]) -> str:
             def pair(key: str, one: dict[str, float] = one, four: dict[str, float] = four) -> str:
                 return f"{1000 * one[key]:.1f} / {1000 * four[key]:.1f}"
 
+            text = pair("text_s")
+            alone = results.get("text", {}).get("diffusers" if path == "diffusers" else "server-bf16")
+            if alone:  # the text stage's figures, measured on their own
+                text = f"{1000 * alone['batch1_s']:.1f} / {1000 * alone['batch4_s']:.1f}"
             lines.append(
-                f"| {path} | {pair('text_s')} | {pair('forward_s')} | {pair('vae_s')} | "
+                f"| {path} | {text} | {pair('forward_s')} | {pair('vae_s')} | "
                 f"{row.get('attention_backend', 'native (SDPA)')} |"
             )
         extra = []
@@ -582,6 +668,7 @@ def render(results: dict[str, Any]) -> str:
                 extra.append(
                     f"- {path}: load {row['load_s']:.1f} s, "
                     f"warm-up (compiles included) {row['warmup_s']:.1f} s"
+                    + (", transformer forward as CUDA graphs" if row.get("cuda_graphs") else "")
                 )
         lines += ["", *extra, ""]
     encode = results.get("encode")
@@ -600,15 +687,16 @@ def render(results: dict[str, Any]) -> str:
         lines += [
             "## Through HTTP on loopback (default output format png)",
             "",
-            "| path | clients | images/s | pipeline batch 4 images/s | HTTP / pipeline | encode ms/image "
-            "| start to ready s |",
-            "|---|---|---|---|---|---|---|",
+            "| path | clients | images/s | pipeline batch 4 images/s | HTTP / pipeline | mean batch "
+            "| time generating | encode ms/image | start to ready s |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
         for path, row in served.items():
             own = pipeline.get(path, {}).get("batch4", {}).get("images_per_s", float("nan"))
             lines.append(
                 f"| {path} | {row['clients']} | {row['images_per_s']:.2f} | {own:.2f} | "
-                f"{row['images_per_s'] / own:.2f} | {row['encode_ms_per_image']:.1f} | "
+                f"{row['images_per_s'] / own:.2f} | {row.get('mean_batch', float('nan')):.2f} | "
+                f"{row.get('generating_share', float('nan')):.0%} | {row['encode_ms_per_image']:.1f} | "
                 f"{row.get('start_to_ready_s', float('nan')):.1f} |"
             )
         lines.append("")
@@ -640,7 +728,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--clients", type=int, default=4)
-    parser.add_argument("--requests", type=int, default=24)
+    parser.add_argument("--requests", type=int, default=48)
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "zimage-bench")
     parser.add_argument(
         "--results", type=Path, default=None, help="JSON results (default: WORK/results.json)"
@@ -660,9 +748,9 @@ def main() -> None:
             results.setdefault("commands", {})[stage] = command
         model = build_model(args.scale, args.work / f"model-{args.scale}")
     for stage in measuring:
-        {"pipeline": stage_pipeline, "http": stage_http, "coldstart": stage_coldstart}[stage](
-            args, model, results
-        )
+        {"pipeline": stage_pipeline, "http": stage_http, "coldstart": stage_coldstart, "text": stage_text}[
+            stage
+        ](args, model, results)
         results_path.write_text(json.dumps(results, indent=2))
     if "report" in stages:
         text = render(results)

@@ -58,7 +58,7 @@ bench: install ## Run bench/performance.py on the tiny model here (on a GPU: see
 BENCH_WORK ?= /tmp/zimage-bench
 .PHONY: bench-gpu
 bench-gpu: install ## On a GPU machine: every benchmark at full size; rewrites docs/performance.md
-	$(PY) bench/performance.py --scale full --stages pipeline --repeat 2 --work $(BENCH_WORK)
+	$(PY) bench/performance.py --scale full --stages pipeline,text --repeat 2 --work $(BENCH_WORK)
 	$(PY) bench/performance.py --scale full --stages coldstart,http --paths server-bf16 --work $(BENCH_WORK)
 	$(PY) bench/probe_latency.py --device cuda --probes 300 --out $(BENCH_WORK)/probe
 	$(PY) bench/performance.py --stages report --work $(BENCH_WORK) --doc docs/performance.md

@@ -1,11 +1,14 @@
 """CUDA graphs for the transformer's forward, one per input shape.
 
-After compile, a forward at 1024x1024 is about 800 kernels. Launching them, plus the eager
-Python around the compiled blocks (patchify, RoPE tables, padding), leaves the GPU idle for
-several milliseconds per denoising step. A CUDA graph replays the whole forward with one
-launch. Graphs need fixed shapes and addresses, so each input shape gets its own graph with
+After compile, a forward is about 800 kernels, launched by the eager Python around the
+compiled blocks (patchify, RoPE tables, padding) and the blocks' own wrappers. Where the host
+cannot keep ahead of the GPU (small images, a CPU busy with other work) the GPU waits for
+those launches; a CUDA graph replays the whole forward with one launch. At 1024x1024 on an
+H100 the host keeps ahead and graphs gain nothing measurable (docs/performance.md).
+
+Graphs need fixed shapes and addresses, so each input shape gets its own graph with
 its own input buffers: a shape's first forward runs as usual, its second captures the graph
-(the requests of a server repeat their shapes), later ones copy their inputs into the
+(only repeated shapes pay for one), later ones copy their inputs into the
 graph's buffers and replay it. All graphs share one memory pool: they never run at once, so
 the pool holds about one forward's activations however many shapes there are.
 

@@ -593,8 +593,9 @@ def render(results: dict[str, Any]) -> str:
     lines = [
         "# Performance",
         "",
-        "Written by `bench/performance.py` (the commands are below, one per stage), all on one card. The",
-        "model is the real Z-Image-Turbo architecture with random weights (no download).",
+        "Written by `bench/performance.py` (the commands are below, one per stage); each stage runs",
+        "in one process on one card, all paths of a table side by side. The model is the real",
+        "Z-Image-Turbo architecture with random weights (no download).",
         "",
         f"- date: {env.get('date')}, card: {env.get('card')}, driver: {env.get('driver', '-')}",
         f"- python {env.get('python')}, torch {env.get('torch')}, diffusers {env.get('diffusers')}, "

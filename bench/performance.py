@@ -606,6 +606,9 @@ def render(results: dict[str, Any]) -> str:
     ]
     pipeline = results.get("pipeline", {})
     base = pipeline.get("diffusers", {})
+    measured = [
+        (path, pipeline[path]) for path in PATHS if pipeline.get(path) and "error" not in pipeline[path]
+    ]
     if pipeline:
         lines += [
             "## End to end in the pipeline (seconds per image; ratio = baseline / this)",
@@ -614,10 +617,7 @@ def render(results: dict[str, Any]) -> str:
             "| peak VRAM GiB |",
             "|---|---|---|---|---|---|---|",
         ]
-        for path in PATHS:
-            row = pipeline.get(path)
-            if not row or "error" in row:
-                continue
+        for path, row in measured:
             one, four = row["batch1"], row["batch4"]
             ratio1 = base["batch1"]["s_per_image"] / one["s_per_image"] if base else float("nan")
             ratio4 = base["batch4"]["s_per_image"] / four["s_per_image"] if base else float("nan")
@@ -632,10 +632,7 @@ def render(results: dict[str, Any]) -> str:
             "| path | text encoding | one transformer forward | VAE decode | attention backend |",
             "|---|---|---|---|---|",
         ]
-        for path in PATHS:
-            row = pipeline.get(path)
-            if not row or "error" in row:
-                continue
+        for path, row in measured:
             one, four = row["batch1"], row["batch4"]
 
             def pair(key: str, one: dict[str, float] = one, four: dict[str, float] = four) -> str:

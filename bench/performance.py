@@ -143,10 +143,23 @@ def timed(fn: Callable[[], Any], repeat: int, warmup: int = 1) -> float:
     return statistics.median(samples)
 
 
-def server_settings(model: Path, path: str, size: str, device: str, **extra: Any) -> Any:
+def graph_settings(parts: str) -> dict[str, Any]:
+    """``--cuda-graphs`` as server settings: ``default`` (the server's), ``none`` or parts."""
+    if parts == "default":
+        return {}
+    if parts == "none":
+        return {"cuda_graphs": False}
+    return {"cuda_graphs": True, "cuda_graph_parts": parts.split(",")}
+
+
+def server_settings(
+    model: Path, path: str, size: str, device: str, graphs: str = "default", **extra: Any
+) -> Any:
     from zimage_server.config import Settings
 
     tuned = path != "diffusers"
+    if tuned and device == "cuda":
+        extra = {**graph_settings(graphs), **extra}
     return Settings(
         model=str(model),
         device=device,
@@ -193,7 +206,7 @@ def text_path(args: argparse.Namespace, model: Path, path: str, device: str) -> 
     from zimage_server.runner import PipelineRunner, prompt_window
 
     settings = server_settings(
-        model, path, args.size, device, compile_parts=["text_encoder"], cuda_graphs=False
+        model, path, args.size, device, args.cuda_graphs, compile_parts=["text_encoder"]
     )
     runner = PipelineRunner(settings)
     if path == "diffusers":
@@ -328,7 +341,7 @@ def measure_path(
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     settings = server_settings(
-        model, path, args.size, device, compile_cache_dir=str(args.work / "compile-cache")
+        model, path, args.size, device, args.cuda_graphs, compile_cache_dir=str(args.work / "compile-cache")
     )
     runner = PipelineRunner(settings)
     started = time.perf_counter()
@@ -407,6 +420,9 @@ def start_server(
     command += ["--warmup-sizes", args.size, "--max-batch-size", "4", "--log-level", "warning"]
     command += ["--compile-cache-dir", str(cache), "--device", args.device]
     command += ["--precision", "fp8" if path == "server-fp8" else "bf16"]
+    for name, value in graph_settings(args.cuda_graphs).items():
+        flag = "--" + name.replace("_", "-")
+        command += [flag, ",".join(value) if isinstance(value, list) else str(value).lower()]
     return subprocess.Popen(command), port
 
 
@@ -666,7 +682,11 @@ def render(results: dict[str, Any]) -> str:
                 extra.append(
                     f"- {path}: load {row['load_s']:.1f} s, "
                     f"warm-up (compiles included) {row['warmup_s']:.1f} s"
-                    + (", transformer forward as CUDA graphs" if row.get("cuda_graphs") else "")
+                    + (
+                        f", CUDA graphs of the {' and '.join(graphs).replace('_', ' ')}"
+                        if (graphs := row.get("cuda_graphs"))
+                        else ""
+                    )
                 )
         lines += ["", *extra, ""]
     encode = results.get("encode")
@@ -727,6 +747,12 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--clients", type=int, default=4)
     parser.add_argument("--requests", type=int, default=48)
+    parser.add_argument(
+        "--cuda-graphs",
+        default="default",
+        help="CUDA graphs of the server paths: default (the server's), none, or parts "
+        "(text_encoder,transformer)",
+    )
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "zimage-bench")
     parser.add_argument(
         "--results", type=Path, default=None, help="JSON results (default: WORK/results.json)"

@@ -6,7 +6,7 @@ then profiles one generation and one transformer forward with ``torch.profiler``
 grouped as matmul, attention, fused (Inductor's Triton kernels), quantization (fp8) and other;
 ``idle`` is the part of the wall time the GPU ran no kernel at all.
 
-    python bench/profile_step.py --work /tmp/zimage-bench --paths server-bf16,server-fp8 [--cuda-graphs off]
+    python bench/profile_step.py --work /tmp/zimage-bench --paths server-bf16,server-fp8 [--cuda-graphs none]
 """
 
 from __future__ import annotations
@@ -25,8 +25,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from performance import PROMPT, build_model, server_settings
 
 KINDS = (
+    ("fp8 matmul", ("_qqtst", "e4m3", "f8f8")),  # cuBLAS's float8 GEMMs (scaled_mm)
     ("attention", ("flash", "fmha", "attention", "cudnn_generated", "sdpa")),
-    ("quantize", ("float8", "fp8", "quant", "amax", "scale")),
+    ("quantize", ("float8", "fp8", "quant", "amax")),  # activation quantization, fused or not
     ("matmul", ("gemm", "nvjet", "cutlass", "xmma", "matmul", "sm90_", "cublas")),
     ("fused", ("triton_",)),
 )
@@ -113,12 +114,7 @@ def run_path(args: argparse.Namespace, model: Path, path: str) -> dict[str, Any]
 
     width, height = (int(side) for side in args.size.split("x"))
     settings = server_settings(
-        model,
-        path,
-        args.size,
-        "cuda",
-        compile_cache_dir=str(args.work / "compile-cache"),
-        cuda_graphs=args.cuda_graphs == "on",
+        model, path, args.size, "cuda", args.cuda_graphs, compile_cache_dir=str(args.work / "compile-cache")
     )
     runner = PipelineRunner(settings)
     runner.load()
@@ -141,7 +137,7 @@ def run_path(args: argparse.Namespace, model: Path, path: str) -> dict[str, Any]
         result = {
             "warmup_s": warmup_s,
             "attention_backend": runner.tuning.attention_backend if runner.tuning else None,
-            "cuda_graphs": runner.graphs is not None,
+            "cuda_graphs": sorted(runner.graphs),
             "generate": profile(lambda: runner.generate(spec), args.top),
             "forward": profile(forward, args.top),
         }
@@ -174,7 +170,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--top", type=int, default=25)
-    parser.add_argument("--cuda-graphs", choices=["on", "off"], default="on")
+    parser.add_argument(
+        "--cuda-graphs",
+        default="default",
+        help="default (the server's), none, or parts (text_encoder,transformer)",
+    )
     parser.add_argument("--out", type=Path, default=None, help="also write the figures as JSON here")
     args = parser.parse_args()
     import torch

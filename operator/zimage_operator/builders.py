@@ -149,6 +149,7 @@ def server_env(spec: ZImageServiceSpec) -> list[Manifest]:
         "ZIMAGE_LOG_LEVEL": runtime.log_level,
         "ZIMAGE_MAX_BATCH_SIZE": str(runtime.max_batch_size),
         "ZIMAGE_BATCH_WAIT_MS": str(runtime.batch_wait_ms),
+        "ZIMAGE_BATCH_LINGER_MS": str(runtime.batch_linger_ms),
         "ZIMAGE_MAX_QUEUE": str(runtime.max_queue),
         "ZIMAGE_REQUEST_TIMEOUT_S": str(runtime.request_timeout_seconds),
         "ZIMAGE_WARMUP_SIZES": ",".join(runtime.warmup_sizes),

@@ -54,6 +54,7 @@ class RuntimeSpec(_Model):
     compile: bool = True
     max_batch_size: int = Field(4, alias="maxBatchSize")
     batch_wait_ms: int = Field(10, alias="batchWaitMs")
+    batch_linger_ms: int = Field(100, alias="batchLingerMs")
     max_queue: int = Field(32, alias="maxQueue")
     request_timeout_seconds: int = Field(120, alias="requestTimeoutSeconds")
     warmup_sizes: list[str] = Field(default_factory=lambda: ["1024x1024"], alias="warmupSizes")

@@ -46,7 +46,7 @@ class AccelerationReport:
     fp8_linears: int = 0
     compiled: list[str] = field(default_factory=list)
     compile_cache_dir: str | None = None
-    cuda_graphs: bool = False
+    cuda_graphs: list[str] = field(default_factory=list)  # the parts replayed as CUDA graphs
 
 
 def check_attention_backend(name: str) -> None:

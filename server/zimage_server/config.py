@@ -93,15 +93,28 @@ class Settings(BaseSettings):
         "of the compile); default: torch's own under /tmp",
     )
 
-    cuda_graphs: bool = Field(
-        False,
-        description="Replay the transformer's forward as a CUDA graph per input shape (GPU only; pays "
-        "where the CPU limits and shapes repeat: small images, the same prompts)",
+    cuda_graphs: bool | None = Field(
+        None,
+        description="Replay parts of the pipeline as CUDA graphs, one per input shape (GPU only); "
+        "default: on for GPU",
+    )
+    cuda_graph_parts: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["text_encoder"],
+        description="What CUDA graphs cover (comma-separated): text_encoder, transformer (pays where the "
+        "CPU limits and shapes repeat: small images, the same prompts)",
     )
     max_cuda_graphs: int = Field(32, ge=1, le=1024, description="Most input shapes kept as CUDA graphs")
 
     max_batch_size: int = Field(4, ge=1, le=64, description="Most images in one forward pass")
     batch_wait_ms: float = Field(10.0, ge=0, le=10_000, description="How long a batch waits to fill up")
+    batch_linger_ms: float = Field(
+        100.0,
+        ge=0,
+        le=10_000,
+        description="Under load: how long after a batch ends the next one waits to fill up (clients just "
+        "answered often send their next request within tens of milliseconds); at most 5% of the last "
+        "batch's run time; 0: off",
+    )
     max_queue: int = Field(32, ge=1, description="Requests allowed to wait; more get 429")
     request_timeout_s: float = Field(120.0, gt=0, description="Seconds from arrival to answer; then 504")
 
@@ -150,7 +163,7 @@ class Settings(BaseSettings):
     default_quality: int = Field(90, ge=1, le=100, description="JPEG/WebP quality when a request names none")
     encode_threads: int = Field(2, ge=1, le=64)
 
-    @field_validator("warmup_sizes", "served_model_names", "compile_parts", mode="before")
+    @field_validator("warmup_sizes", "served_model_names", "compile_parts", "cuda_graph_parts", mode="before")
     @classmethod
     def _split_commas(cls, value: object) -> object:
         if isinstance(value, str):
@@ -178,6 +191,11 @@ class Settings(BaseSettings):
             if part not in COMPILABLE:
                 raise ValueError(f"compile_parts: {part!r} is not one of {', '.join(COMPILABLE)}")
 
+        from .cuda_graphs import GRAPHABLE
+
+        for part in self.cuda_graph_parts:
+            if part not in GRAPHABLE:
+                raise ValueError(f"cuda_graph_parts: {part!r} is not one of {', '.join(GRAPHABLE)}")
         check_attention_backend(self.attention_backend)
         if self.vram_limit is not None:
             from .vram import VramLimit

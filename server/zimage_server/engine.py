@@ -3,8 +3,12 @@
 Each job asks for ``n`` images of one size and step count. The worker takes the oldest job,
 fills a batch of up to ``max_batch_size`` images from it and from any later job with the same
 size and steps, waits at most ``batch_wait_ms`` for the batch to fill, and runs the pipeline
-once for the whole batch on a single worker thread. A job that is cancelled (timeout, client
-gone) before its images are taken costs no GPU time.
+once for the whole batch on a single worker thread. Right after a batch it waits a little
+longer, until ``batch_linger_ms`` after that batch ended (at most ``LINGER_SHARE`` of its run
+time) or until as many requests have arrived as the batch answered: clients that send their
+next request as soon as they have their images then join one batch instead of settling into
+half batches of their own, and a lone client never waits for company that is not coming. A
+job that is cancelled (timeout, client gone) before its images are taken costs no GPU time.
 """
 
 from __future__ import annotations
@@ -29,6 +33,9 @@ from .runner import BatchResult, BatchSpec, PipelineRunner
 logger = logging.getLogger(__name__)
 
 BatchKey = tuple[int, int, int]  # width, height, steps
+# The longest wait for a fuller batch after a batch, as a share of that batch's run time: what
+# a batch that does not fill loses at most.
+LINGER_SHARE = 0.05
 
 
 @dataclass(eq=False)
@@ -68,6 +75,11 @@ class Engine:
         self._running_cost = 0.0  # GPU-seconds of the batch on the GPU now
         self._running_jobs = 0
         self._progress = asyncio.Event()  # set whenever work finishes or leaves the queue
+        # After a batch: until when the next one waits for the requests it answered to come back,
+        # how many requests it answered, and how many have arrived since.
+        self._linger_until = 0.0
+        self._answered = 0
+        self._arrived_since = 0
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -135,6 +147,7 @@ class Engine:
                 headers={"Retry-After": str(self.retry_after())},
             )
         self._jobs.append(job)
+        self._arrived_since += 1
         self._update_gauges()
         self._arrived.set()
 
@@ -194,6 +207,10 @@ class Engine:
             self.cost.observe(key[0], key[1], key[2], len(batch), result.seconds)
             for (job, index), image in zip(batch, result.images, strict=True):
                 self._deliver(job, index, image)
+            linger = min(self.settings.batch_linger_ms / 1000.0, LINGER_SHARE * result.seconds)
+            self._linger_until = time.monotonic() + linger
+            self._answered = sum(1 for job in jobs if job.future.done())
+            self._arrived_since = 0
         finally:
             self._running_jobs = 0
             self.metrics.in_flight.set(0)
@@ -201,9 +218,11 @@ class Engine:
             self._progress.set()
 
     async def _wait_to_fill(self, key: BatchKey) -> None:
-        wait = self.settings.batch_wait_ms / 1000.0
-        deadline = time.monotonic() + wait
+        waited = time.monotonic() + self.settings.batch_wait_ms / 1000.0
         while self._fillable(key) < self.settings.max_batch_size:
+            deadline = waited
+            if self._arrived_since < self._answered:  # those just answered may be coming back
+                deadline = max(deadline, self._linger_until)
             left = deadline - time.monotonic()
             if left <= 0:
                 return

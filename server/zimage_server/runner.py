@@ -79,7 +79,7 @@ class PipelineRunner:
         self.compile = settings.compile if settings.compile is not None else self.device.type == "cuda"
         self.tuning: acceleration.AccelerationReport | None = None
         self.startup_seconds: dict[str, float] = {}
-        self.graphs: cuda_graphs.GraphedForward | None = None
+        self.graphs: dict[str, cuda_graphs.ShapeGraphs] = {}
 
     def load(self) -> None:
         from diffusers import ZImagePipeline
@@ -121,18 +121,27 @@ class PipelineRunner:
             # image tokens after the 2x2 patching of the 8x smaller latents, plus a prompt's
             attention_tokens=(width // 16) * (height // 16) + 64,
         )
-        if self._use_cuda_graphs():
-            self.graphs = cuda_graphs.install(pipe.transformer, self.settings.max_cuda_graphs)
-            self.tuning.cuda_graphs = True
+        self.graphs = self._install_cuda_graphs(pipe)
+        self.tuning.cuda_graphs = sorted(self.graphs)
         self.startup_seconds["tune"] = time.perf_counter() - started
         self.pipe = pipe
 
-    def _use_cuda_graphs(self) -> bool:
-        if self.settings.cuda_graphs and self.device.type != "cuda":
+    def _install_cuda_graphs(self, pipe: Any) -> dict[str, cuda_graphs.ShapeGraphs]:
+        wanted = self.settings.cuda_graphs
+        if wanted and self.device.type != "cuda":
             raise acceleration.AccelerationError(
                 f"cuda_graphs needs an NVIDIA GPU; the device is {self.device}"
             )
-        return self.settings.cuda_graphs
+        if not (wanted if wanted is not None else self.device.type == "cuda"):
+            return {}
+        graphs = {}
+        limit = self.settings.max_cuda_graphs
+        for part in self.settings.cuda_graph_parts:
+            if part == "transformer":
+                graphs[part] = cuda_graphs.install(pipe.transformer, "transformer", limit)
+            elif (graphed := cuda_graphs.install_text_encoder(pipe.text_encoder, limit)) is not None:
+                graphs[part] = graphed
+        return graphs
 
     def warmup_specs(self) -> list[BatchSpec]:
         """What start-up generates before ready: each warm-up size once. With compile, the first

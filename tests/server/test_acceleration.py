@@ -53,12 +53,45 @@ def test_a_server_asked_for_fp8_on_a_cpu_fails_its_load_with_that_reason(tiny_mo
 def test_cuda_graphs_are_off_on_a_cpu_and_refused_when_asked_for(tiny_model_dir: Path) -> None:
     runner = PipelineRunner(_settings(tiny_model_dir, compile=True))
     runner.load()
-    assert runner.graphs is None
+    assert runner.graphs == {}
     assert runner.tuning is not None
-    assert not runner.tuning.cuda_graphs
+    assert runner.tuning.cuda_graphs == []
     asked = PipelineRunner(_settings(tiny_model_dir, cuda_graphs=True))
     with pytest.raises(AccelerationError, match="cuda_graphs needs an NVIDIA GPU"):
         asked.load()
+    with pytest.raises(
+        ValidationError, match="cuda_graph_parts: 'vae' is not one of text_encoder, transformer"
+    ):
+        _settings(tiny_model_dir, cuda_graph_parts="text_encoder,vae")
+
+
+def test_the_text_encoders_ready_mask_gives_the_same_prompt_embeddings(tiny_model_dir: Path) -> None:
+    """The text encoder's graphs get a 4D causal padding mask instead of the 2D padding mask
+    (transformers reads the 2D one on the host, which a graph cannot capture): the same
+    embeddings for prompts of different lengths, padded to one window."""
+    from zimage_server import cuda_graphs
+
+    runner = PipelineRunner(_settings(tiny_model_dir))
+    runner.load()
+    pipe = runner.pipe
+    prompts = ["a red fox", "a lighthouse at dusk, oil painting, wide angle, stormy sea"]
+    window = prompt_window(pipe.tokenizer, prompts)
+
+    def embeddings() -> list[torch.Tensor]:
+        with torch.no_grad():
+            return list(
+                pipe.encode_prompt(
+                    list(prompts), do_classifier_free_guidance=False, max_sequence_length=window
+                )[0]
+            )
+
+    expected = embeddings()
+    assert cuda_graphs.install_text_encoder(pipe.text_encoder) is not None
+    found = embeddings()
+    assert [item.shape for item in found] == [item.shape for item in expected]
+    assert len({item.shape[0] for item in found}) == 2  # two lengths, each without its padding
+    for item, reference in zip(found, expected, strict=True):
+        torch.testing.assert_close(item, reference)
 
 
 def test_unknown_attention_backends_and_compile_parts_are_refused_by_name(tiny_model_dir: Path) -> None:

@@ -15,6 +15,10 @@ from .conftest import SLOW, RunningServer, ServerFactory
 
 pytestmark = pytest.mark.slow
 
+# About a second of the tiny model's work on a CPU, so 5% of it is ample for a client to come back.
+LINGER_WORK = {"size": "768x768", "num_inference_steps": 50}
+LINGER_WORK_SECONDS = 1.0
+
 
 def _post(server: RunningServer, body: dict[str, object], timeout: float = 60) -> httpx.Response:
     return httpx.post(f"{server.url}/v1/images/generations", json=body, timeout=timeout)
@@ -33,6 +37,31 @@ def test_concurrent_compatible_requests_share_one_forward_pass(serve: ServerFact
     assert metrics["zimage_images_generated_total"] == 4
     images = {r.json()["data"][0]["b64_json"] for r in responses}
     assert len(images) == 4, "each request got its own image back"
+
+
+def test_clients_that_come_straight_back_share_batches(serve: ServerFactory) -> None:
+    """Two clients, each sending its next request as soon as it has its image, the second
+    starting while the first one's image is generated. Without the linger after a batch they
+    alternate in batches of one; with it, a client just answered joins the other's request."""
+    body = {"prompt": "a fox", **LINGER_WORK}
+
+    def batches(linger_ms: float) -> int:
+        server = serve(max_batch_size=2, batch_wait_ms=0, batch_linger_ms=linger_ms)
+
+        def client(delay: float) -> list[int]:
+            time.sleep(delay)
+            return [_post(server, body).status_code for _ in range(3)]
+
+        with ThreadPoolExecutor(2) as pool:
+            statuses = list(pool.map(client, [0.0, LINGER_WORK_SECONDS / 3]))
+        assert statuses == [[200] * 3] * 2
+        metrics = server.metrics()
+        assert metrics["zimage_images_generated_total"] == 6
+        return int(metrics["zimage_batch_size_count"])
+
+    assert batches(0) == 6
+    # {1a} {2a 1b} {2b 1c} {2c}: the linger waits at most 5% of a batch's run time.
+    assert batches(10_000) == 4
 
 
 def test_a_batch_never_mixes_sizes_or_exceeds_the_limit(serve: ServerFactory) -> None:

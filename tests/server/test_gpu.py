@@ -60,20 +60,26 @@ def test_fp8_and_compile_serve_images(serve: ServerFactory) -> None:
     if torch.cuda.get_device_capability() < (8, 9):
         pytest.skip("float8 matmuls need compute capability 8.9 or newer")
     server = serve(
-        device="cuda", precision="fp8", cuda_graphs=True, warmup_sizes=["256x256"], max_batch_size=2
+        device="cuda",
+        precision="fp8",
+        cuda_graph_parts="transformer,text_encoder",
+        warmup_sizes=["256x256"],
+        max_batch_size=2,
     )
     runner = server.app.state.runner
     assert runner.tuning.fp8_linears == 4 * runner.pipe.transformer.config.n_layers
     assert runner.tuning.compiled == ["transformer", "vae", "text_encoder"]
-    assert runner.tuning.cuda_graphs
-    captured = runner.graphs.captures
-    assert captured >= 1  # the warm-up shapes
-    replays = runner.graphs.replays
+    assert runner.tuning.cuda_graphs == ["text_encoder", "transformer"]  # on by default on a GPU
+    transformer = runner.graphs["transformer"]
+    assert transformer.captures >= 1  # the warm-up shapes
+    replays = transformer.replays
     body = {"prompt": "a red fox", "size": "256x256", "num_inference_steps": 4, "n": 2}
-    response = httpx.post(f"{server.url}/v1/images/generations", json=body, timeout=120)
-    assert response.status_code == 200
-    assert all(base64.b64decode(d["b64_json"]).startswith(b"\x89PNG") for d in response.json()["data"])
-    assert runner.graphs.replays > replays
+    for _ in range(3):  # the text encoder's graph for this shape: run, captured, then replayed
+        response = httpx.post(f"{server.url}/v1/images/generations", json=body, timeout=120)
+        assert response.status_code == 200
+        assert all(base64.b64decode(d["b64_json"]).startswith(b"\x89PNG") for d in response.json()["data"])
+    assert transformer.replays > replays
+    assert runner.graphs["text_encoder"].replays >= 1
 
 
 def test_cuda_graphs_replay_the_same_images(tiny_model_dir: Path) -> None:
@@ -87,6 +93,7 @@ def test_cuda_graphs_replay_the_same_images(tiny_model_dir: Path) -> None:
             device="cuda",
             compile=False,
             cuda_graphs=graphs,
+            cuda_graph_parts=["transformer", "text_encoder"],
             warmup_sizes=["256x256"],
         )
         loaded = PipelineRunner(settings)
@@ -94,15 +101,17 @@ def test_cuda_graphs_replay_the_same_images(tiny_model_dir: Path) -> None:
         return loaded
 
     plain, graphed = runner(False), runner(True)
-    assert plain.graphs is None
-    assert graphed.graphs is not None
+    assert plain.graphs == {}
+    transformer, text_encoder = graphed.graphs["transformer"], graphed.graphs["text_encoder"]
     for prompts in (["a red fox"], ["a red fox", "a lighthouse at dusk, oil painting"]):
         spec = BatchSpec(prompts, list(range(len(prompts))), 256, 256, 6)
-        for _ in range(2):  # the second run replays every step
+        for _ in range(3):  # the second run captures the text encoder, the third replays it
             images = graphed.generate(spec).images
             expected = plain.generate(spec).images
             for image, reference in zip(images, expected, strict=True):
                 difference = np.abs(np.asarray(image, dtype=np.int16) - np.asarray(reference, dtype=np.int16))
                 assert difference.max() <= 1
-    assert graphed.graphs.captures == 2  # one graph per input shape
-    assert graphed.graphs.replays == 2 * 6 + 2 * 4  # 6 steps; the first run's first two do not replay
+    assert transformer.captures == 2  # one graph per input shape
+    assert transformer.replays == 2 * (6 + 6 + 4)  # 6 steps; the first run's first two do not replay
+    assert text_encoder.captures == 2
+    assert text_encoder.replays == 2

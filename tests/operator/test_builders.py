@@ -49,6 +49,8 @@ def test_runtime_settings_become_zimage_env() -> None:
         {
             "runtime": {
                 "maxBatchSize": 8,
+                "batchWaitMs": 20,
+                "batchLingerMs": 250,
                 "maxQueue": 64,
                 "requestTimeoutSeconds": 30,
                 "warmupSizes": ["512x512", "1024x1024"],
@@ -56,10 +58,29 @@ def test_runtime_settings_become_zimage_env() -> None:
         }
     )
     assert values["ZIMAGE_MAX_BATCH_SIZE"] == "8"
+    assert (values["ZIMAGE_BATCH_WAIT_MS"], values["ZIMAGE_BATCH_LINGER_MS"]) == ("20", "250")
     assert values["ZIMAGE_MAX_QUEUE"] == "64"
     assert values["ZIMAGE_REQUEST_TIMEOUT_S"] == "30"
     assert values["ZIMAGE_WARMUP_SIZES"] == "512x512,1024x1024"
     assert values["ZIMAGE_HOST"] == "0.0.0.0"
+
+
+def test_every_variable_the_operator_sets_is_a_server_setting_it_accepts(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A misspelt variable would be ignored by the server without a word: each must name a
+    setting, and the server must accept the values the operator writes."""
+    from zimage_server.config import Settings
+
+    values = env({"runtime": {"batchLingerMs": 250}, "vram": {"limit": "90%"}})
+    names = {name.removeprefix("ZIMAGE_").lower() for name in values if name.startswith("ZIMAGE_")}
+    # ZIMAGE_CACHE_DIR is where the built-in tiny model is built (read by tiny_model.py).
+    assert names - set(Settings.model_fields) == {"cache_dir"}
+    for name, value in values.items():
+        if name.startswith("ZIMAGE_") and isinstance(value, str):
+            monkeypatch.setenv(name, value)
+    settings = Settings(_env_file=None)
+    assert (settings.batch_linger_ms, settings.vram_limit, settings.port) == (250, "90%", 8000)
 
 
 def test_vram_settings_reach_the_server() -> None:

@@ -8,11 +8,10 @@ import gc
 import logging
 import time
 from collections.abc import AsyncIterator
-from concurrent.futures import ThreadPoolExecutor
 
 from fastapi import FastAPI
 
-from . import __version__
+from . import __version__, background
 from .api import router
 from .config import Settings
 from .engine import Engine
@@ -52,7 +51,7 @@ def create_app(settings: Settings, memory_source: MemorySource | None = None) ->
             prober = HealthProcess(settings.host, settings.health_port, settings.health_stall_s)
             prober.start()
         engine = Engine(runner, settings, metrics)
-        encoder = ThreadPoolExecutor(max_workers=settings.encode_threads, thread_name_prefix="zimage-encode")
+        encoder = background.pool(settings.encode_threads, "zimage-encode")
         app.state.service = ImageService(settings, engine, metrics, state, encoder)
         metrics.pending_gpu_seconds.set_function(engine.pending_gpu_seconds)
         engine.start()

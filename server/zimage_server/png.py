@@ -18,6 +18,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from PIL import Image
 
+from . import background
+
 try:  # zlib-ng writes the same deflate format about twice as fast
     from zlib_ng import zlib_ng as zlib
 except ImportError:  # the server depends on zlib-ng; plain zlib writes the same format
@@ -43,7 +45,7 @@ def _deflate(piece: memoryview, last: bool) -> bytes:
 def _threads() -> ThreadPoolExecutor:
     global _pool
     if _pool is None:
-        _pool = ThreadPoolExecutor(max_workers=SLICES, thread_name_prefix="png")
+        _pool = background.pool(SLICES, "png")
     return _pool
 
 

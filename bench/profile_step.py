@@ -3,8 +3,9 @@
 Loads the full-size random-weight model of ``bench/performance.py`` through the server's
 runner (its tuned path: compile, attention backend, fp8 when asked), warms up at batch 1,
 then profiles one generation and one transformer forward with ``torch.profiler``. Kernels are
-grouped as matmul, attention, fused (Inductor's Triton kernels), quantization (fp8) and other;
-``idle`` is the part of the wall time the GPU ran no kernel at all.
+grouped as matmul (bf16), fp8 matmul, attention, quantize (fp8 activations, fused or not),
+fused (Inductor's other Triton kernels) and other; ``idle`` is the part of the wall time the
+GPU ran no kernel at all.
 
     python bench/profile_step.py --work /tmp/zimage-bench --paths server-bf16,server-fp8 [--cuda-graphs none]
 """

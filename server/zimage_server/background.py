@@ -24,13 +24,16 @@ NICENESS = 10
 
 
 def lower_priority() -> None:
-    """Lower the calling thread's CPU priority by ``NICENESS`` (Linux only)."""
+    """Set the calling thread's nice value ``NICENESS`` above the main thread's (Linux only).
+
+    Relative to the main thread, not to the calling thread: a thread inherits the nice value
+    of the thread that starts it, and pool threads are started by whichever thread submits
+    work first (a PNG slice thread by an encoder thread, already lowered)."""
     if sys.platform != "linux":
         return
-    thread = threading.get_native_id()
     with contextlib.suppress(OSError):
-        current = os.getpriority(os.PRIO_PROCESS, thread)
-        os.setpriority(os.PRIO_PROCESS, thread, min(19, current + NICENESS))
+        main = os.getpriority(os.PRIO_PROCESS, os.getpid())  # the main thread's id is the pid
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), min(19, main + NICENESS))
 
 
 def pool(workers: int, name: str) -> ThreadPoolExecutor:

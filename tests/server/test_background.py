@@ -22,8 +22,13 @@ def _nice() -> int:
 def test_png_slices_and_the_servers_encoder_threads_run_at_a_lower_priority(serve: ServerFactory) -> None:
     serving = _nice()
     lowered = min(19, serving + background.NICENESS)
-    assert png._threads().submit(_nice).result() == lowered
     server = serve()
-    assert server.app.state.service.encoder.submit(_nice).result() == lowered
+    encoder = server.app.state.service.encoder
+    assert encoder.submit(_nice).result() == lowered
+    # Slice threads started from an encoder thread (as when an image is encoded) are lowered
+    # once, not twice: a new thread inherits the nice value of the thread that starts it.
+    with background.pool(2, "slices") as slices:
+        assert encoder.submit(lambda: slices.submit(_nice).result()).result() == lowered
+    assert png._threads().submit(_nice).result() == lowered
     # Only those threads: the caller's own priority is untouched.
     assert _nice() == serving

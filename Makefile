@@ -61,6 +61,9 @@ bench-gpu: install ## On a GPU machine: every benchmark at full size; rewrites d
 	$(PY) bench/performance.py --scale full --stages pipeline,text --repeat 2 --work $(BENCH_WORK)
 	$(PY) bench/performance.py --scale full --stages coldstart,http --paths server-bf16 --work $(BENCH_WORK)
 	$(PY) bench/probe_latency.py --device cuda --probes 300 --out $(BENCH_WORK)/probe
+	$(PY) bench/gemm_shapes.py --out $(BENCH_WORK)/gemm-b1.json
+	$(PY) bench/gemm_shapes.py --batch 4 --out $(BENCH_WORK)/gemm-b4.json
+	$(PY) bench/profile_step.py --work $(BENCH_WORK) --paths server-bf16,server-fp8 --out $(BENCH_WORK)/profile.json
 	$(PY) bench/performance.py --stages report --work $(BENCH_WORK) --doc docs/performance.md
 
 .PHONY: cluster-binaries

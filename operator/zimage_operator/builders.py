@@ -156,6 +156,8 @@ def server_env(spec: ZImageServiceSpec) -> list[Manifest]:
         "ZIMAGE_PRECISION": runtime.precision,
         "ZIMAGE_ATTENTION_BACKEND": runtime.attention_backend,
         "ZIMAGE_COMPILE": "true" if runtime.compile else "false",
+        "ZIMAGE_CUDA_GRAPHS": "true" if runtime.cuda_graphs else "false",
+        "ZIMAGE_CUDA_GRAPH_PARTS": ",".join(runtime.cuda_graphs),
         "ZIMAGE_VRAM_LIMIT": vram.limit,
         "ZIMAGE_VRAM_SCOPE": vram.scope,
         "ZIMAGE_CACHE_DIR": "/tmp/zimage",

@@ -14,6 +14,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 DEFAULT_MODEL = "hf://Tongyi-MAI/Z-Image-Turbo"
 
+# What the server may replay as CUDA graphs (its cuda_graph_parts), and its default.
+GraphPart = Literal["text_encoder", "transformer"]
+DEFAULT_GRAPH_PARTS: tuple[GraphPart, ...] = ("text_encoder",)
+
 
 class _Model(BaseModel):
     model_config = ConfigDict(extra="ignore", populate_by_name=True)
@@ -52,6 +56,9 @@ class RuntimeSpec(_Model):
     precision: Literal["bf16", "fp8"] = "bf16"
     attention_backend: str = Field("auto", alias="attentionBackend")
     compile: bool = True
+    cuda_graphs: list[GraphPart] = Field(
+        default_factory=lambda: list(DEFAULT_GRAPH_PARTS), alias="cudaGraphs"
+    )
     max_batch_size: int = Field(4, alias="maxBatchSize")
     batch_wait_ms: int = Field(10, alias="batchWaitMs")
     batch_linger_ms: int = Field(100, alias="batchLingerMs")

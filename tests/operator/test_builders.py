@@ -51,6 +51,7 @@ def test_runtime_settings_become_zimage_env() -> None:
                 "maxBatchSize": 8,
                 "batchWaitMs": 20,
                 "batchLingerMs": 250,
+                "cudaGraphs": ["transformer", "text_encoder"],
                 "maxQueue": 64,
                 "requestTimeoutSeconds": 30,
                 "warmupSizes": ["512x512", "1024x1024"],
@@ -59,6 +60,10 @@ def test_runtime_settings_become_zimage_env() -> None:
     )
     assert values["ZIMAGE_MAX_BATCH_SIZE"] == "8"
     assert (values["ZIMAGE_BATCH_WAIT_MS"], values["ZIMAGE_BATCH_LINGER_MS"]) == ("20", "250")
+    assert (values["ZIMAGE_CUDA_GRAPHS"], values["ZIMAGE_CUDA_GRAPH_PARTS"]) == (
+        "true",
+        "transformer,text_encoder",
+    )
     assert values["ZIMAGE_MAX_QUEUE"] == "64"
     assert values["ZIMAGE_REQUEST_TIMEOUT_S"] == "30"
     assert values["ZIMAGE_WARMUP_SIZES"] == "512x512,1024x1024"
@@ -81,6 +86,11 @@ def test_every_variable_the_operator_sets_is_a_server_setting_it_accepts(
             monkeypatch.setenv(name, value)
     settings = Settings(_env_file=None)
     assert (settings.batch_linger_ms, settings.vram_limit, settings.port) == (250, "90%", 8000)
+
+
+def test_cuda_graphs_default_to_the_text_encoder_and_an_empty_list_turns_them_off() -> None:
+    assert (env()["ZIMAGE_CUDA_GRAPHS"], env()["ZIMAGE_CUDA_GRAPH_PARTS"]) == ("true", "text_encoder")
+    assert env({"runtime": {"cudaGraphs": []}})["ZIMAGE_CUDA_GRAPHS"] == "false"
 
 
 def test_vram_settings_reach_the_server() -> None:

@@ -158,6 +158,11 @@ INVALID: list[tuple[str, dict[str, Any], str]] = [
     ("zero-batch", {"runtime": {"maxBatchSize": 0}}, "spec.runtime.maxBatchSize: Invalid value: 0"),
     ("port-too-big", {"service": {"port": 70000}}, "spec.service.port: Invalid value: 70000"),
     ("bad-warmup-size", {"runtime": {"warmupSizes": ["big"]}}, "spec.runtime.warmupSizes[0]"),
+    (
+        "bad-graph-part",
+        {"runtime": {"cudaGraphs": ["vae"]}},
+        'spec.runtime.cudaGraphs[0]: Unsupported value: "vae"',
+    ),
     ("bad-mode", {"autoscaling": {"mode": "magic"}}, 'spec.autoscaling.mode: Unsupported value: "magic"'),
     ("typo", {"replica": 2}, 'unknown field "spec.replica"'),
     ("bad-max-unavailable", {"disruption": {"maxUnavailable": "half"}}, "a count such as 1 or a percentage"),

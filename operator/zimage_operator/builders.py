@@ -156,7 +156,7 @@ def server_env(spec: ZImageServiceSpec) -> list[Manifest]:
         "ZIMAGE_PRECISION": runtime.precision,
         "ZIMAGE_ATTENTION_BACKEND": runtime.attention_backend,
         "ZIMAGE_COMPILE": "true" if runtime.compile else "false",
-        "ZIMAGE_CUDA_GRAPHS": "true" if runtime.cuda_graphs else "false",
+        # Only the parts: the server turns graphs on where it finds a GPU; none listed, none made.
         "ZIMAGE_CUDA_GRAPH_PARTS": ",".join(runtime.cuda_graphs),
         "ZIMAGE_VRAM_LIMIT": vram.limit,
         "ZIMAGE_VRAM_SCOPE": vram.scope,

@@ -60,10 +60,7 @@ def test_runtime_settings_become_zimage_env() -> None:
     )
     assert values["ZIMAGE_MAX_BATCH_SIZE"] == "8"
     assert (values["ZIMAGE_BATCH_WAIT_MS"], values["ZIMAGE_BATCH_LINGER_MS"]) == ("20", "250")
-    assert (values["ZIMAGE_CUDA_GRAPHS"], values["ZIMAGE_CUDA_GRAPH_PARTS"]) == (
-        "true",
-        "transformer,text_encoder",
-    )
+    assert values["ZIMAGE_CUDA_GRAPH_PARTS"] == "transformer,text_encoder"
     assert values["ZIMAGE_MAX_QUEUE"] == "64"
     assert values["ZIMAGE_REQUEST_TIMEOUT_S"] == "30"
     assert values["ZIMAGE_WARMUP_SIZES"] == "512x512,1024x1024"
@@ -88,9 +85,17 @@ def test_every_variable_the_operator_sets_is_a_server_setting_it_accepts(
     assert (settings.batch_linger_ms, settings.vram_limit, settings.port) == (250, "90%", 8000)
 
 
-def test_cuda_graphs_default_to_the_text_encoder_and_an_empty_list_turns_them_off() -> None:
-    assert (env()["ZIMAGE_CUDA_GRAPHS"], env()["ZIMAGE_CUDA_GRAPH_PARTS"]) == ("true", "text_encoder")
-    assert env({"runtime": {"cudaGraphs": []}})["ZIMAGE_CUDA_GRAPHS"] == "false"
+def test_cuda_graphs_default_to_the_text_encoder_and_an_empty_list_turns_them_off(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from zimage_server.config import Settings
+
+    assert env()["ZIMAGE_CUDA_GRAPH_PARTS"] == "text_encoder"
+    # Graphs stay the server's choice (on where it finds a GPU), so a CPU pod still starts.
+    assert "ZIMAGE_CUDA_GRAPHS" not in env()
+    none = env({"runtime": {"cudaGraphs": []}})["ZIMAGE_CUDA_GRAPH_PARTS"]
+    monkeypatch.setenv("ZIMAGE_CUDA_GRAPH_PARTS", none)
+    assert Settings(_env_file=None).cuda_graph_parts == []
 
 
 def test_vram_settings_reach_the_server() -> None:

@@ -172,6 +172,14 @@ def server_settings(
     )
 
 
+def text_window(path: str, tokenizer: Any) -> int:
+    """The text encoder's token window: the pipeline's full one for the baseline, the one the
+    server's runner picks for the prompt otherwise."""
+    from zimage_server.runner import MAX_PROMPT_TOKENS, prompt_window
+
+    return MAX_PROMPT_TOKENS if path == "diffusers" else prompt_window(tokenizer, [PROMPT])
+
+
 def encode_prompts(pipe: Any, batch: int, window: int) -> Any:
     """The pipeline's prompt encoding of ``batch`` copies of the prompt in a ``window`` of
     tokens. A new list each call: the pipeline writes its chat template into the list."""
@@ -203,7 +211,7 @@ def stage_text(args: argparse.Namespace, model: Path, results: dict[str, Any]) -
 def text_path(args: argparse.Namespace, model: Path, path: str, device: str) -> dict[str, Any]:
     import torch
 
-    from zimage_server.runner import PipelineRunner, prompt_window
+    from zimage_server.runner import PipelineRunner
 
     settings = server_settings(
         model, path, args.size, device, args.cuda_graphs, compile_parts=["text_encoder"]
@@ -216,7 +224,7 @@ def text_path(args: argparse.Namespace, model: Path, path: str, device: str) -> 
     else:
         runner.load()
     pipe = runner.pipe
-    window = 512 if path == "diffusers" else prompt_window(pipe.tokenizer, [PROMPT])
+    window = text_window(path, pipe.tokenizer)
     row: dict[str, Any] = {"window": window}
     with torch.no_grad():
         for batch in (1, 4):
@@ -335,7 +343,7 @@ def measure_path(
 ) -> Any:
     import torch
 
-    from zimage_server.runner import TURBO_GUIDANCE_SCALE, BatchSpec, PipelineRunner, prompt_window
+    from zimage_server.runner import TURBO_GUIDANCE_SCALE, BatchSpec, PipelineRunner
 
     if cuda:
         torch.cuda.empty_cache()
@@ -364,7 +372,7 @@ def measure_path(
         row["attention_ms"] = {k: v for k, v in runner.tuning.attention_ms.items() if v != float("inf")}
         row["fp8_linears"] = runner.tuning.fp8_linears
         row["cuda_graphs"] = runner.tuning.cuda_graphs
-    window = 512 if path == "diffusers" else prompt_window(runner.pipe.tokenizer, [PROMPT])
+    window = text_window(path, runner.pipe.tokenizer)
     for batch in (1, 4):
         spec = BatchSpec([PROMPT] * batch, list(range(batch)), width, height, args.steps)
         if path == "diffusers":
@@ -490,6 +498,15 @@ def post_images(port: int, body: str, count: int, errors: list[str]) -> None:
     conn.close()
 
 
+def run_clients(port: int, body: str, clients: int, each: int, errors: list[str]) -> None:
+    """``clients`` concurrent clients, each posting ``each`` requests one after another."""
+    threads = [threading.Thread(target=post_images, args=(port, body, each, errors)) for _ in range(clients)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+
 def stage_http(args: argparse.Namespace, model: Path, results: dict[str, Any]) -> None:
     rows = results.setdefault("http", {})
     for path in served_paths(args):
@@ -503,14 +520,7 @@ def stage_http(args: argparse.Namespace, model: Path, results: dict[str, Any]) -
 
             # The request path warm before the clock starts: full batches of this prompt have
             # run (and been captured as CUDA graphs), as on a server that has been serving.
-            warm = [
-                threading.Thread(target=post_images, args=(port, body, 2, errors))
-                for _ in range(args.clients)
-            ]
-            for thread in warm:
-                thread.start()
-            for thread in warm:
-                thread.join()
+            run_clients(port, body, args.clients, 2, errors)
             names = (
                 "zimage_encode_duration_seconds_sum",
                 "zimage_encode_duration_seconds_count",
@@ -519,15 +529,8 @@ def stage_http(args: argparse.Namespace, model: Path, results: dict[str, Any]) -
                 "zimage_batch_duration_seconds_sum",
             )
             before = {name: metric(port, name) for name in names}
-            threads = [
-                threading.Thread(target=post_images, args=(port, body, per_client, errors))
-                for _ in range(args.clients)
-            ]
             started = time.perf_counter()
-            for thread in threads:
-                thread.start()
-            for thread in threads:
-                thread.join()
+            run_clients(port, body, args.clients, per_client, errors)
             elapsed = time.perf_counter() - started
             if errors:
                 raise RuntimeError(f"{len(errors)} requests failed, first: {errors[0]}")

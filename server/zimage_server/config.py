@@ -13,6 +13,12 @@ SIZE_RE = re.compile(r"^(\d{1,5})x(\d{1,5})$")
 SIZE_MULTIPLE = 16
 
 
+def _check_parts(setting: str, parts: list[str], allowed: tuple[str, ...]) -> None:
+    for part in parts:
+        if part not in allowed:
+            raise ValueError(f"{setting}: {part!r} is not one of {', '.join(allowed)}")
+
+
 def parse_size(value: str) -> tuple[int, int]:
     """Parse ``"WxH"`` into ``(width, height)``; raise ``ValueError`` with a readable message."""
     match = SIZE_RE.match(value.strip().lower())
@@ -186,16 +192,10 @@ class Settings(BaseSettings):
         for size in [self.default_size, *self.warmup_sizes]:
             self.check_size(size)
         from .acceleration import COMPILABLE, check_attention_backend
-
-        for part in self.compile_parts:
-            if part not in COMPILABLE:
-                raise ValueError(f"compile_parts: {part!r} is not one of {', '.join(COMPILABLE)}")
-
         from .cuda_graphs import GRAPHABLE
 
-        for part in self.cuda_graph_parts:
-            if part not in GRAPHABLE:
-                raise ValueError(f"cuda_graph_parts: {part!r} is not one of {', '.join(GRAPHABLE)}")
+        _check_parts("compile_parts", self.compile_parts, COMPILABLE)
+        _check_parts("cuda_graph_parts", self.cuda_graph_parts, GRAPHABLE)
         check_attention_backend(self.attention_backend)
         if self.vram_limit is not None:
             from .vram import VramLimit

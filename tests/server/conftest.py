@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 import pytest
 import uvicorn
 from prometheus_client.parser import text_string_to_metric_families
@@ -21,6 +22,11 @@ from zimage_server.tiny_model import make_tiny_model
 
 # A request that keeps the tiny model busy for a second or more on a 2-core machine.
 SLOW = {"size": "1024x1024", "num_inference_steps": 30}
+
+
+def pixel_difference(image: Any, reference: Any) -> np.ndarray:
+    """Per-value absolute difference of two 8-bit images (PIL images or arrays of 0-255)."""
+    return np.abs(np.asarray(image, dtype=np.int16) - np.asarray(reference, dtype=np.int16))
 
 
 @pytest.fixture(scope="session")

@@ -15,6 +15,8 @@ from zimage_server.acceleration import AccelerationError, check_attention_backen
 from zimage_server.config import Settings
 from zimage_server.runner import MAX_PROMPT_TOKENS, BatchSpec, PipelineRunner, prompt_tokens, prompt_window
 
+from .conftest import pixel_difference
+
 
 def _settings(model: Path, **values: object) -> Settings:
     base: dict[str, object] = {"model": str(model), "device": "cpu", "warmup_sizes": ["256x256"]}
@@ -180,8 +182,7 @@ def test_compiled_pipeline_matches_eager_and_does_not_recompile_after_warm_up(
         images = tuned.generate(spec).images
         reference = eager.generate(spec).images
         for image, expected in zip(images, reference, strict=True):
-            difference = np.abs(np.asarray(image, dtype=np.int16) - np.asarray(expected, dtype=np.int16))
-            assert difference.mean() < 2.0, "compiled output strays from eager"
+            assert pixel_difference(image, expected).mean() < 2.0, "compiled output strays from eager"
     assert counters["frames"]["ok"] == compiled_frames, "a request shape was compiled after warm-up"
 
 
@@ -225,8 +226,7 @@ def test_prompts_are_encoded_at_their_own_length_with_the_same_images(tiny_model
         max_sequence_length=MAX_PROMPT_TOKENS,
     ).images
     for image, expected in zip(images, full, strict=True):
-        difference = np.abs(np.asarray(image, dtype=np.int16) - np.round(expected * 255).astype(np.int16))
-        assert difference.max() <= 1
+        assert pixel_difference(image, np.round(expected * 255)).max() <= 1
     tokenizer.padding_side = "left"  # positions would move with the padding: the full window stays
     try:
         assert prompt_window(tokenizer, [short]) == MAX_PROMPT_TOKENS

@@ -18,7 +18,7 @@ from .engine import Engine
 from .errors import install_error_handlers
 from .health import HealthProcess, probe_responses
 from .metrics import Metrics
-from .middleware import RequestMetricsMiddleware
+from .middleware import ApiKeyMiddleware, RequestMetricsMiddleware
 from .runner import BatchSpec, PipelineRunner
 from .service import ImageService
 from .state import Phase, ServerState
@@ -91,6 +91,8 @@ def create_app(settings: Settings, memory_source: MemorySource | None = None) ->
     app.state.runner = runner
     app.state.vram = sampler
     install_error_handlers(app)
+    if settings.keys:
+        app.add_middleware(ApiKeyMiddleware, keys=settings.keys)
     app.add_middleware(RequestMetricsMiddleware, metrics=metrics)
     app.include_router(router)
     return app

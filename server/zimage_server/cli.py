@@ -35,18 +35,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _prefetch(args: list[str]) -> int:
-    from pydantic import ValidationError
-    from pydantic_settings import CliApp
-
-    from .config import Settings
+    from .config import load_settings
     from .model_source import ModelSource, ModelSourceError, resolve
 
     try:
-        settings = CliApp.run(Settings, cli_args=args)
+        settings = load_settings(args)
         source = ModelSource.parse(settings.model, settings.revision)
         token = settings.hf_token.get_secret_value() if settings.hf_token else None
         path = resolve(source, settings.hf_cache_dir, token)
-    except (ValidationError, ModelSourceError) as exc:
+    except (ValueError, ModelSourceError) as exc:
         print(f"zimage-server prefetch: {exc}", file=sys.stderr)
         return 1
     print(f"{source} is in {path}")
@@ -65,16 +62,12 @@ def _make_tiny_model(args: list[str]) -> int:
 
 
 def _serve(args: list[str]) -> int:
-    from pydantic import ValidationError
-    from pydantic_settings import CliApp
-
-    from .config import Settings
-    from .model_source import ModelSource, ModelSourceError
+    from .config import load_settings
+    from .model_source import ModelSourceError
 
     try:
-        settings = CliApp.run(Settings, cli_args=args)
-        ModelSource.parse(settings.model, settings.revision)
-    except (ValidationError, ModelSourceError) as exc:
+        settings = load_settings(args)
+    except (ValueError, ModelSourceError) as exc:
         print(f"zimage-server: invalid settings:\n{exc}", file=sys.stderr)
         return 2
     logging.basicConfig(

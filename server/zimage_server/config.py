@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import re
+from collections.abc import Mapping, Sequence
 from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
@@ -50,6 +52,11 @@ class Settings(BaseSettings):
     revision: str = Field("main", description="Hub revision when model is hf://REPO without @REVISION")
     hf_cache_dir: str | None = Field(None, description="Hugging Face cache directory (default: HF_HOME)")
     hf_token: SecretStr | None = Field(None, description="Hub token for gated or private repositories")
+    api_keys: SecretStr | None = Field(
+        None,
+        description="Bearer keys a client must send to the images API (one per line or comma-separated); "
+        "unset: no authentication. Health, load and metrics stay open for probes and scrapers",
+    )
     served_model_names: Annotated[list[str], NoDecode] = Field(
         default_factory=lambda: ["z-image-turbo", "Tongyi-MAI/Z-Image-Turbo"],
         description="Names a request's 'model' field may use (comma-separated); the first is reported",
@@ -201,7 +208,17 @@ class Settings(BaseSettings):
             from .vram import VramLimit
 
             VramLimit.parse(self.vram_limit)
+        if self.api_keys is not None and not self.keys:
+            raise ValueError("api_keys is set but holds no key; unset it to turn authentication off")
         return self
+
+    @property
+    def keys(self) -> frozenset[str]:
+        """The accepted API keys; empty when authentication is off."""
+        if self.api_keys is None:
+            return frozenset()
+        text = self.api_keys.get_secret_value()
+        return frozenset(key.strip() for key in re.split(r"[,\n]", text) if key.strip())
 
     @property
     def drain_seconds(self) -> float:
@@ -221,6 +238,42 @@ class Settings(BaseSettings):
                     f"size {size!r}: width and height must be between {self.min_size} and {self.max_size}"
                 )
         return width, height
+
+
+# ZIMAGE_ names that are not server settings but belong to the project's other programs.
+OTHER_VARIABLES = frozenset({"ZIMAGE_CACHE_DIR", "ZIMAGE_CLUSTER_CACHE"})
+OTHER_PREFIXES = ("ZIMAGE_OPERATOR_",)
+
+
+def unknown_variables(environ: Mapping[str, str]) -> list[str]:
+    """``ZIMAGE_*`` names in ``environ`` that no setting reads: a typo must not pass silently."""
+    known = {f"ZIMAGE_{name.upper()}" for name in Settings.model_fields}
+    return sorted(
+        name
+        for name in environ
+        if name.upper().startswith("ZIMAGE_")
+        and name.upper() not in known | OTHER_VARIABLES
+        and not name.upper().startswith(OTHER_PREFIXES)
+    )
+
+
+def load_settings(args: Sequence[str] = ()) -> Settings:
+    """The settings from flags and the environment, checked as ``serve`` checks them before it
+    starts. Raises ``ValueError`` (pydantic's ``ValidationError`` is one) or ``ModelSourceError``,
+    each saying what to fix."""
+    from pydantic_settings import CliApp
+
+    from .model_source import ModelSource
+
+    unknown = unknown_variables(os.environ)
+    if unknown:
+        raise ValueError(
+            f"unknown setting {', '.join(unknown)} in the environment; "
+            "`zimage-server serve --help` lists the settings (each read as ZIMAGE_<NAME>)"
+        )
+    settings = CliApp.run(Settings, cli_args=list(args))
+    ModelSource.parse(settings.model, settings.revision)
+    return settings
 
 
 def _round(side: int) -> int:

@@ -9,7 +9,7 @@ from pydantic import ValidationError
 from pydantic_settings import CliApp
 
 from zimage_server.cli import main
-from zimage_server.config import Settings, parse_size
+from zimage_server.config import Settings, parse_size, unknown_variables
 
 
 def test_environment_variables_configure_the_server(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -81,3 +81,33 @@ def test_parse_size(text: str, expected: tuple[int, int]) -> None:
 def test_parse_size_refuses_other_shapes(text: str) -> None:
     with pytest.raises(ValueError, match="must look like"):
         parse_size(text)
+
+
+def test_an_unknown_zimage_variable_stops_the_server(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("ZIMAGE_MAX_BATCHSIZE", "8")  # a typo of ZIMAGE_MAX_BATCH_SIZE
+    assert main(["serve"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown setting ZIMAGE_MAX_BATCHSIZE" in err
+    assert "serve --help" in err
+
+
+def test_other_programs_variables_are_not_unknown() -> None:
+    environ = {
+        "ZIMAGE_MAX_QUEUE": "3",
+        "zimage_port": "80",
+        "ZIMAGE_CACHE_DIR": "/tmp/zimage",
+        "ZIMAGE_OPERATOR_NAMESPACES": "ml",
+        "ZIMAGE_QUEUE": "3",
+    }
+    assert unknown_variables(environ) == ["ZIMAGE_QUEUE"]
+
+
+def test_api_keys_are_read_one_per_line_or_comma_separated(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ZIMAGE_API_KEYS", "alpha, beta\ngamma\n")
+    settings = Settings(_env_file=None)
+    assert settings.keys == {"alpha", "beta", "gamma"}
+    assert "alpha" not in repr(settings), "keys must never be printed"
+    with pytest.raises(ValidationError, match="holds no key"):
+        Settings(_env_file=None, api_keys=" ,\n")

@@ -1,89 +1,140 @@
-"""The built-in autoscaler's decision: replicas from the diffusion load of the ready pods.
-
-Pure: the caller reads the pods' ``/load`` and keeps the history; ``decide`` only computes.
-"""
+"""The built-in autoscaler's loop: read the load of each service's ready pods, decide, and
+scale through the reconciler. One slow or unreachable pod cannot stall it: reads run
+concurrently with a short timeout, and a pod that does not answer is reported, not idle."""
 
 from __future__ import annotations
 
-import math
-from collections import deque
-from dataclasses import dataclass, field
+import asyncio
+import logging
+import time
+from typing import Any
 
-from .spec import AutoscalingSpec
+import httpx
 
-# Scale down by at most this fraction of the current replicas per decision (at least one pod).
-MAX_SCALE_DOWN_FRACTION = 0.5
+from . import builders
+from .builders import Owner
+from .config import OperatorSettings
+from .kube import Kube
+from .reconcile import EventSink, Reconciler
+from .scaling import Decision, History, PodLoad, decide
+from .spec import InvalidSpecError, parse_spec
+from .status import now_rfc3339
 
-
-@dataclass(frozen=True)
-class PodLoad:
-    name: str
-    reachable: bool
-    queue_depth: int = 0
-    in_flight: int = 0
-    pending_gpu_seconds: float = 0.0
-    error: str | None = None
-
-    @property
-    def busy(self) -> bool:
-        # A pod we cannot read is not known to be idle.
-        return not self.reachable or self.queue_depth > 0 or self.in_flight > 0
+logger = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class Decision:
-    desired: int
-    recommended: int
-    load: int  # requests queued or running on the reachable pods
-    pending_gpu_seconds: float
-    reason: str
-    unreachable: tuple[str, ...]
+def ready_pods(pods: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    ready = []
+    for pod in pods:
+        status = pod.get("status") or {}
+        if pod["metadata"].get("deletionTimestamp") or not status.get("podIP"):
+            continue
+        if any(
+            c.get("type") == "Ready" and c.get("status") == "True" for c in status.get("conditions") or []
+        ):
+            ready.append(pod)
+    return ready
 
 
-@dataclass
-class History:
-    """Recent recommendations, for the scale-down stabilization window."""
+class Autoscaler:
+    def __init__(
+        self, kube: Kube, reconciler: Reconciler, settings: OperatorSettings, post_event: EventSink
+    ) -> None:
+        self.kube = kube
+        self.reconciler = reconciler
+        self.settings = settings
+        self.post_event = post_event
+        self.histories: dict[str, History] = {}
+        self._written: dict[str, tuple[int, str]] = {}
 
-    entries: deque[tuple[float, int]] = field(default_factory=deque)
+    async def run_forever(self) -> None:
+        async with httpx.AsyncClient(timeout=self.settings.load_timeout_seconds) as http:
+            while True:
+                await asyncio.sleep(self.settings.autoscale_seconds)
+                try:
+                    await self.tick(http)
+                except Exception:
+                    logger.exception("autoscaler pass failed")
 
-    def add(self, now: float, recommended: int, window: float) -> int:
-        """Record ``recommended``; return the highest recommendation within ``window``."""
-        self.entries.append((now, recommended))
-        while self.entries and self.entries[0][0] < now - window:
-            self.entries.popleft()
-        return max(value for _, value in self.entries)
+    async def tick(self, http: httpx.AsyncClient) -> None:
+        loop = asyncio.get_running_loop()
+        services = await loop.run_in_executor(None, self.kube.list_services, self.settings.namespaces)
+        await asyncio.gather(*(self._scale(http, body) for body in services), return_exceptions=True)
 
-
-def decide(
-    spec: AutoscalingSpec, current: int, pods: list[PodLoad], history: History, now: float
-) -> Decision:
-    reachable = [pod for pod in pods if pod.reachable]
-    unreachable = tuple(sorted(pod.name for pod in pods if not pod.reachable))
-    load = sum(pod.queue_depth + pod.in_flight for pod in reachable)
-    pending = sum(pod.pending_gpu_seconds for pod in reachable)
-    recommended = math.ceil(load / spec.target_queue_per_replica)
-    low, high = spec.min_replicas, spec.max_replicas
-    recommended = max(low, min(high, recommended))
-    stable = history.add(now, recommended, spec.scale_down_stabilization_seconds)
-
-    if current > high:
-        desired, reason = high, f"clamped to maxReplicas {high}"
-    elif recommended > current:
-        desired, reason = (
-            recommended,
-            f"load {load} needs {recommended} replicas at {spec.target_queue_per_replica} each",
+    async def _scale(self, http: httpx.AsyncClient, body: dict[str, Any]) -> None:
+        try:
+            spec = parse_spec(body.get("spec"))
+        except InvalidSpecError:
+            return
+        meta = body["metadata"]
+        if spec.autoscaling.mode != "builtin" or meta.get("deletionTimestamp"):
+            return
+        owner = Owner(meta["name"], meta["namespace"], meta["uid"])
+        loop = asyncio.get_running_loop()
+        deployment = await loop.run_in_executor(
+            None, self.kube.get, "apps/v1", "Deployment", owner.namespace, owner.name
         )
-    elif stable < current:
-        step = max(1, math.floor(current * MAX_SCALE_DOWN_FRACTION))
-        busy = sum(1 for pod in pods if pod.busy)
-        desired = max(stable, current - step, busy, low)
-        reason = (
-            f"load {load} has needed at most {stable} replicas for {spec.scale_down_stabilization_seconds}s"
+        if deployment is None:
+            return
+        current = int((deployment.get("spec") or {}).get("replicas") or 0)
+        if current == 0 and spec.needs_cache:
+            return  # waiting for the model cache; the reconciler owns this
+        pods = await loop.run_in_executor(
+            None, self.kube.list_objects, "v1", "Pod", owner.namespace, builders.selector_string(owner)
         )
-        if desired == current:
-            reason = f"{busy} busy or unreachable pods hold the scale at {current}"
-    else:
-        desired, reason = max(low, min(high, current)), f"load {load} fits {current} replicas"
-    if unreachable:
-        reason += f"; unreachable: {', '.join(unreachable)}"
-    return Decision(desired, recommended, load, pending, reason, unreachable)
+        loads = await asyncio.gather(*(self._read(http, pod) for pod in ready_pods(pods)))
+        history = self.histories.setdefault(owner.uid, History())
+        decision = decide(
+            spec.autoscaling, current, list(loads), history, time.monotonic(), builders.replica_floor(spec)
+        )
+        await self._record(body, owner, current, decision)
+
+    async def _read(self, http: httpx.AsyncClient, pod: dict[str, Any]) -> PodLoad:
+        name = pod["metadata"]["name"]
+        url = f"http://{pod['status']['podIP']}:{builders.SERVER_PORT}/load"
+        try:
+            response = await http.get(url)
+            response.raise_for_status()
+            load = response.json()
+            return PodLoad(
+                name,
+                True,
+                int(load.get("queue_depth", 0)),
+                int(load.get("in_flight", 0)),
+                float(load.get("pending_gpu_seconds", 0.0)),
+            )
+        except (httpx.HTTPError, ValueError) as exc:
+            return PodLoad(name, False, error=f"{type(exc).__name__}: {exc}")
+
+    async def _record(self, body: dict[str, Any], owner: Owner, current: int, decision: Decision) -> None:
+        previous = (body.get("status") or {}).get("autoscaling") or {}
+        scaled = decision.desired != current
+        key = f"{owner.namespace}/{owner.name}"
+        summary = (decision.desired, decision.reason)
+        if (
+            not scaled
+            and self._written.get(key) == summary
+            and previous.get("desiredReplicas") == decision.desired
+        ):
+            return
+        record = {
+            "desiredReplicas": decision.desired,
+            "currentReplicas": current,
+            "currentLoad": decision.load,
+            "pendingGpuSeconds": round(decision.pending_gpu_seconds, 3),
+            "reason": decision.reason,
+            "unreachablePods": list(decision.unreachable),
+            "lastScaleTime": now_rfc3339() if scaled else previous.get("lastScaleTime"),
+        }
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(
+            None, self.kube.patch_status, owner.namespace, owner.name, {"autoscaling": record}
+        )
+        self._written[key] = summary
+        if scaled:
+            verb = "ScaledUp" if decision.desired > current else "ScaledDown"
+            logger.info("%s %s: %d -> %d (%s)", verb, key, current, decision.desired, decision.reason)
+            self.post_event(
+                body, "Normal", verb, f"{current} -> {decision.desired} replicas: {decision.reason}"
+            )
+            await loop.run_in_executor(None, self.reconciler.reconcile, owner.namespace, owner.name)

@@ -5,6 +5,7 @@ Nothing here talks to the API server, so every property is unit-tested without a
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,6 +34,10 @@ STARTUP_PERIOD_SECONDS = 10
 STARTUP_BUDGET_SECONDS = 1200
 
 Manifest = dict[str, Any]
+# The longest ZImageService name (the CRD refuses longer ones): NAME-prefetch-0123abcd, the
+# prefetch Job's name and so a label value, must fit in 63 characters.
+MAX_NAME_LENGTH = 45
+_DNS_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 
 
 @dataclass(frozen=True)
@@ -50,6 +55,17 @@ class Owner:
             "controller": True,
             "blockOwnerDeletion": True,
         }
+
+
+def name_problem(name: str) -> str | None:
+    """Why children cannot be named after ``name``, or None. The CRD refuses such names at apply;
+    one stored under an older CRD may still have one."""
+    if len(name) > MAX_NAME_LENGTH or not _DNS_LABEL.match(name):
+        return (
+            f"metadata.name {name!r} cannot name the children: it must start with a letter, hold only "
+            f"lower-case letters, digits and '-', and be at most {MAX_NAME_LENGTH} characters"
+        )
+    return None
 
 
 def selector_labels(owner: Owner) -> dict[str, str]:
@@ -313,7 +329,7 @@ def build_hpa(owner: Owner, spec: ZImageServiceSpec) -> Manifest:
         "metadata": _metadata(owner, owner.name, common_labels(owner)),
         "spec": {
             "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": owner.name},
-            "minReplicas": max(1, scaling.min_replicas),  # zero needs the HPAScaleToZero gate
+            "minReplicas": replica_floor(spec),
             "maxReplicas": scaling.max_replicas,
             "metrics": [
                 {
@@ -353,7 +369,7 @@ def build_scaled_object(owner: Owner, spec: ZImageServiceSpec, settings: Operato
         "metadata": _metadata(owner, owner.name, common_labels(owner)),
         "spec": {
             "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": owner.name},
-            "minReplicaCount": scaling.min_replicas,
+            "minReplicaCount": replica_floor(spec),
             "maxReplicaCount": scaling.max_replicas,
             "cooldownPeriod": scaling.scale_down_stabilization_seconds,
             "advanced": {
@@ -469,12 +485,19 @@ def build_prefetch_job(owner: Owner, spec: ZImageServiceSpec, settings: Operator
     }
 
 
+def replica_floor(spec: ZImageServiceSpec) -> int:
+    """The fewest replicas an autoscaler may choose: minReplicas, or ``spec.replicas`` where that
+    is higher (``kubectl scale zis`` sets it), never above maxReplicas."""
+    scaling = spec.autoscaling
+    return min(scaling.max_replicas, max(scaling.min_replicas, spec.replicas))
+
+
 def desired_replicas(spec: ZImageServiceSpec, current: int | None, model_ready: bool) -> int:
     """Replicas to ask of the Deployment. Zero until the model cache is filled."""
     if not model_ready:
         return 0
     if spec.autoscaling.mode == "none":
         return spec.replicas
-    low, high = spec.autoscaling.min_replicas, spec.autoscaling.max_replicas
+    low, high = replica_floor(spec), spec.autoscaling.max_replicas
     start = low if current is None else current
     return max(low, min(high, start))

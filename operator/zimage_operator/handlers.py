@@ -12,11 +12,11 @@ from typing import Any
 import kopf
 from kubernetes import client, config
 
+from .autoscaler import Autoscaler
 from .builders import GROUP, KIND, PLURAL, VERSION
 from .config import OperatorSettings
 from .kube import Kube
 from .reconcile import Reconciler, TemporaryFailureError
-from .scaling import Autoscaler
 
 logger = logging.getLogger(__name__)
 

@@ -98,6 +98,10 @@ class Reconciler:
         except InvalidSpecError as exc:
             self._write_status(body, owner, generation, invalid=str(exc))
             return
+        problem = builders.name_problem(owner.name)
+        if problem is not None:
+            self._write_status(body, owner, generation, invalid=problem)
+            return
 
         job_name = prefetch_name(owner, spec)
         job = self.kube.get("batch/v1", "Job", owner.namespace, job_name) if spec.needs_cache else None

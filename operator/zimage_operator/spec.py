@@ -107,8 +107,12 @@ class DisruptionSpec(_Model):
     max_unavailable: int | str = Field(1, alias="maxUnavailable")
 
 
+class ApiKeySecretRef(SecretKeyRef):
+    key: str = "keys"
+
+
 class AuthSpec(_Model):
-    api_key_secret_ref: SecretKeyRef | None = Field(None, alias="apiKeySecretRef")
+    api_key_secret_ref: ApiKeySecretRef | None = Field(None, alias="apiKeySecretRef")
 
 
 class ZImageServiceSpec(_Model):
@@ -128,6 +132,14 @@ class ZImageServiceSpec(_Model):
         return self.model.scheme == "hf" and self.model.cache is not None
 
 
+# The sides the server accepts by default (its min_size and max_size), in multiples of 16.
+MIN_SIDE, MAX_SIDE = 256, 2048
+
+
+def _server_side(side: int) -> bool:
+    return side % 16 == 0 and MIN_SIDE <= side <= MAX_SIDE
+
+
 class InvalidSpecError(ValueError):
     """A spec the schema admitted but the operator cannot act on; becomes a Degraded condition."""
 
@@ -143,13 +155,18 @@ def parse_spec(raw: dict[str, Any] | None) -> ZImageServiceSpec:
         raise InvalidSpecError(f"spec.model.source: unsupported scheme in {spec.model.source!r}")
     if spec.model.scheme == "pvc" and not spec.model.source.removeprefix("pvc://").split("/", 1)[0]:
         raise InvalidSpecError("spec.model.source: pvc:// needs a claim name, as in pvc://CLAIM/PATH")
+    # The CRD refuses these at apply; a resource stored under an older CRD may still hold them.
     for size in spec.runtime.warmup_sizes:
         width, _, height = size.partition("x")
-        if int(width) % 16 or int(height) % 16:
+        if not all(side.isdigit() and _server_side(int(side)) for side in (width, height)):
             raise InvalidSpecError(
                 f"spec.runtime.warmupSizes: {size!r} is not a size the server accepts; "
-                "width and height must be multiples of 16"
+                f"each side must be a multiple of 16 from {MIN_SIDE} to {MAX_SIDE}"
             )
+    if "/../" in f"{spec.model.source}/":
+        raise InvalidSpecError("spec.model.source: a path must not contain '..'")
+    if spec.resources.gpus != 1:
+        raise InvalidSpecError("spec.resources.gpus: the server uses exactly one GPU per replica")
     if spec.autoscaling.min_replicas > spec.autoscaling.max_replicas:
         raise InvalidSpecError("spec.autoscaling: minReplicas must not exceed maxReplicas")
     return spec

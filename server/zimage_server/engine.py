@@ -25,8 +25,8 @@ from dataclasses import dataclass, field
 from PIL import Image
 
 from .config import Settings
+from .cost_model import CostModel
 from .errors import APIError
-from .load import CostModel
 from .metrics import Metrics
 from .runner import BatchResult, BatchSpec, PipelineRunner
 

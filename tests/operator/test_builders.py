@@ -104,9 +104,10 @@ def test_vram_settings_reach_the_server() -> None:
 
 
 def test_gpus_are_limited_under_the_configured_resource_name() -> None:
-    resources = container({"resources": {"gpus": 2, "gpuResourceName": "amd.com/gpu"}})["resources"]
-    assert resources["limits"]["amd.com/gpu"] == "2"
-    assert resources["requests"]["amd.com/gpu"] == "2"
+    resources = container({"resources": {"gpus": 1, "gpuResourceName": "amd.com/gpu"}})["resources"]
+    assert resources["limits"]["amd.com/gpu"] == "1"
+    assert resources["requests"]["amd.com/gpu"] == "1"
+    assert "nvidia.com/gpu" not in resources["limits"]
 
 
 def test_cpu_and_memory_come_from_the_spec() -> None:

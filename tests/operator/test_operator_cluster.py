@@ -165,6 +165,60 @@ INVALID: list[tuple[str, dict[str, Any], str]] = [
     ),
     ("bad-mode", {"autoscaling": {"mode": "magic"}}, 'spec.autoscaling.mode: Unsupported value: "magic"'),
     ("typo", {"replica": 2}, 'unknown field "spec.replica"'),
+    ("vram-zero", {"vram": {"limit": "0"}}, "a byte limit must be at least 1Gi"),
+    (
+        "bad-attention",
+        {"runtime": {"attentionBackend": "magic"}},
+        'spec.runtime.attentionBackend: Unsupported value: "magic"',
+    ),
+    ("tiny-warmup", {"runtime": {"warmupSizes": ["16x16"]}}, "spec.runtime.warmupSizes[0]"),
+    (
+        "odd-warmup",
+        {"runtime": {"warmupSizes": ["1000x1000"]}},
+        "each side a multiple of 16 from 256 to 2048",
+    ),
+    (
+        "gpu-as-memory",
+        {"resources": {"gpuResourceName": "memory"}},
+        "must be a device plugin's extended resource",
+    ),
+    ("gpu-in-k8s-domain", {"resources": {"gpuResourceName": "kubernetes.io/gpu"}}, "outside kubernetes.io"),
+    ("tiny-memory", {"resources": {"memory": "1"}}, "memory must be at least 1Gi"),
+    ("two-gpus", {"resources": {"gpus": 2}}, "gpus above 1 is not supported yet"),
+    ("pvc-dotdot", {"model": {"source": "pvc://claim/../../../etc/passwd"}}, "must not contain '..'"),
+    ("file-dotdot", {"model": {"source": "file:///models/../etc"}}, "must not contain '..'"),
+    (
+        "untyped-toleration",
+        {"scheduling": {"tolerations": [{"foo": "bar"}]}},
+        'unknown field "spec.scheduling.tolerations[0].foo"',
+    ),
+    (
+        "keyless-toleration",
+        {"scheduling": {"tolerations": [{"operator": "Equal", "value": "x"}]}},
+        "a toleration without a key must have operator Exists",
+    ),
+    (
+        "affinity-without-values",
+        {
+            "scheduling": {
+                "affinity": {
+                    "nodeAffinity": {
+                        "requiredDuringSchedulingIgnoredDuringExecution": {
+                            "nodeSelectorTerms": [{"matchExpressions": [{"key": "zone", "operator": "In"}]}]
+                        }
+                    }
+                }
+            }
+        },
+        "at least one for In and NotIn",
+    ),
+    ("bad-node-selector", {"scheduling": {"nodeSelector": {"bad key": "x"}}}, "keys must be label keys"),
+    ("min-zero", {"autoscaling": {"minReplicas": 0}}, "minReplicas must be at least 1"),
+    (
+        "floor-above-max",
+        {"replicas": 9, "autoscaling": {"maxReplicas": 4}},
+        "must not exceed autoscaling.maxReplicas",
+    ),
     ("bad-max-unavailable", {"disruption": {"maxUnavailable": "half"}}, "a count such as 1 or a percentage"),
 ]
 
@@ -256,22 +310,24 @@ def test_deleting_the_service_collects_every_child(
     wait_for(gone, 60, "garbage collection of the children")
 
 
-def test_an_invalid_spec_the_schema_admits_is_degraded(
+@pytest.mark.parametrize("name", ["b" * 46, "9lives", "web.app"])
+def test_names_that_cannot_name_the_children_are_refused(
+    operator: LocalPodRunner, cluster: LocalCluster, namespace: str, name: str
+) -> None:
+    result = apply(cluster, namespace, zis(name))
+    assert result.returncode != 0
+    assert "metadata.name must start with a letter" in result.stderr, result.stderr
+    assert "at most 45 characters" in result.stderr
+
+
+def test_the_longest_name_allowed_becomes_ready(
     operator: LocalPodRunner, cluster: LocalCluster, api: client.ApiClient, namespace: str
 ) -> None:
-    apply(cluster, namespace, zis("odd", runtime={"warmupSizes": ["1000x1000"]}))
-
-    def degraded() -> dict[str, Any] | None:
-        item = condition(get(api, namespace, "odd"), "Degraded")
-        return item if item.get("status") == "True" else None
-
-    item = wait_for(degraded, 30, "a Degraded condition")
-    assert item["reason"] == "InvalidSpec"
-    assert "warmupSizes" in item["message"]
-    assert condition(get(api, namespace, "odd"), "Ready")["status"] == "False"
-    # The operator is still working for everyone else.
-    apply(cluster, namespace, zis("fine"))
-    wait_ready(api, namespace, "fine")
+    name = "l" * 45
+    apply(cluster, namespace, zis(name, model={"source": "hf://Tongyi-MAI/Z-Image-Turbo", "cache": {}}))
+    # Every child was admitted: the prefetch Job, whose name is the longest, waits for its claim.
+    wait_for(lambda: client.BatchV1Api(api).list_namespaced_job(namespace).items, 30, "the prefetch Job")
+    assert condition(get(api, namespace, name), "Degraded").get("reason") != "ApplyFailed"
 
 
 def _children_once(api: client.ApiClient, namespace: str, name: str) -> bool:

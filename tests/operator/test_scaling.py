@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from zimage_operator.autoscaler import Decision, History, PodLoad, decide
+from zimage_operator.scaling import Decision, History, PodLoad, decide
 from zimage_operator.spec import AutoscalingSpec
 
 SPEC = AutoscalingSpec(

@@ -7,7 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from zimage_server.load import CostModel
+from zimage_server.cost_model import CostModel
 
 from .conftest import SLOW, ServerFactory
 

@@ -58,7 +58,10 @@ def test_the_spec_takes_the_crd_defaults() -> None:
         ({"model": {"source": "s3://bucket/x"}}, "unsupported scheme"),
         ({"model": {"source": "pvc:///x"}}, "needs a claim name"),
         ({"autoscaling": {"minReplicas": 5, "maxReplicas": 2}}, "minReplicas must not exceed maxReplicas"),
-        ({"runtime": {"warmupSizes": ["1000x1000"]}}, "multiples of 16"),
+        ({"runtime": {"warmupSizes": ["1000x1000"]}}, "multiple of 16 from 256 to 2048"),
+        ({"runtime": {"warmupSizes": ["16x16"]}}, "multiple of 16 from 256 to 2048"),
+        ({"model": {"source": "pvc://claim/../../etc"}}, "must not contain '..'"),
+        ({"resources": {"gpus": 2}}, "exactly one GPU"),
     ],
 )
 def test_specs_the_operator_cannot_serve_are_explained(raw: dict[str, Any], words: str) -> None:

@@ -14,7 +14,7 @@ import httpx
 from . import builders
 from .builders import Owner
 from .config import OperatorSettings
-from .kube import Kube
+from .kube import OUTAGE, Kube, unreachable
 from .reconcile import EventSink, Reconciler
 from .scaling import Decision, History, PodLoad, decide
 from .spec import InvalidSpecError, parse_spec
@@ -53,8 +53,11 @@ class Autoscaler:
                 await asyncio.sleep(self.settings.autoscale_seconds)
                 try:
                     await self.tick(http)
-                except Exception:
-                    logger.exception("autoscaler pass failed")
+                except Exception as exc:
+                    if unreachable(exc):
+                        OUTAGE.failed(exc)
+                    else:
+                        logger.warning("autoscaler pass failed: %s: %s", type(exc).__name__, exc)
 
     async def tick(self, http: httpx.AsyncClient) -> None:
         loop = asyncio.get_running_loop()

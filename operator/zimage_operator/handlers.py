@@ -15,7 +15,7 @@ from kubernetes import client, config
 from .autoscaler import Autoscaler
 from .builders import GROUP, KIND, PLURAL, VERSION
 from .config import OperatorSettings
-from .kube import Kube
+from .kube import OUTAGE, Kube, unreachable
 from .reconcile import Reconciler, TemporaryFailureError
 
 logger = logging.getLogger(__name__)
@@ -32,6 +32,7 @@ CHILDREN = [
 # Watched only where KEDA is installed; Kopf skips resources the cluster does not serve.
 OPTIONAL_CHILDREN = [("keda.sh", "v1alpha1", "scaledobjects")]
 MAX_BACKOFF_SECONDS = 60.0
+OUTAGE_RETRY_SECONDS = 4.0
 
 
 def api_client() -> client.ApiClient:
@@ -64,11 +65,17 @@ class Runner:
                 attempt = self._attempts.get(key, 0) + 1
                 self._attempts[key] = attempt
             delay = min(MAX_BACKOFF_SECONDS, self.base_delay * 2.0 ** (attempt - 1))
-            logger.warning("reconcile of %s failed (%s); retrying in %.0fs", key, exc, delay)
+            if unreachable(exc.__cause__ or exc):
+                OUTAGE.failed(exc.__cause__ or exc)
+                # Short, so the service is reconciled within seconds of the API server's return.
+                delay = min(delay, OUTAGE_RETRY_SECONDS)
+            elif attempt == 1:  # the reconciler has said what failed; say once that it retries
+                logger.info("reconcile of %s will be retried with backoff", key)
             timer = threading.Timer(delay, self.run, args=(namespace, name))
             timer.daemon = True
             timer.start()
         else:
+            OUTAGE.succeeded()
             with self._guard:
                 self._attempts.pop(key, None)
 
@@ -113,8 +120,11 @@ async def _resync_forever(runner: Runner, interval: float) -> None:
         await asyncio.sleep(interval)
         try:
             await loop.run_in_executor(None, runner.reconciler.resync_all)
-        except Exception:
-            logger.exception("resync failed")
+        except Exception as exc:
+            if not unreachable(exc):
+                logger.warning("resync failed: %s: %s", type(exc).__name__, exc)
+            else:
+                OUTAGE.failed(exc)
 
 
 @kopf.on.event(GROUP, VERSION, PLURAL)

@@ -11,8 +11,10 @@ import datetime
 import json
 import logging
 import threading
+import time
 from typing import Any
 
+import urllib3
 from kubernetes import client
 from kubernetes.client.rest import ApiException
 from kubernetes.dynamic import DynamicClient
@@ -132,6 +134,43 @@ class Kube:
             self.core.create_namespaced_event(meta["namespace"], event)
         except ApiException as exc:
             logger.warning("could not post event %s on %s: %s", reason, meta["name"], api_message(exc))
+
+
+def unreachable(exc: BaseException) -> bool:
+    """The API server could not be reached at all (as opposed to answering with an error)."""
+    if isinstance(exc, ApiException):
+        return not exc.status
+    return isinstance(exc, urllib3.exceptions.HTTPError | OSError)
+
+
+class OutageLog:
+    """One warning when the API server becomes unreachable and one line when it is back,
+    however many calls fail in between."""
+
+    def __init__(self) -> None:
+        self._since: float | None = None
+        self._lock = threading.Lock()
+
+    def failed(self, exc: BaseException) -> None:
+        with self._lock:
+            if self._since is not None:
+                return
+            self._since = time.monotonic()
+        logger.warning("the API server is unreachable (%s); retrying with backoff", _first_line(exc))
+
+    def succeeded(self) -> None:
+        with self._lock:
+            since, self._since = self._since, None
+        if since is not None:
+            logger.info("the API server is reachable again after %.0fs", time.monotonic() - since)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
+
+
+OUTAGE = OutageLog()
 
 
 def is_temporary(exc: ApiException) -> bool:

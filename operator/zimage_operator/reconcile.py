@@ -7,6 +7,7 @@ back), deletes children no longer wanted, and writes the status only when it cha
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -21,9 +22,17 @@ from kubernetes.utils.quantity import parse_quantity
 from . import builders
 from .builders import Manifest, Owner
 from .config import OperatorSettings
-from .kube import Kube, api_message, is_temporary
+from .kube import Kube, api_message, is_temporary, unreachable
 from .spec import InvalidSpecError, ZImageServiceSpec, parse_spec
-from .status import ModelState, compute_conditions, merge_conditions, model_state, now_rfc3339, transitions
+from .status import (
+    Condition,
+    ModelState,
+    compute_conditions,
+    merge_conditions,
+    model_state,
+    now_rfc3339,
+    transitions,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +84,7 @@ class Reconciler:
     post_event: EventSink
     _locks: dict[str, threading.Lock] = field(default_factory=dict)
     _seen_restarts: set[tuple[str, str, int]] = field(default_factory=set)
+    _failures: dict[str, str] = field(default_factory=dict)  # uid -> the problem last logged
     _guard: threading.Lock = field(default_factory=threading.Lock)
 
     def _lock(self, key: str) -> threading.Lock:
@@ -82,12 +92,50 @@ class Reconciler:
             return self._locks.setdefault(key, threading.Lock())
 
     def reconcile(self, namespace: str, name: str) -> None:
-        """Bring one ZImageService and its children to the desired state. Serialized per object."""
+        """Bring one ZImageService and its children to the desired state. Serialized per object.
+
+        Whatever goes wrong ends as a Degraded condition and one log line per distinct problem;
+        an unreachable API server or a failure worth retrying raises ``TemporaryFailureError``."""
         with self._lock(f"{namespace}/{name}"):
-            body = self.kube.get_service(namespace, name)
-            if body is None or body["metadata"].get("deletionTimestamp"):
-                return  # gone, or going: garbage collection removes the children
-            self._reconcile(body)
+            try:
+                body = self.kube.get_service(namespace, name)
+                if body is None or body["metadata"].get("deletionTimestamp"):
+                    return  # gone, or going: garbage collection removes the children
+                self._reconcile(body)
+            except TemporaryFailureError:
+                raise
+            except Exception as exc:
+                if unreachable(exc):
+                    raise TemporaryFailureError(f"the API server is unreachable: {exc}") from exc
+                self._report_failure(namespace, name, exc)
+                if isinstance(exc, ApiException) and is_temporary(exc):
+                    raise TemporaryFailureError(api_message(exc)) from exc
+
+    def _report_failure(self, namespace: str, name: str, exc: Exception) -> None:
+        """Degraded=True, reason ReconcileFailed, with what went wrong; the other conditions
+        stay as they were, since nothing new is known of them."""
+        message = api_message(exc) if isinstance(exc, ApiException) else f"{type(exc).__name__}: {exc}"
+        body = self.kube.get_service(namespace, name)
+        if body is None:
+            return
+        meta = body["metadata"]
+        owner = Owner(meta["name"], meta["namespace"], meta["uid"])
+        if self._log_once(owner, f"reconcile failed: {message}"):
+            logger.debug("reconcile of %s/%s failed", namespace, name, exc_info=exc)
+        previous = (body.get("status") or {}).get("conditions") or []
+        kept = [item for item in previous if item.get("type") != "Degraded"]
+        degraded = Condition("Degraded", True, "ReconcileFailed", message[:1024])
+        generation = int(meta.get("generation") or 1)
+        merged = merge_conditions(previous, [degraded], generation, now_rfc3339())
+        self.kube.patch_status(namespace, name, {"conditions": [*kept, *merged]})
+
+    def _log_once(self, owner: Owner, message: str) -> bool:
+        """Log ``message`` unless it is the one last logged for this service."""
+        if self._failures.get(owner.uid) == message:
+            return False
+        self._failures[owner.uid] = message
+        logger.warning("%s/%s: %s", owner.namespace, owner.name, message)
+        return True
 
     def _reconcile(self, body: dict[str, Any]) -> None:
         meta = body["metadata"]
@@ -105,7 +153,12 @@ class Reconciler:
 
         job_name = prefetch_name(owner, spec)
         job = self.kube.get("batch/v1", "Job", owner.namespace, job_name) if spec.needs_cache else None
-        model = model_state(spec.needs_cache, job)
+        job_pods = (
+            self.kube.list_objects("v1", "Pod", owner.namespace, f"batch.kubernetes.io/job-name={job_name}")
+            if job is not None
+            else []
+        )
+        model = model_state(spec.needs_cache, job, job_pods)
         live_deployment = self.kube.get("apps/v1", "Deployment", owner.namespace, owner.name)
         current = None if live_deployment is None else (live_deployment.get("spec") or {}).get("replicas")
         if spec.autoscaling.mode == "builtin":
@@ -141,6 +194,7 @@ class Reconciler:
         desired.append(builders.build_pdb(owner, spec))
 
         apply_error = None
+        retry = False
         deployment = live_deployment
         for manifest in desired:
             try:
@@ -148,10 +202,13 @@ class Reconciler:
                     manifest, live_deployment if manifest["kind"] == "Deployment" else None
                 )
             except ApiException as exc:
-                if is_temporary(exc):
-                    raise TemporaryFailureError(f"{manifest['kind']}: {api_message(exc)}") from exc
+                if unreachable(exc):
+                    raise
+                # Refused (4xx) or failed (5xx) for this child alone: said in the status; a
+                # failure worth retrying is retried with backoff once the status is written.
+                retry = retry or is_temporary(exc)
                 apply_error = f"{manifest['kind']} {manifest['metadata']['name']}: {api_message(exc)}"
-                logger.warning("cannot apply %s", apply_error)
+                self._log_once(owner, f"cannot apply {apply_error}")
                 continue
             if manifest["kind"] == "Deployment" and result is not None:
                 deployment = result
@@ -171,6 +228,10 @@ class Reconciler:
             model=model,
             blocked=None if keda_missing is None else ("KedaNotInstalled", keda_missing),
         )
+        if retry:
+            raise TemporaryFailureError(apply_error or "a write failed")
+        if apply_error is None:
+            self._failures.pop(owner.uid, None)
 
     def _keda_installed(self) -> bool:
         crd = self.kube.get("apiextensions.k8s.io/v1", "CustomResourceDefinition", "", builders.KEDA_CRD)
@@ -278,10 +339,9 @@ class Reconciler:
     def resync_all(self) -> None:
         for body in self.kube.list_services(self.settings.namespaces):
             meta = body["metadata"]
-            try:
+            # Reported by reconcile itself; the next resync or event tries again.
+            with contextlib.suppress(TemporaryFailureError):
                 self.reconcile(meta["namespace"], meta["name"])
-            except Exception:
-                logger.exception("resync of %s/%s failed", meta["namespace"], meta["name"])
 
 
 def _owned_by(obj: dict[str, Any], owner: Owner) -> bool:

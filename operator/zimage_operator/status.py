@@ -49,7 +49,10 @@ def now_rfc3339() -> str:
     return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def model_state(needs_cache: bool, job: dict[str, Any] | None) -> ModelState:
+def model_state(
+    needs_cache: bool, job: dict[str, Any] | None, job_pods: list[dict[str, Any]] | None = None
+) -> ModelState:
+    """``job_pods``: the prefetch Job's pods, whose scheduling and containers say why it is stuck."""
     if not needs_cache:
         return ModelState(True, "NoCacheNeeded", "the server loads the model itself")
     if job is None:
@@ -63,17 +66,46 @@ def model_state(needs_cache: bool, job: dict[str, Any] | None) -> ModelState:
         if condition.get("type") == "Failed":
             detail = condition.get("message") or condition.get("reason") or "it failed"
             return ModelState(False, "CacheFailed", f"the prefetch Job failed: {detail}")
+    stuck = unschedulable_pods(job_pods or []) + failing_pods(job_pods or [])
+    if stuck:
+        return ModelState(False, "CacheBlocked", f"the prefetch Job cannot run: {'; '.join(stuck[:3])}")
+    if not any(_started(pod) for pod in job_pods or []):
+        return ModelState(False, "CachePending", "the prefetch Job's pod is starting")
     return ModelState(False, "CacheDownloading", "the prefetch Job is filling the model cache")
 
 
-def failing_pods(pods: list[dict[str, Any]]) -> list[str]:
-    """``pod: reason`` for each pod whose container is stuck in a failing state."""
+def _started(pod: dict[str, Any]) -> bool:
+    return any("running" in (status.get("state") or {}) for status in _container_statuses(pod))
+
+
+def _container_statuses(pod: dict[str, Any]) -> list[dict[str, Any]]:
+    status = pod.get("status") or {}
+    return [*(status.get("initContainerStatuses") or []), *(status.get("containerStatuses") or [])]
+
+
+def unschedulable_pods(pods: list[dict[str, Any]]) -> list[str]:
+    """``pod: the scheduler's message`` for each pod the scheduler could not place."""
     found = []
     for pod in pods:
-        for status in (pod.get("status") or {}).get("containerStatuses") or []:
+        for condition in (pod.get("status") or {}).get("conditions") or []:
+            if (
+                condition.get("type") == "PodScheduled"
+                and condition.get("status") == "False"
+                and condition.get("reason") == "Unschedulable"
+            ):
+                found.append(f"{pod['metadata']['name']}: {condition.get('message') or 'unschedulable'}")
+    return found
+
+
+def failing_pods(pods: list[dict[str, Any]]) -> list[str]:
+    """``pod: reason: the kubelet's message`` for each pod whose container is stuck failing."""
+    found = []
+    for pod in pods:
+        for status in _container_statuses(pod):
             waiting = (status.get("state") or {}).get("waiting") or {}
             if waiting.get("reason") in FAILING_REASONS:
-                found.append(f"{pod['metadata']['name']}: {waiting['reason']}")
+                detail = f": {waiting['message']}" if waiting.get("message") else ""
+                found.append(f"{pod['metadata']['name']}: {waiting['reason']}{detail}")
     return found
 
 
@@ -132,15 +164,18 @@ def compute_conditions(
         )
 
     failing = failing_pods(pods)
+    unschedulable = unschedulable_pods(pods)
     dep_problem = _deployment_problem(dep_status)
     if blocked is not None:
         degraded = Condition("Degraded", True, *blocked)
     elif apply_error is not None:
         degraded = Condition("Degraded", True, "ApplyFailed", apply_error)
-    elif model.reason == "CacheFailed":
-        degraded = Condition("Degraded", True, "CacheFailed", model.message)
+    elif model.reason in ("CacheFailed", "CacheBlocked"):
+        degraded = Condition("Degraded", True, model.reason, model.message)
     elif failing:
         degraded = Condition("Degraded", True, "PodsFailing", "; ".join(sorted(failing)[:5]))
+    elif unschedulable:
+        degraded = Condition("Degraded", True, "Unschedulable", "; ".join(sorted(unschedulable)[:5]))
     elif dep_problem is not None:
         degraded = Condition("Degraded", True, *dep_problem)
     else:

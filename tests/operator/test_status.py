@@ -96,14 +96,66 @@ def test_no_ready_replica_is_not_ready() -> None:
     assert conditions["Ready"] == Condition("Ready", False, "NoReadyReplicas", "0 of 2 replicas ready")
 
 
+def _pod(name: str, **status: Any) -> dict[str, Any]:
+    return {"metadata": {"name": name}, "status": status}
+
+
+RUNNING = {"containerStatuses": [{"state": {"running": {}}}]}
+UNSCHEDULABLE = {
+    "conditions": [
+        {
+            "type": "PodScheduled",
+            "status": "False",
+            "reason": "Unschedulable",
+            "message": "0/2 nodes are available: 2 node(s) didn't match Pod's node affinity/selector.",
+        }
+    ]
+}
+
+
 def test_waiting_for_the_model_cache() -> None:
     job = {"status": {"active": 1}}
+    assert model_state(True, job, []).reason == "CachePending"
     conditions = _conditions(
-        model=model_state(True, job), desired_replicas=0, deployment=_deployment(0, 0, 0)
+        model=model_state(True, job, [_pod("fetch", **RUNNING)]),
+        desired_replicas=0,
+        deployment=_deployment(0, 0, 0),
     )
     assert conditions["ModelReady"].reason == "CacheDownloading"
+    assert conditions["Degraded"].status is False
     assert conditions["Ready"].reason == "WaitingForModel"
     assert conditions["Progressing"].reason == "WaitingForModel"
+
+
+def test_a_prefetch_that_cannot_be_scheduled_is_degraded_with_the_schedulers_words() -> None:
+    model = model_state(True, {"status": {"active": 1}}, [_pod("fetch-x", **UNSCHEDULABLE)])
+    conditions = _conditions(model=model, desired_replicas=0, deployment=_deployment(0, 0, 0))
+    assert (conditions["ModelReady"].reason, conditions["Degraded"].reason) == (
+        "CacheBlocked",
+        "CacheBlocked",
+    )
+    assert conditions["Degraded"].status is True
+    assert "fetch-x: 0/2 nodes are available" in conditions["Degraded"].message
+    assert conditions["Ready"].status is False
+
+
+def test_unschedulable_server_pods_are_degraded_and_not_ready() -> None:
+    conditions = _conditions(deployment=_deployment(1, 0, 1), pods=[_pod("posters-a", **UNSCHEDULABLE)])
+    assert conditions["Degraded"] == Condition(
+        "Degraded",
+        True,
+        "Unschedulable",
+        "posters-a: 0/2 nodes are available: 2 node(s) didn't match Pod's node affinity/selector.",
+    )
+    assert conditions["Ready"].status is False
+
+
+def test_a_missing_secret_is_degraded_with_the_kubelets_message() -> None:
+    waiting = {"reason": "CreateContainerConfigError", "message": 'secret "zimage-keys" not found'}
+    pod = _pod("posters-a", containerStatuses=[{"state": {"waiting": waiting}}])
+    degraded = _conditions(deployment=_deployment(1, 0, 1), pods=[pod])["Degraded"]
+    assert degraded.reason == "PodsFailing"
+    assert degraded.message == 'posters-a: CreateContainerConfigError: secret "zimage-keys" not found'
 
 
 def test_a_filled_cache_is_model_ready() -> None:

@@ -157,7 +157,8 @@ def _admitted(custom: client.CustomObjectsApi, namespace: str, name: str, spec: 
     try:
         return custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, body, dry_run="All")
     except ApiException as exc:
-        assert exc.status in (400, 422), exc.body  # refused with a message, never a server error
+        if exc.status not in (400, 422):  # refused with a message, never a server error
+            raise AssertionError(f"the API server answered {exc.status} for {spec}: {exc.body}") from exc
         return None
 
 
@@ -165,7 +166,7 @@ def _children(body: dict[str, Any]) -> list[dict[str, Any]]:
     meta = body["metadata"]
     owner = Owner(meta["name"], meta["namespace"], "00000000-0000-0000-0000-000000000001")
     spec = parse_spec(body["spec"])
-    operator_settings = OperatorSettings(_env_file=None)  # type: ignore[call-arg]
+    operator_settings = OperatorSettings(_env_file=None)
     children = [
         builders.build_deployment(
             owner, spec, operator_settings, builders.desired_replicas(spec, None, True)

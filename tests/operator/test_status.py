@@ -100,8 +100,8 @@ def _pod(name: str, **status: Any) -> dict[str, Any]:
     return {"metadata": {"name": name}, "status": status}
 
 
-RUNNING = {"containerStatuses": [{"state": {"running": {}}}]}
-UNSCHEDULABLE = {
+RUNNING: dict[str, Any] = {"containerStatuses": [{"state": {"running": {}}}]}
+UNSCHEDULABLE: dict[str, Any] = {
     "conditions": [
         {
             "type": "PodScheduled",

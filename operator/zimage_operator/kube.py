@@ -74,6 +74,20 @@ class Kube:
         result: dict[str, Any] = obj.to_dict()
         return result
 
+    def json_patch(self, manifest: dict[str, Any], operations: list[dict[str, Any]]) -> dict[str, Any]:
+        """Apply JSON patch ``operations`` to the live object ``manifest`` names."""
+        meta = manifest["metadata"]
+        WRITES.labels(manifest["kind"], "patch").inc()
+        obj = self._resource(manifest["apiVersion"], manifest["kind"]).patch(
+            body=operations,
+            name=meta["name"],
+            namespace=meta["namespace"],
+            content_type="application/json-patch+json",
+            field_manager=FIELD_MANAGER,
+        )
+        result: dict[str, Any] = obj.to_dict()
+        return result
+
     def delete(self, api_version: str, kind: str, namespace: str, name: str) -> None:
         WRITES.labels(kind, "delete").inc()
         logger.info("deleting %s %s/%s", kind, namespace, name)

@@ -17,11 +17,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kubernetes.client.rest import ApiException
-from kubernetes.utils.quantity import parse_quantity
 
 from . import builders
 from .builders import Manifest, Owner
 from .config import OperatorSettings
+from .drift import contains, foreign_changes
 from .kube import Kube, api_message, is_temporary, unreachable
 from .spec import InvalidSpecError, ZImageServiceSpec, parse_spec
 from .status import (
@@ -45,30 +45,6 @@ VRAM_MARKER = "zimage: VRAM limit exceeded"
 
 class TemporaryFailureError(RuntimeError):
     """The API server could not take a write just now; try again after a pause."""
-
-
-def contains(live: Any, want: Any) -> bool:
-    """Whether everything in ``want`` is in ``live`` (the server adds defaults; that is fine)."""
-    if isinstance(want, dict):
-        return isinstance(live, dict) and all(
-            key in live and contains(live[key], value) for key, value in want.items()
-        )
-    if isinstance(want, list):
-        return (
-            isinstance(live, list)
-            and len(live) == len(want)
-            and all(contains(a, b) for a, b in zip(live, want, strict=True))
-        )
-    if isinstance(want, str) and isinstance(live, str) and want != live:
-        return _same_quantity(live, want)
-    return bool(live == want)
-
-
-def _same_quantity(a: str, b: str) -> bool:
-    try:
-        return bool(parse_quantity(a) == parse_quantity(b))
-    except ValueError:
-        return False
 
 
 def prefetch_name(owner: Owner, spec: ZImageServiceSpec) -> str:
@@ -238,11 +214,24 @@ class Reconciler:
         return crd is not None
 
     def _converge(self, manifest: Manifest, live: dict[str, Any] | None) -> dict[str, Any] | None:
-        """Apply ``manifest`` unless the live object already holds all of it."""
+        """Make the live child hold ``manifest``, writing nothing when it already does: first put
+        back what others added where the operator owns whole sections, then apply."""
         meta = manifest["metadata"]
         if live is None:
             live = self.kube.get(manifest["apiVersion"], manifest["kind"], meta["namespace"], meta["name"])
-        if live is not None and contains(live, manifest):
+        if live is None:
+            return self.kube.apply(manifest)
+        changes = foreign_changes(live, manifest)
+        if changes:
+            logger.info(
+                "putting back %s %s/%s: %s",
+                manifest["kind"],
+                meta["namespace"],
+                meta["name"],
+                ", ".join(op["path"] for op in changes),
+            )
+            live = self.kube.json_patch(manifest, changes)
+        if contains(live, manifest):
             return live
         return self.kube.apply(manifest)
 

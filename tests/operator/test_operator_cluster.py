@@ -275,15 +275,35 @@ def test_drift_is_put_back(
     core.delete_namespaced_service("drift", namespace)
     wait_for(lambda: core.read_namespaced_service("drift", namespace), 30, "the Service to come back")
 
-    cluster.kubectl("set", "env", "deployment/drift", "-n", namespace, "ZIMAGE_MAX_QUEUE=999")
+    cluster.kubectl("set", "env", "deployment/drift", "-n", namespace, "ZIMAGE_MAX_QUEUE=999", "FOREIGN=1")
+    cluster.kubectl("set", "resources", "deployment/drift", "-n", namespace, "--limits=cpu=16")
     cluster.kubectl("scale", "deployment/drift", "-n", namespace, "--replicas=3")
+    port = [{"op": "replace", "path": "/spec/ports/0/port", "value": 8080}]
+    cluster.kubectl("patch", "service/drift", "-n", namespace, "--type=json", "-p", json.dumps(port))
 
     def restored() -> bool:
         deployment = apps.read_namespaced_deployment("drift", namespace)
-        env = {e.name: e.value for e in deployment.spec.template.spec.containers[0].env}
-        return bool(env["ZIMAGE_MAX_QUEUE"] == "32" and deployment.spec.replicas == 1)
+        main = deployment.spec.template.spec.containers[0]
+        env = {e.name: e.value for e in main.env}
+        ports = [(p.name, p.port) for p in core.read_namespaced_service("drift", namespace).spec.ports]
+        return bool(
+            env["ZIMAGE_MAX_QUEUE"] == "32"
+            and "FOREIGN" not in env
+            and "cpu" not in (main.resources.limits or {})
+            and deployment.spec.replicas == 1
+            and ports == [("http", 80)]
+        )
 
     wait_for(restored, 30, "the hand edits to be undone")
+    wait_ready(api, namespace, "drift")
+    wait_for(
+        lambda: condition(get(api, namespace, "drift"), "Progressing").get("status") == "False", 60, "rollout"
+    )
+    assert get(api, namespace, "drift")["status"]["endpoint"].endswith(":80")
+    # Put back once, then left alone: nothing differs, so nothing is written.
+    before = versions(api, namespace, "drift")
+    time.sleep(20)  # longer than the operator's resync interval
+    assert versions(api, namespace, "drift") == before, "the operator kept writing after the repair"
 
     client.PolicyV1Api(api).delete_namespaced_pod_disruption_budget("drift", namespace)
     wait_for(

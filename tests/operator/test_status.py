@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from zimage_operator.reconcile import contains
+from zimage_operator.drift import contains
 from zimage_operator.spec import InvalidSpecError, parse_spec
 from zimage_operator.status import Condition, compute_conditions, merge_conditions, model_state, transitions
 

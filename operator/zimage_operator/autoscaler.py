@@ -1,6 +1,7 @@
-"""The built-in autoscaler's loop: read the load of each service's ready pods, decide, and
-scale through the reconciler. One slow or unreachable pod cannot stall it: reads run
-concurrently with a short timeout, and a pod that does not answer is reported, not idle."""
+"""The built-in autoscaler's pass over one service: read the load of its ready pods, decide
+(scaling.py), and scale through the reconciler. One slow or unreachable pod cannot stall it:
+reads run concurrently with a short timeout, and a pod that does not answer is reported, not idle.
+Each service's Kopf daemon (handlers.py) runs the passes."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ import httpx
 from . import builders
 from .builders import Owner
 from .config import OperatorSettings
-from .kube import OUTAGE, Kube, unreachable
+from .kube import Kube
+from .metrics import DECISIONS
 from .reconcile import EventSink, Reconciler
 from .scaling import Decision, History, PodLoad, decide
 from .spec import InvalidSpecError, parse_spec
@@ -37,6 +39,8 @@ def ready_pods(pods: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 class Autoscaler:
+    """Scales one ZImageService at a time; each service's daemon calls ``scale`` on its cadence."""
+
     def __init__(
         self, kube: Kube, reconciler: Reconciler, settings: OperatorSettings, post_event: EventSink
     ) -> None:
@@ -44,36 +48,20 @@ class Autoscaler:
         self.reconciler = reconciler
         self.settings = settings
         self.post_event = post_event
-        self.histories: dict[str, History] = {}
-        self._written: dict[str, tuple[int, str]] = {}
 
-    async def run_forever(self) -> None:
-        async with httpx.AsyncClient(timeout=self.settings.load_timeout_seconds) as http:
-            while True:
-                await asyncio.sleep(self.settings.autoscale_seconds)
-                try:
-                    await self.tick(http)
-                except Exception as exc:
-                    if unreachable(exc):
-                        OUTAGE.failed(exc)
-                    else:
-                        logger.warning("autoscaler pass failed: %s: %s", type(exc).__name__, exc)
-
-    async def tick(self, http: httpx.AsyncClient) -> None:
+    async def scale(self, http: httpx.AsyncClient, namespace: str, name: str, history: History) -> None:
         loop = asyncio.get_running_loop()
-        services = await loop.run_in_executor(None, self.kube.list_services, self.settings.namespaces)
-        await asyncio.gather(*(self._scale(http, body) for body in services), return_exceptions=True)
-
-    async def _scale(self, http: httpx.AsyncClient, body: dict[str, Any]) -> None:
+        body = await loop.run_in_executor(None, self.kube.get_service, namespace, name)
+        if body is None:
+            return
         try:
             spec = parse_spec(body.get("spec"))
         except InvalidSpecError:
-            return
+            return  # the reconciler reports it
         meta = body["metadata"]
         if spec.autoscaling.mode != "builtin" or meta.get("deletionTimestamp"):
             return
         owner = Owner(meta["name"], meta["namespace"], meta["uid"])
-        loop = asyncio.get_running_loop()
         deployment = await loop.run_in_executor(
             None, self.kube.get, "apps/v1", "Deployment", owner.namespace, owner.name
         )
@@ -86,11 +74,12 @@ class Autoscaler:
             None, self.kube.list_objects, "v1", "Pod", owner.namespace, builders.selector_string(owner)
         )
         loads = await asyncio.gather(*(self._read(http, pod) for pod in ready_pods(pods)))
-        history = self.histories.setdefault(owner.uid, History())
         decision = decide(
             spec.autoscaling, current, list(loads), history, time.monotonic(), builders.replica_floor(spec)
         )
-        await self._record(body, owner, current, decision)
+        direction = "hold" if decision.desired == current else "up" if decision.desired > current else "down"
+        DECISIONS.labels(direction).inc()
+        await self._record(body, owner, current, decision, history)
 
     async def _read(self, http: httpx.AsyncClient, pod: dict[str, Any]) -> PodLoad:
         name = pod["metadata"]["name"]
@@ -109,16 +98,13 @@ class Autoscaler:
         except (httpx.HTTPError, ValueError) as exc:
             return PodLoad(name, False, error=f"{type(exc).__name__}: {exc}")
 
-    async def _record(self, body: dict[str, Any], owner: Owner, current: int, decision: Decision) -> None:
+    async def _record(
+        self, body: dict[str, Any], owner: Owner, current: int, decision: Decision, history: History
+    ) -> None:
         previous = (body.get("status") or {}).get("autoscaling") or {}
         scaled = decision.desired != current
-        key = f"{owner.namespace}/{owner.name}"
         summary = (decision.desired, decision.reason)
-        if (
-            not scaled
-            and self._written.get(key) == summary
-            and previous.get("desiredReplicas") == decision.desired
-        ):
+        if not scaled and history.written == summary and previous.get("desiredReplicas") == decision.desired:
             return
         record = {
             "desiredReplicas": decision.desired,
@@ -133,9 +119,10 @@ class Autoscaler:
         await loop.run_in_executor(
             None, self.kube.patch_status, owner.namespace, owner.name, {"autoscaling": record}
         )
-        self._written[key] = summary
+        history.written = summary
         if scaled:
             verb = "ScaledUp" if decision.desired > current else "ScaledDown"
+            key = f"{owner.namespace}/{owner.name}"
             logger.info("%s %s: %d -> %d (%s)", verb, key, current, decision.desired, decision.reason)
             self.post_event(
                 body, "Normal", verb, f"{current} -> {decision.desired} replicas: {decision.reason}"

@@ -7,7 +7,6 @@ here and is counted, so "no change, no write" can be checked.
 from __future__ import annotations
 
 import contextlib
-import datetime
 import json
 import logging
 import threading
@@ -19,20 +18,17 @@ from kubernetes import client
 from kubernetes.client.rest import ApiException
 from kubernetes.dynamic import DynamicClient
 from kubernetes.dynamic.exceptions import NotFoundError
-from prometheus_client import Counter
 
 from .builders import API_VERSION, KIND
 from .config import FIELD_MANAGER
+from .metrics import API_REACHABLE, ERRORS, WRITES
 
 logger = logging.getLogger(__name__)
-
-WRITES = Counter("zimage_operator_writes", "Writes the operator sent to the API server", ["kind", "verb"])
 
 
 class Kube:
     def __init__(self, api_client: client.ApiClient) -> None:
         self.api_client = api_client
-        self.core = client.CoreV1Api(api_client)
         self._dynamic: DynamicClient | None = None
         self._lock = threading.Lock()
         self._resources: dict[tuple[str, str], Any] = {}
@@ -119,36 +115,6 @@ class Kube:
             content_type="application/merge-patch+json",
         )
 
-    def post_event(self, body: dict[str, Any], kind: str, reason: str, message: str) -> None:
-        """A core/v1 Event on ``body``, as ``kubectl describe`` shows them. Best effort."""
-        meta = body["metadata"]
-        now = datetime.datetime.now(datetime.UTC)
-        event = client.CoreV1Event(
-            metadata=client.V1ObjectMeta(generate_name=f"{meta['name']}.", namespace=meta["namespace"]),
-            involved_object=client.V1ObjectReference(
-                api_version=body.get("apiVersion", API_VERSION),
-                kind=body.get("kind", KIND),
-                name=meta["name"],
-                namespace=meta["namespace"],
-                uid=meta.get("uid"),
-                resource_version=meta.get("resourceVersion"),
-            ),
-            type=kind,
-            reason=reason,
-            message=message[:1024],
-            source=client.V1EventSource(component=FIELD_MANAGER),
-            reporting_component=FIELD_MANAGER,
-            reporting_instance=FIELD_MANAGER,
-            first_timestamp=now,
-            last_timestamp=now,
-            count=1,
-        )
-        WRITES.labels("Event", "create").inc()
-        try:
-            self.core.create_namespaced_event(meta["namespace"], event)
-        except ApiException as exc:
-            logger.warning("could not post event %s on %s: %s", reason, meta["name"], api_message(exc))
-
 
 def unreachable(exc: BaseException) -> bool:
     """The API server could not be reached at all (as opposed to answering with an error)."""
@@ -159,23 +125,39 @@ def unreachable(exc: BaseException) -> bool:
 
 class OutageLog:
     """One warning when the API server becomes unreachable and one line when it is back,
-    however many calls fail in between."""
+    however many calls fail in between. The outage lasts until a reconcile succeeds again: an
+    API server that has just come back may refuse requests for a moment (403 while its
+    authorizer warms up), and those are part of the same outage."""
 
     def __init__(self) -> None:
         self._since: float | None = None
         self._lock = threading.Lock()
 
+    @property
+    def active(self) -> bool:
+        return self._since is not None
+
+    def covers(self, exc: BaseException) -> bool:
+        """Whether ``exc`` belongs to an outage: it is one, or one is going on."""
+        return unreachable(exc) or self.active
+
     def failed(self, exc: BaseException) -> None:
+        ERRORS.labels("unreachable").inc()
         with self._lock:
             if self._since is not None:
                 return
             self._since = time.monotonic()
-        logger.warning("the API server is unreachable (%s); retrying with backoff", _first_line(exc))
+        API_REACHABLE.set(0)
+        logger.warning(
+            "the API server is unreachable (%s); retrying every few seconds until it is back",
+            _first_line(exc),
+        )
 
     def succeeded(self) -> None:
         with self._lock:
             since, self._since = self._since, None
         if since is not None:
+            API_REACHABLE.set(1)
             logger.info("the API server is reachable again after %.0fs", time.monotonic() - since)
 
 

@@ -10,6 +10,34 @@ from pydantic import ValidationError
 from pydantic_settings import CliApp
 
 from .config import OperatorSettings
+from .kube import OUTAGE
+
+# Kopf's words for a request that found no API server at all.
+_UNREACHABLE_WORDS = ("Cannot connect", "ClientConnectorError", "ServerDisconnected", "TimeoutError")
+
+
+class QuietRetries(logging.Filter):
+    """Keeps retries from flooding the log: each problem is logged once where it is handled.
+
+    Drops Kopf's line per retried handler (the reconciler has said what failed) and its line per
+    retried event post (a post that finally fails is still a warning); folds its line per
+    retried request into the one outage warning when the API server is unreachable or an outage
+    is going on. Other retried requests (a watch refused for good, say) stay visible."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.name.startswith("kopf"):
+            return True
+        message = record.getMessage()
+        if "failed temporarily" in message:
+            return False
+        if not (message.startswith("Request attempt") and "will retry" in message):
+            return True
+        if record.name.startswith("kopf._core.engines.posting"):
+            return False
+        if any(word in message for word in _UNREACHABLE_WORDS):
+            OUTAGE.failed(ConnectionError(message))
+            return False
+        return not OUTAGE.active
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -21,18 +49,21 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(QuietRetries())
     if settings.log_level != "debug":
-        # Kopf logs every handler call at INFO; keep its warnings and errors.
+        # Kopf logs every handler call at INFO, httpx every load read; keep their warnings and errors.
         logging.getLogger("kopf.objects").setLevel(logging.WARNING)
-    from . import handlers  # noqa: F401  (registers the handlers)
+        logging.getLogger("httpx").setLevel(logging.WARNING)
+    from . import handlers
 
+    handlers.register(settings)
     scope = ", ".join(settings.namespaces) or "all namespaces"
     logging.getLogger(__name__).info("watching %s", scope)
     kopf.run(
         standalone=True,
         clusterwide=not settings.namespaces,
         namespaces=settings.namespaces,
-        liveness_endpoint=f"http://{settings.health_host}:{settings.health_port}/healthz",
         memo=kopf.Memo(settings=settings),
     )
     return 0

@@ -7,7 +7,6 @@ back), deletes children no longer wanted, and writes the status only when it cha
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
@@ -22,7 +21,8 @@ from . import builders
 from .builders import Manifest, Owner
 from .config import OperatorSettings
 from .drift import contains, foreign_changes
-from .kube import Kube, api_message, is_temporary, unreachable
+from .kube import OUTAGE, Kube, api_message, is_temporary
+from .metrics import ERRORS, RECONCILES
 from .spec import InvalidSpecError, ZImageServiceSpec, parse_spec
 from .status import (
     Condition,
@@ -60,7 +60,7 @@ class Reconciler:
     post_event: EventSink
     _locks: dict[str, threading.Lock] = field(default_factory=dict)
     _seen_restarts: set[tuple[str, str, int]] = field(default_factory=set)
-    _failures: dict[str, str] = field(default_factory=dict)  # uid -> the problem last logged
+    _failures: dict[str, str] = field(default_factory=dict)  # namespace/name -> the problem last logged
     _guard: threading.Lock = field(default_factory=threading.Lock)
 
     def _lock(self, key: str) -> threading.Lock:
@@ -77,15 +77,25 @@ class Reconciler:
                 body = self.kube.get_service(namespace, name)
                 if body is None or body["metadata"].get("deletionTimestamp"):
                     return  # gone, or going: garbage collection removes the children
-                self._reconcile(body)
+                clean = self._reconcile(body)
             except TemporaryFailureError:
+                RECONCILES.labels("retry").inc()
                 raise
             except Exception as exc:
-                if unreachable(exc):
+                if OUTAGE.covers(exc):
+                    RECONCILES.labels("retry").inc()
                     raise TemporaryFailureError(f"the API server is unreachable: {exc}") from exc
-                self._report_failure(namespace, name, exc)
+                ERRORS.labels("api" if isinstance(exc, ApiException) else "internal").inc()
+                try:
+                    self._report_failure(namespace, name, exc)
+                except Exception as report:  # the status cannot be written either: log it once
+                    self._log_once(namespace, name, f"cannot report a failure in the status: {report}")
                 if isinstance(exc, ApiException) and is_temporary(exc):
+                    RECONCILES.labels("retry").inc()
                     raise TemporaryFailureError(api_message(exc)) from exc
+                RECONCILES.labels("degraded").inc()
+            else:
+                RECONCILES.labels("ok" if clean else "degraded").inc()
 
     def _report_failure(self, namespace: str, name: str, exc: Exception) -> None:
         """Degraded=True, reason ReconcileFailed, with what went wrong; the other conditions
@@ -95,8 +105,7 @@ class Reconciler:
         if body is None:
             return
         meta = body["metadata"]
-        owner = Owner(meta["name"], meta["namespace"], meta["uid"])
-        if self._log_once(owner, f"reconcile failed: {message}"):
+        if self._log_once(namespace, name, f"reconcile failed: {message}"):
             logger.debug("reconcile of %s/%s failed", namespace, name, exc_info=exc)
         previous = (body.get("status") or {}).get("conditions") or []
         kept = [item for item in previous if item.get("type") != "Degraded"]
@@ -105,15 +114,17 @@ class Reconciler:
         merged = merge_conditions(previous, [degraded], generation, now_rfc3339())
         self.kube.patch_status(namespace, name, {"conditions": [*kept, *merged]})
 
-    def _log_once(self, owner: Owner, message: str) -> bool:
+    def _log_once(self, namespace: str, name: str, message: str) -> bool:
         """Log ``message`` unless it is the one last logged for this service."""
-        if self._failures.get(owner.uid) == message:
+        key = f"{namespace}/{name}"
+        if self._failures.get(key) == message:
             return False
-        self._failures[owner.uid] = message
-        logger.warning("%s/%s: %s", owner.namespace, owner.name, message)
+        self._failures[key] = message
+        logger.warning("%s: %s", key, message)
         return True
 
-    def _reconcile(self, body: dict[str, Any]) -> None:
+    def _reconcile(self, body: dict[str, Any]) -> bool:
+        """One pass; False when the spec or a write was refused (and said so in the status)."""
         meta = body["metadata"]
         owner = Owner(meta["name"], meta["namespace"], meta["uid"])
         generation = int(meta.get("generation") or 1)
@@ -121,11 +132,11 @@ class Reconciler:
             spec = parse_spec(body.get("spec"))
         except InvalidSpecError as exc:
             self._write_status(body, owner, generation, invalid=str(exc))
-            return
+            return False
         problem = builders.name_problem(owner.name)
         if problem is not None:
             self._write_status(body, owner, generation, invalid=problem)
-            return
+            return False
 
         job_name = prefetch_name(owner, spec)
         job = self.kube.get("batch/v1", "Job", owner.namespace, job_name) if spec.needs_cache else None
@@ -178,13 +189,13 @@ class Reconciler:
                     manifest, live_deployment if manifest["kind"] == "Deployment" else None
                 )
             except ApiException as exc:
-                if unreachable(exc):
+                if OUTAGE.covers(exc):
                     raise
                 # Refused (4xx) or failed (5xx) for this child alone: said in the status; a
                 # failure worth retrying is retried with backoff once the status is written.
                 retry = retry or is_temporary(exc)
                 apply_error = f"{manifest['kind']} {manifest['metadata']['name']}: {api_message(exc)}"
-                self._log_once(owner, f"cannot apply {apply_error}")
+                self._log_once(owner.namespace, owner.name, f"cannot apply {apply_error}")
                 continue
             if manifest["kind"] == "Deployment" and result is not None:
                 deployment = result
@@ -207,7 +218,8 @@ class Reconciler:
         if retry:
             raise TemporaryFailureError(apply_error or "a write failed")
         if apply_error is None:
-            self._failures.pop(owner.uid, None)
+            self._failures.pop(f"{owner.namespace}/{owner.name}", None)
+        return apply_error is None and keda_missing is None
 
     def _keda_installed(self) -> bool:
         crd = self.kube.get("apiextensions.k8s.io/v1", "CustomResourceDefinition", "", builders.KEDA_CRD)
@@ -324,13 +336,6 @@ class Reconciler:
                     "VramLimitRestart",
                     f"pod {pod['metadata']['name']} was restarted: {message.strip()}",
                 )
-
-    def resync_all(self) -> None:
-        for body in self.kube.list_services(self.settings.namespaces):
-            meta = body["metadata"]
-            # Reported by reconcile itself; the next resync or event tries again.
-            with contextlib.suppress(TemporaryFailureError):
-                self.reconcile(meta["namespace"], meta["name"])
 
 
 def _owned_by(obj: dict[str, Any], owner: Owner) -> bool:

@@ -42,9 +42,10 @@ class Decision:
 
 @dataclass
 class History:
-    """Recent recommendations, for the scale-down stabilization window."""
+    """One service's recent recommendations, for the scale-down stabilization window."""
 
     entries: deque[tuple[float, int]] = field(default_factory=deque)
+    written: tuple[int, str] | None = None  # the (desired, reason) last written to the status
 
     def add(self, now: float, recommended: int, window: float) -> int:
         """Record ``recommended``; return the highest recommendation within ``window``."""

@@ -74,6 +74,7 @@ class LocalCluster:
     components: list[Component] = field(default_factory=list)
     ports: dict[str, int] = field(default_factory=dict)
     started_seconds: float = 0.0
+    _pki: Pki | None = field(default=None, repr=False)
 
     # -- paths -----------------------------------------------------------------------------
 
@@ -100,7 +101,7 @@ class LocalCluster:
         self.ports = {
             name: free_port() for name in ("etcd", "etcd_peer", "apiserver", "kcm", "scheduler", "kwok")
         }
-        pki = make_pki(self.workdir / "pki")
+        pki = self._pki = make_pki(self.workdir / "pki")
         self._write_kubeconfig(pki)
         try:
             self._start_etcd()
@@ -125,6 +126,17 @@ class LocalCluster:
         self.components = []
         with contextlib.suppress(FileNotFoundError):
             self.state_file.unlink()
+
+    def restart_apiserver(self, down_seconds: float, timeout: float = 60) -> None:
+        """An API server outage: stop it, wait ``down_seconds``, start it again on the same port
+        and etcd, and return once it answers."""
+        assert self._pki is not None, "the cluster is not up"
+        (component,) = [c for c in self.components if c.name == "kube-apiserver"]
+        _stop_group(component.pid, grace=10)
+        self.components.remove(component)
+        time.sleep(down_seconds)
+        self._start_apiserver(self._pki)
+        self._wait_apiserver(self._pki, timeout)
 
     @property
     def pids(self) -> list[int]:

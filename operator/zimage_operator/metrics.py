@@ -1,0 +1,53 @@
+"""The operator's own metrics, and the health port that serves them with its liveness answer."""
+
+from __future__ import annotations
+
+import logging
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, generate_latest
+
+logger = logging.getLogger(__name__)
+
+RECONCILES = Counter(
+    "zimage_operator_reconciles",
+    "Reconciles of a ZImageService by outcome: ok, degraded (a problem was reported in its "
+    "status), retry (to be retried with backoff)",
+    ["outcome"],
+)
+WRITES = Counter("zimage_operator_writes", "Writes the operator sent to the API server", ["kind", "verb"])
+ERRORS = Counter(
+    "zimage_operator_errors",
+    "Failures by kind: unreachable (the API server), api (an error answer), internal (a bug)",
+    ["kind"],
+)
+DECISIONS = Counter(
+    "zimage_operator_autoscaler_decisions",
+    "Built-in autoscaler decisions by direction: up, down, hold",
+    ["direction"],
+)
+API_REACHABLE = Gauge("zimage_operator_api_reachable", "1 while the API server answers, 0 during an outage")
+API_REACHABLE.set(1)
+
+
+async def _healthz(request: web.Request) -> web.Response:
+    # Answered by the operator's own event loop: when that stalls or dies, liveness fails.
+    return web.Response(text="ok\n")
+
+
+async def _metrics(request: web.Request) -> web.Response:
+    response = web.Response(body=generate_latest())
+    response.headers["Content-Type"] = CONTENT_TYPE_LATEST
+    return response
+
+
+async def start_health_server(host: str, port: int) -> web.AppRunner:
+    """``/healthz`` and ``/metrics`` on ``host:port``; stop it with ``await runner.cleanup()``."""
+    app = web.Application()
+    app.router.add_get("/healthz", _healthz)
+    app.router.add_get("/metrics", _metrics)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, host, port).start()
+    logger.info("health and metrics on http://%s:%d", host, port)
+    return runner

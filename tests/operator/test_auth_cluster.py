@@ -1,0 +1,62 @@
+"""spec.auth.apiKeySecretRef takes effect: through the Service, a real tiny-model server
+refuses a client without a key and serves one with it."""
+
+from __future__ import annotations
+
+import base64
+from typing import Any
+
+import httpx
+import pytest
+from kubernetes import client
+
+from tests.cluster.local_cluster import LocalCluster
+from tests.cluster.pod_runner import LocalPodRunner
+
+from .test_operator_cluster import apply, wait_for, zis
+
+pytestmark = [pytest.mark.cluster, pytest.mark.slow]
+
+REQUEST = {"prompt": "a key", "size": "256x256", "num_inference_steps": 1}
+
+
+def test_a_service_with_api_keys_refuses_keyless_clients(
+    operator: LocalPodRunner,
+    pod_runner: LocalPodRunner,
+    cluster: LocalCluster,
+    api: client.ApiClient,
+    namespace: str,
+) -> None:
+    secret = client.V1Secret(
+        metadata=client.V1ObjectMeta(name="zimage-keys"),
+        data={"keys": base64.b64encode(b"team-a-key\nteam-b-key\n").decode()},
+    )
+    client.CoreV1Api(api).create_namespaced_secret(namespace, secret)
+    spec: dict[str, Any] = {
+        "model": {"source": "builtin://tiny"},
+        "runtime": {"warmupSizes": ["256x256"]},
+        "autoscaling": {"mode": "none"},
+        "auth": {"apiKeySecretRef": {"name": "zimage-keys"}},
+    }
+    apply(cluster, namespace, zis("keyed", **spec))
+
+    def serving() -> str | None:
+        # What the Service routes to (no kube-proxy here): its selector and target port, resolved
+        # as the kubelet's service links are.
+        links = pod_runner.service_links(namespace)
+        if "KEYED_SERVICE_HOST" not in links:
+            return None
+        host, port = links["KEYED_SERVICE_HOST"], links["KEYED_SERVICE_PORT"]
+        try:
+            ready = httpx.get(f"http://{host}:8001/healthz/ready", timeout=1)
+        except httpx.TransportError:
+            return None
+        return f"{host}:{port}" if ready.status_code == 200 else None
+
+    address = wait_for(serving, 120, "a ready server behind the Service")
+    url = f"http://{address}/v1/images/generations"
+    keyless = httpx.post(url, json=REQUEST, timeout=60)
+    assert keyless.status_code == 401, keyless.text
+    assert keyless.json()["error"]["code"] == "invalid_api_key"
+    keyed = httpx.post(url, json=REQUEST, headers={"Authorization": "Bearer team-b-key"}, timeout=120)
+    assert keyed.status_code == 200, keyed.text

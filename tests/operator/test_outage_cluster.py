@@ -1,0 +1,76 @@
+"""The operator through an API server outage: one warning, no tracebacks, and back to work
+within seconds of the API server's return. Its metrics are on its health port."""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from kubernetes import client
+
+from tests.cluster.local_cluster import LocalCluster
+from tests.cluster.pod_runner import LocalPodRunner
+
+from .test_operator_cluster import apply, wait_for, wait_ready, zis
+
+pytestmark = [pytest.mark.cluster, pytest.mark.slow]
+
+
+def _operator_log(operator: LocalPodRunner) -> Path:
+    (pod,) = operator.running.values()
+    return pod.log
+
+
+def _env(api: client.ApiClient, namespace: str, name: str) -> dict[str, str]:
+    deployment = client.AppsV1Api(api).read_namespaced_deployment(name, namespace)
+    return {e.name: e.value for e in deployment.spec.template.spec.containers[0].env}
+
+
+def test_an_api_server_outage_is_one_warning_and_recovery_takes_seconds(
+    operator: LocalPodRunner, cluster: LocalCluster, api: client.ApiClient, namespace: str
+) -> None:
+    apply(cluster, namespace, zis("steady", autoscaling={"mode": "none"}, replicas=1))
+    wait_ready(api, namespace, "steady")
+    log = _operator_log(operator)
+    offset = log.stat().st_size
+
+    cluster.restart_apiserver(down_seconds=30)
+    returned = time.monotonic()
+    changed = zis("steady", autoscaling={"mode": "none"}, replicas=1, runtime={"maxBatchSize": 8})
+    assert apply(cluster, namespace, changed).returncode == 0
+    wait_for(lambda: _env(api, namespace, "steady")["ZIMAGE_MAX_BATCH_SIZE"] == "8", 10, "the change")
+    print(f"change reconciled {time.monotonic() - returned:.1f}s after the API server returned")
+    assert time.monotonic() - returned < 5 + 2  # 5 s, and the kubectl apply that made the change
+    wait_ready(api, namespace, "steady")
+
+    with log.open("rb") as handle:
+        handle.seek(offset)
+        text = handle.read().decode(errors="replace")
+    assert "Traceback" not in text, text
+    # Services that earlier tests left behind in terminating namespaces have their own news.
+    loud = [
+        line
+        for line in text.splitlines()
+        if re.search(r" (WARNING|ERROR|CRITICAL) ", line)
+        and (namespace in line or not re.search(r"\bt\d+-", line))
+    ]
+    assert len([line for line in loud if "the API server is unreachable" in line]) == 1, loud
+    assert len(loud) <= 2, loud
+    assert "the API server is reachable again" in text
+
+
+def test_the_operator_reports_its_work_as_metrics(
+    operator: LocalPodRunner, cluster: LocalCluster, api: client.ApiClient, namespace: str
+) -> None:
+    apply(cluster, namespace, zis("counted"))
+    wait_ready(api, namespace, "counted")
+    (pod,) = client.CoreV1Api(api).list_namespaced_pod("zimage-system").items
+    text = httpx.get(f"http://{pod.status.pod_ip}:8080/metrics", timeout=5).text
+    samples = dict(line.rsplit(" ", 1) for line in text.splitlines() if line.startswith("zimage_operator_"))
+    assert float(samples['zimage_operator_reconciles_total{outcome="ok"}']) > 0
+    assert float(samples['zimage_operator_writes_total{kind="Deployment",verb="apply"}']) > 0
+    assert float(samples['zimage_operator_autoscaler_decisions_total{direction="hold"}']) > 0
+    assert samples["zimage_operator_api_reachable"] == "1.0"

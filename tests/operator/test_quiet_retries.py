@@ -1,0 +1,43 @@
+"""Retries do not flood the operator's log: Kopf's per-retry lines are folded or dropped."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from zimage_operator.kube import OUTAGE
+from zimage_operator.main import QuietRetries
+
+
+def _record(name: str, message: str) -> logging.LogRecord:
+    return logging.LogRecord(name, logging.ERROR, __file__, 1, message, None, None)
+
+
+@pytest.fixture(autouse=True)
+def no_outage() -> None:
+    OUTAGE.succeeded()
+
+
+def test_an_unreachable_api_server_is_one_outage_not_a_line_per_request() -> None:
+    quiet = QuietRetries()
+    refused = (
+        "Request attempt #3 failed; will retry: GET https://127.0.0.1:6443/api -> ClientConnectorError()"
+    )
+    assert quiet.filter(_record("kopf._cogs.clients.watching", refused)) is False
+    assert OUTAGE.active
+    forbidden = "Request attempt #1 failed; will retry: GET https://127.0.0.1:6443/api -> APIForbiddenError()"
+    assert quiet.filter(_record("kopf._cogs.clients.watching", forbidden)) is False  # part of the outage
+    OUTAGE.succeeded()
+    assert quiet.filter(_record("kopf._cogs.clients.watching", forbidden)) is True  # on its own: shown
+
+
+def test_retried_handlers_and_event_posts_are_dropped_final_failures_kept() -> None:
+    quiet = QuietRetries()
+    assert quiet.filter(_record("kopf.objects", "Timer 'resync' failed temporarily: 409")) is False
+    post = "Request attempt #1/2 failed; will retry: POST /api/v1/namespaces/ml/events -> APIForbiddenError()"
+    assert quiet.filter(_record("kopf._core.engines.posting", post)) is False
+    assert not OUTAGE.active
+    final = "Failed to post an event. Ignoring and continuing."
+    assert quiet.filter(_record("kopf._core.engines.posting", final)) is True
+    assert quiet.filter(_record("zimage_operator.reconcile", "ml/posters: cannot apply ...")) is True

@@ -49,27 +49,33 @@ class Autoscaler:
         self.settings = settings
         self.post_event = post_event
 
-    async def scale(self, http: httpx.AsyncClient, namespace: str, name: str, history: History) -> None:
+    async def scale(
+        self, http: httpx.AsyncClient, namespace: str, name: str, uid: str, history: History
+    ) -> bool:
+        """One pass over the service ``namespace/name`` whose uid is ``uid``; False once that
+        service is gone (deleted, or replaced by another of the same name)."""
         loop = asyncio.get_running_loop()
         body = await loop.run_in_executor(None, self.kube.get_service, namespace, name)
-        if body is None:
-            return
+        if body is None or body["metadata"].get("uid") != uid:
+            return False
+        meta = body["metadata"]
+        if meta.get("deletionTimestamp"):
+            return False
         try:
             spec = parse_spec(body.get("spec"))
         except InvalidSpecError:
-            return  # the reconciler reports it
-        meta = body["metadata"]
-        if spec.autoscaling.mode != "builtin" or meta.get("deletionTimestamp"):
-            return
+            return True  # the reconciler reports it
+        if spec.autoscaling.mode != "builtin":
+            return True
         owner = Owner(meta["name"], meta["namespace"], meta["uid"])
         deployment = await loop.run_in_executor(
             None, self.kube.get, "apps/v1", "Deployment", owner.namespace, owner.name
         )
         if deployment is None:
-            return
+            return True
         current = int((deployment.get("spec") or {}).get("replicas") or 0)
         if current == 0 and spec.needs_cache:
-            return  # waiting for the model cache; the reconciler owns this
+            return True  # waiting for the model cache; the reconciler owns this
         pods = await loop.run_in_executor(
             None, self.kube.list_objects, "v1", "Pod", owner.namespace, builders.selector_string(owner)
         )
@@ -80,6 +86,7 @@ class Autoscaler:
         direction = "hold" if decision.desired == current else "up" if decision.desired > current else "down"
         DECISIONS.labels(direction).inc()
         await self._record(body, owner, current, decision, history)
+        return True
 
     async def _read(self, http: httpx.AsyncClient, pod: dict[str, Any]) -> PodLoad:
         name = pod["metadata"]["name"]

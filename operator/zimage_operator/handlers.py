@@ -1,20 +1,26 @@
-"""Kopf handlers. Each ZImageService is reconciled, level-triggered, from three places:
+"""Kopf handlers. Each ZImageService is reconciled, level-triggered, from two places:
 
 - a watch event of the service or of one of its children: at once;
-- its resync timer: every ``resync_seconds``, the safety net for drift that raised no event,
-  and the place where a failed reconcile is retried (``kopf.TemporaryError`` with backoff);
-- in ``builtin`` autoscaling mode, its autoscaler daemon, which reads the pods' load every
-  ``autoscale_seconds`` and reconciles when it changes the replica count.
+- its Kopf daemon, one per service for as long as it exists: a resync every ``resync_seconds``
+  (the safety net for drift that raised no event, and where a failed reconcile is retried,
+  through ``kopf.TemporaryError`` with backoff), and in ``builtin`` autoscaling mode an
+  autoscaler pass every ``autoscale_seconds``, which reconciles when it changes the replicas.
 
-The timer and the daemon are per service, so Kopf starts them when a service appears and stops
-them before it is gone (which is why Kopf puts its finalizer on each service). Events go out
-through Kopf's event helpers.
+Kopf would put a finalizer on every service that has a daemon, so that it can stop the daemon
+before the service goes. A finalizer only the operator can remove makes a service outlive the
+operator: ``helm uninstall`` of a release holding one never finishes, and a namespace deleted
+while the operator is away stays Terminating. The daemon needs no such guarantee (everything
+it looks after is owned, and garbage collection removes it), so the operator opts out: the
+daemon ends itself when it finds its service gone. Events go out through Kopf's event helpers.
 """
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import logging
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
@@ -91,6 +97,7 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     operator_settings: OperatorSettings = memo.settings
     kube = Kube(api_client())
     memo.reconciler = Reconciler(kube, operator_settings, post_event)
+    memo.loops = {}
     memo.autoscaler = Autoscaler(kube, memo.reconciler, operator_settings, post_event)
     memo.health = await start_health_server(operator_settings.health_host, operator_settings.health_port)
 
@@ -112,7 +119,7 @@ async def stop(memo: kopf.Memo, **_: Any) -> None:
 
 def _reconcile_now(memo: kopf.Memo, namespace: str, name: str) -> None:
     """Reconcile on an event. A failure is already in the status and the log; the service's
-    timer retries it with backoff."""
+    daemon retries it with backoff."""
     try:
         memo.reconciler.reconcile(namespace, name)
     except TemporaryFailureError as exc:
@@ -134,38 +141,84 @@ def child_changed(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
             _reconcile_now(memo, body.metadata.namespace or "", ref["name"])
 
 
-def resync(*, name: str, namespace: str | None, memo: Any, **kwargs: Any) -> None:
-    retry = int(kwargs.get("retry", 0))  # Kopf's count of failed attempts in a row
-    try:
-        memo.reconciler.reconcile(namespace or "", name)
-    except TemporaryFailureError as exc:
-        cause = exc.__cause__ or exc
-        if OUTAGE.covers(cause):
-            OUTAGE.failed(cause)
-            raise kopf.TemporaryError(str(exc), delay=OUTAGE_RETRY_SECONDS) from exc
-        raise kopf.TemporaryError(str(exc), delay=backoff_seconds(retry)) from exc
-    OUTAGE.succeeded()
+@dataclass
+class ServiceLoopState:
+    """What one service's daemon keeps across Kopf's restarts of it (after a failed resync)."""
+
+    history: History = field(default_factory=History)
+    failures: int = 0  # failed resyncs in a row, for the backoff
 
 
-def builtin_mode(spec: kopf.Spec, **_: Any) -> bool:
-    return bool((spec.get("autoscaling") or {}).get("mode", "builtin") == "builtin")
+def retry_later(exc: TemporaryFailureError, failures: int) -> kopf.TemporaryError:
+    """What Kopf is asked to do after a failed reconcile: try again every few seconds while the
+    API server is unreachable, else after a backoff that grows with ``failures``."""
+    cause = exc.__cause__ or exc
+    if OUTAGE.covers(cause):
+        OUTAGE.failed(cause)
+        return kopf.TemporaryError(str(exc), delay=OUTAGE_RETRY_SECONDS)
+    return kopf.TemporaryError(str(exc), delay=backoff_seconds(failures))
 
 
-async def autoscale(
-    *, name: str, namespace: str | None, memo: Any, stopped: kopf.DaemonStopped, **_: Any
-) -> None:
-    """The service's autoscaler: a pass every ``autoscale_seconds`` until Kopf stops it."""
+def autoscaling_mode(body: kopf.Body) -> str:
+    return str((body.get("spec", {}).get("autoscaling") or {}).get("mode", "builtin"))
+
+
+async def service_loop(
+    *, name: str, namespace: str | None, uid: str | None, body: kopf.Body, memo: Any,
+    stopped: kopf.DaemonStopped, **_: Any,
+) -> None:  # fmt: skip
+    """One service's daemon: a resync now and every ``resync_seconds``, and in builtin mode an
+    autoscaler pass every ``autoscale_seconds``. A failed resync raises ``kopf.TemporaryError``,
+    and Kopf starts the daemon again after its delay. Ends when the service is gone (``body``,
+    which Kopf keeps fresh, only tells the mode; a deletion is learned from the API server)."""
     operator_settings: OperatorSettings = memo.settings
+    reconciler: Reconciler = memo.reconciler
     autoscaler: Autoscaler = memo.autoscaler
-    history = History()
+    loops: dict[str, ServiceLoopState] = memo.loops
+    key, namespace = uid or "", namespace or ""
+    state = loops.setdefault(key, ServiceLoopState())
+    loop = asyncio.get_running_loop()
+
+    async def alive() -> bool:
+        found = await loop.run_in_executor(None, reconciler.kube.get_service, namespace, name)
+        return found is not None and found["metadata"].get("uid") == uid
+
+    async def resync() -> bool:
+        try:
+            if not await alive():
+                return False
+            await loop.run_in_executor(None, reconciler.reconcile, namespace, name)
+        except TemporaryFailureError as exc:
+            state.failures += 1
+            raise retry_later(exc, state.failures - 1) from exc
+        except Exception as exc:  # the API server did not answer the check
+            if not OUTAGE.covers(exc):
+                raise
+            OUTAGE.failed(exc)
+            raise kopf.TemporaryError(str(exc), delay=OUTAGE_RETRY_SECONDS) from exc
+        state.failures = 0
+        OUTAGE.succeeded()
+        return True
+
+    if not await resync():
+        loops.pop(key, None)
+        return
+    next_resync = loop.time() + operator_settings.resync_seconds
     last_problem = None
     async with httpx.AsyncClient(timeout=operator_settings.load_timeout_seconds) as http:
         while not stopped:
             await stopped.wait(operator_settings.autoscale_seconds)
             if stopped:
-                break
+                return
+            if loop.time() >= next_resync:
+                if not await resync():
+                    break
+                next_resync = loop.time() + operator_settings.resync_seconds
+            if autoscaling_mode(body) != "builtin":
+                continue
             try:
-                await autoscaler.scale(http, namespace or "", name, history)
+                if not await autoscaler.scale(http, namespace, name, key, state.history):
+                    break
             except Exception as exc:
                 if OUTAGE.covers(exc):
                     OUTAGE.failed(exc)
@@ -176,16 +229,28 @@ async def autoscale(
                 last_problem = problem
             else:
                 last_problem = None
+    loops.pop(key, None)
 
 
-def register(settings: OperatorSettings) -> None:
-    """Register every handler with Kopf; the intervals come from ``settings``."""
-    kopf.on.startup()(configure)
-    kopf.on.cleanup()(stop)
-    kopf.on.event(GROUP, VERSION, PLURAL, id="service")(service_changed)
+def without_finalizers(registry: kopf.OperatorRegistry) -> None:
+    """Registers the daemons as needing no finalizer (the module docstring says why). Kopf's
+    decorators have no argument for it, so the registered handlers are replaced."""
+    spawning = registry._spawning
+    spawning._handlers = [
+        dataclasses.replace(handler, requires_finalizer=False) for handler in spawning.get_all_handlers()
+    ]
+
+
+def register(settings: OperatorSettings, registry: kopf.OperatorRegistry | None = None) -> None:
+    """Register every handler with Kopf (in ``registry``, by default Kopf's own); the intervals
+    come from ``settings``."""
+    registry = registry or kopf.get_default_registry()
+    kopf.on.startup(registry=registry)(configure)
+    kopf.on.cleanup(registry=registry)(stop)
+    kopf.on.event(GROUP, VERSION, PLURAL, id="service", registry=registry)(service_changed)
     for group, version, plural in CHILDREN + OPTIONAL_CHILDREN:
-        kopf.on.event(group, version, plural, labels=MANAGED, id=f"child-{plural}")(child_changed)
-    kopf.timer(GROUP, VERSION, PLURAL, id="resync", interval=settings.resync_seconds)(resync)
-    kopf.daemon(GROUP, VERSION, PLURAL, id="autoscaler", when=builtin_mode, cancellation_timeout=10.0)(
-        autoscale
-    )
+        kopf.on.event(group, version, plural, labels=MANAGED, id=f"child-{plural}", registry=registry)(
+            child_changed
+        )
+    kopf.daemon(GROUP, VERSION, PLURAL, id="loop", cancellation_timeout=10.0, registry=registry)(service_loop)
+    without_finalizers(registry)

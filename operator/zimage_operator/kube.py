@@ -127,10 +127,17 @@ class OutageLog:
     """One warning when the API server becomes unreachable and one line when it is back,
     however many calls fail in between. The outage lasts until a reconcile succeeds again: an
     API server that has just come back may refuse requests for a moment (403 while its
-    authorizer warms up), and those are part of the same outage."""
+    authorizer warms up), and those are part of the same outage.
 
-    def __init__(self) -> None:
+    An outage flickers at its edges: a call on a connection opened before a graceful shutdown
+    can still succeed after the first refusal, and Kopf reports its own refused attempts some
+    seconds after they were made. A failure within ``settle_seconds`` of the last recovery is
+    therefore the same outage going on, not news: it is logged at debug level."""
+
+    def __init__(self, settle_seconds: float = 60.0) -> None:
+        self.settle_seconds = settle_seconds
         self._since: float | None = None
+        self._recovered: float | None = None
         self._lock = threading.Lock()
 
     @property
@@ -146,16 +153,23 @@ class OutageLog:
         with self._lock:
             if self._since is not None:
                 return
-            self._since = time.monotonic()
+            now = time.monotonic()
+            self._since = now
+            news = self._recovered is None or now - self._recovered > self.settle_seconds
         API_REACHABLE.set(0)
-        logger.warning(
-            "the API server is unreachable (%s); retrying every few seconds until it is back",
-            _first_line(exc),
-        )
+        if news:
+            logger.warning(
+                "the API server is unreachable (%s); retrying every few seconds until it is back",
+                _first_line(exc),
+            )
+        else:
+            logger.debug("the API server is unreachable again (%s)", _first_line(exc))
 
     def succeeded(self) -> None:
         with self._lock:
             since, self._since = self._since, None
+            if since is not None:
+                self._recovered = time.monotonic()
         if since is not None:
             API_REACHABLE.set(1)
             logger.info("the API server is reachable again after %.0fs", time.monotonic() - since)

@@ -46,10 +46,9 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | 
 
 {{/* What the operator may do where it watches; the same rules as deploy/operator/rbac.yaml. */}}
 {{- define "zimage-operator.rules" -}}
-# patch: only Kopf's finalizer, which lets it stop a service's timer and autoscaler first.
 - apiGroups: [zimage.dev]
   resources: [zimageservices]
-  verbs: [get, list, watch, patch]
+  verbs: [get, list, watch]
 - apiGroups: [zimage.dev]
   resources: [zimageservices/status]
   verbs: [get, patch, update]

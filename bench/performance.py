@@ -31,7 +31,6 @@ import json
 import os
 import platform
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -41,6 +40,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from zimage_server.processes import free_port, stop_process
 
 PROMPT = (
     "a photo of a red fox in fresh snow at golden hour, detailed fur, soft rim light, shallow depth of field"
@@ -414,12 +415,6 @@ def measure_path(
 # ---------------------------------------------------------------- server processes
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def start_server(
     model: Path, path: str, args: argparse.Namespace, cache: Path
 ) -> tuple[subprocess.Popen[bytes], int]:
@@ -453,13 +448,7 @@ def wait_ready(proc: subprocess.Popen[bytes], port: int, timeout: float) -> floa
 
 
 def stop_server(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    stop_process(proc, grace=60)
 
 
 def metric_lines(port: int, name: str) -> list[tuple[str, float]]:

@@ -35,6 +35,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from zimage_server.processes import free_port, stop_processes
+
 FLOOR_SERVER = """
 import asyncio, sys
 BODY = b'HTTP/1.1 200 OK\\r\\ncontent-length: 2\\r\\ncontent-type: text/plain\\r\\n\\r\\nok'
@@ -89,12 +91,6 @@ with httpx.Client(timeout=300) as http:
     while True:
         http.post(sys.argv[1] + "/v1/images/generations", json=json.loads(sys.argv[2]))
 """
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def get(conn: http.client.HTTPConnection, path: str) -> tuple[int, bytes]:
@@ -155,15 +151,7 @@ def images(port: int) -> float:
 
 
 def stop(procs: list[subprocess.Popen[bytes]]) -> None:
-    for proc in procs:
-        if proc.poll() is None:
-            proc.terminate()
-    for proc in procs:
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    stop_processes(procs, grace=60)
 
 
 def main() -> None:

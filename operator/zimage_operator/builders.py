@@ -27,6 +27,7 @@ HEALTH_PORT_NAME = "health"
 MODEL_DIR = "/models"
 HUB_CACHE_DIR = f"{MODEL_DIR}/hub"
 PVC_MOUNT = f"{MODEL_DIR}/pvc"
+API_KEYS_DIR = "/etc/zimage/api-keys"  # the Secret of spec.auth.apiKeySecretRef
 # The preStop pause lets endpoints drop the pod before the server starts refusing requests.
 PRESTOP_SECONDS = 5
 STARTUP_PERIOD_SECONDS = 10
@@ -184,10 +185,9 @@ def server_env(spec: ZImageServiceSpec) -> list[Manifest]:
     env: list[Manifest] = [{"name": key, "value": value} for key, value in settings.items()]
     env.extend(model_env(spec))
     if spec.auth.api_key_secret_ref is not None:
-        ref = spec.auth.api_key_secret_ref
-        env.append(
-            {"name": "ZIMAGE_API_KEYS", "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}}
-        )
+        # A file, not a variable: the kubelet updates a mounted Secret in place, and the server
+        # reads the file again when it changes, so keys rotate without a restart.
+        env.append({"name": "ZIMAGE_API_KEYS_FILE", "value": f"{API_KEYS_DIR}/keys"})
     return env
 
 
@@ -209,6 +209,11 @@ def _volumes(owner: Owner, spec: ZImageServiceSpec) -> tuple[list[Manifest], lis
         claim = spec.model.source.removeprefix("pvc://").partition("/")[0]
         volumes.append({"name": "model", "persistentVolumeClaim": {"claimName": claim, "readOnly": True}})
         mounts.append({"name": "model", "mountPath": PVC_MOUNT, "readOnly": True})
+    if spec.auth.api_key_secret_ref is not None:
+        ref = spec.auth.api_key_secret_ref
+        secret = {"secretName": ref.name, "items": [{"key": ref.key, "path": "keys"}], "defaultMode": 0o444}
+        volumes.append({"name": "api-keys", "secret": secret})
+        mounts.append({"name": "api-keys", "mountPath": API_KEYS_DIR, "readOnly": True})
     return volumes, mounts
 
 

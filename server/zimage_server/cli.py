@@ -73,8 +73,6 @@ def _serve(args: list[str]) -> int:
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    import uvicorn
-
     from .app import create_app
 
     try:
@@ -83,20 +81,15 @@ def _serve(args: list[str]) -> int:
         print(f"zimage-server: {exc}", file=sys.stderr)
         return 2
     from .drain import DrainingServer
+    from .http_server import uvicorn_config
 
-    config = uvicorn.Config(
-        app,
-        host=settings.host,
-        port=settings.port,
-        log_level=settings.log_level,
-        access_log=False,
-        timeout_graceful_shutdown=10,
-    )
+    config = uvicorn_config(app, settings)
     # After its shutdown uvicorn restores the SIGTERM handler it found and raises the signal
     # again. Finding this one, the process exits 0: a drain is a normal stop, not a crash.
     signal.signal(signal.SIGTERM, _exit_cleanly)
-    DrainingServer(config, app, settings.drain_seconds).run()
-    return 0
+    server = DrainingServer(config, app, settings.drain_seconds)
+    server.run()
+    return server.exit_code
 
 
 def _exit_cleanly(signum: int, frame: FrameType | None) -> None:

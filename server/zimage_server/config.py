@@ -54,8 +54,13 @@ class Settings(BaseSettings):
     hf_token: SecretStr | None = Field(None, description="Hub token for gated or private repositories")
     api_keys: SecretStr | None = Field(
         None,
-        description="Bearer keys a client must send to the images API (one per line or comma-separated); "
-        "unset: no authentication. Health, load and metrics stay open for probes and scrapers",
+        description="Keys a client must send to the images API (one per line or comma-separated); "
+        "unset (and no api_keys_file): no authentication. Health, load and metrics stay open",
+    )
+    api_keys_file: str | None = Field(
+        None,
+        description="A file of API keys, one per line, read again when it changes (a mounted Secret "
+        "rotates without a restart); takes the place of api_keys",
     )
     served_model_names: Annotated[list[str], NoDecode] = Field(
         default_factory=lambda: ["z-image-turbo", "Tongyi-MAI/Z-Image-Turbo"],
@@ -77,6 +82,24 @@ class Settings(BaseSettings):
         description="With health_port: liveness fails when the serving event loop stalls this long",
     )
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    max_body_bytes: int = Field(
+        1024 * 1024, ge=1024, description="Largest request body; a larger one gets 413 before it is read"
+    )
+    request_read_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        description="A request's head and body must arrive within this; then the connection closes",
+    )
+    keep_alive_timeout_s: float = Field(
+        5.0, gt=0, description="An idle kept-alive connection closes after this"
+    )
+    max_connections: int = Field(
+        1000,
+        ge=1,
+        description="Open connections on the serving port; past it a new one gets 503 and is closed "
+        "(kept below the descriptor limit)",
+    )
 
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
@@ -208,17 +231,17 @@ class Settings(BaseSettings):
             from .vram import VramLimit
 
             VramLimit.parse(self.vram_limit)
-        if self.api_keys is not None and not self.keys:
+        from .auth import parse_keys, read_key_file
+
+        if self.api_keys_file is not None:
+            read_key_file(self.api_keys_file)
+        elif self.api_keys is not None and not parse_keys(self.api_keys.get_secret_value()):
             raise ValueError("api_keys is set but holds no key; unset it to turn authentication off")
         return self
 
     @property
-    def keys(self) -> frozenset[str]:
-        """The accepted API keys; empty when authentication is off."""
-        if self.api_keys is None:
-            return frozenset()
-        text = self.api_keys.get_secret_value()
-        return frozenset(key.strip() for key in re.split(r"[,\n]", text) if key.strip())
+    def authenticated(self) -> bool:
+        return self.api_keys_file is not None or self.api_keys is not None
 
     @property
     def drain_seconds(self) -> float:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from types import FrameType
 
 import uvicorn
@@ -30,15 +31,30 @@ class DrainingServer(uvicorn.Server):
         self.drain_seconds = drain_seconds
         self._drain_task: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self.exit_code = 0
+        app.state.on_load_failure = self.fail
+
+    def fail(self) -> None:
+        """The model cannot be loaded: end the process non-zero (the reason is in the
+        termination message), so the kubelet restarts it with backoff and the operator sees why."""
+        self.exit_code = 1
+        self.should_exit = True
 
     async def serve(self, sockets: list[object] | None = None) -> None:  # type: ignore[override]
         self._loop = asyncio.get_running_loop()
         await super().serve(sockets)  # type: ignore[arg-type]
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        if self._drain_task is not None or self._loop is None:
-            super().handle_exit(sig, frame)  # a second signal: stop now
+        if self._loop is None:
+            super().handle_exit(sig, frame)
             return
+        if self._drain_task is not None:
+            # A second signal: stop now. Not through uvicorn's shutdown, which would wait for
+            # the connections, nor through the interpreter's, which joins the GPU thread and
+            # with it the batch it is running.
+            logger.warning("signal %d again: exiting now, without the work in hand", sig)
+            logging.shutdown()
+            os._exit(128 + sig)
         state: ServerState = self.fastapi.state.server_state
         state.draining = True
         metrics: Metrics = self.fastapi.state.metrics

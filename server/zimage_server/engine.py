@@ -73,6 +73,7 @@ class Engine:
         self._task: asyncio.Task[None] | None = None
         self.cost = CostModel()
         self._running_cost = 0.0  # GPU-seconds of the batch on the GPU now
+        self._running_since = 0.0
         self._running_jobs = 0
         self._progress = asyncio.Event()  # set whenever work finishes or leaves the queue
         # After a batch: until when the next one waits for the requests it answered to come back,
@@ -133,8 +134,15 @@ class Engine:
         return queued + self._running_cost
 
     def retry_after(self) -> int:
-        """Seconds until the queue has likely drained enough to take a new request."""
-        return max(1, math.ceil(self.pending_gpu_seconds() / self.settings.max_batch_size))
+        """Seconds until a place in the full queue likely frees: when the batch on the GPU ends
+        and the worker takes the next one from the queue."""
+        if self._running_jobs:
+            left = self._running_cost - (time.monotonic() - self._running_since)
+        else:
+            left = self.pending_gpu_seconds() / max(
+                1, math.ceil(self.queued_images / self.settings.max_batch_size)
+            )
+        return max(1, math.ceil(left))
 
     def submit(self, job: Job) -> None:
         if self.waiting >= self.settings.max_queue:
@@ -188,6 +196,7 @@ class Engine:
         self._running_jobs = len(jobs)
         self.metrics.in_flight.set(self._running_jobs)
         self._running_cost = self.cost.cost(key[0], key[1], key[2], len(batch))
+        self._running_since = time.monotonic()
         self._update_gauges()
         spec = BatchSpec(
             prompts=[job.prompt for job, _ in batch],
@@ -199,14 +208,15 @@ class Engine:
         try:
             result = await asyncio.get_running_loop().run_in_executor(self.gpu, self.runner.generate, spec)
         except Exception as exc:
-            logger.exception("a batch of %d images failed", len(batch))
-            for job in jobs:
-                self._fail(job, exc)
+            if len(jobs) == 1:
+                logger.exception("a batch of %d images failed", len(batch))
+                self._fail(jobs[0], exc)
+            else:  # one request's input may have failed them all: find it, spare the others
+                logger.warning("a batch of %d requests failed (%s); running each alone", len(jobs), exc)
+                for job in jobs:
+                    await self._run_alone(job, [(j, i) for j, i in batch if j is job], key)
         else:
-            self._record(result, len(batch))
-            self.cost.observe(key[0], key[1], key[2], len(batch), result.seconds)
-            for (job, index), image in zip(batch, result.images, strict=True):
-                self._deliver(job, index, image)
+            self._finish(result, batch, key)
             linger = min(self.settings.batch_linger_ms / 1000.0, LINGER_SHARE * result.seconds)
             self._linger_until = time.monotonic() + linger
             self._answered = sum(1 for job in jobs if job.future.done())
@@ -216,6 +226,25 @@ class Engine:
             self.metrics.in_flight.set(0)
             self._running_cost = 0.0
             self._progress.set()
+
+    def _finish(self, result: BatchResult, batch: list[tuple[Job, int]], key: BatchKey) -> None:
+        self._record(result, len(batch))
+        self.cost.observe(key[0], key[1], key[2], len(batch), result.seconds)
+        for (job, index), image in zip(batch, result.images, strict=True):
+            self._deliver(job, index, image)
+
+    async def _run_alone(self, job: Job, part: list[tuple[Job, int]], key: BatchKey) -> None:
+        """Run ``part`` (images of ``job`` from a failed batch) as a batch of its own."""
+        if job.cancelled or job.future.done():
+            return
+        spec = BatchSpec([job.prompt] * len(part), [job.seeds[i] for _, i in part], *key)
+        try:
+            result = await asyncio.get_running_loop().run_in_executor(self.gpu, self.runner.generate, spec)
+        except Exception as exc:
+            logger.exception("a request's %d images failed on their own", len(part))
+            self._fail(job, exc)
+        else:
+            self._finish(result, part, key)
 
     async def _wait_to_fill(self, key: BatchKey) -> None:
         waited = time.monotonic() + self.settings.batch_wait_ms / 1000.0

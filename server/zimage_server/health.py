@@ -9,7 +9,6 @@ board a few times a second (and a heartbeat on every tick), and ``HealthProcess`
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import datetime
 import logging
 import os
@@ -18,6 +17,7 @@ import sys
 from typing import Any
 
 from .health_board import HealthBoard
+from .processes import stop_process
 from .state import Phase, ServerState
 from .vram import VramSampler
 
@@ -99,6 +99,9 @@ class HealthProcess:
             raise RuntimeError(
                 f"the health server could not listen on {self.host}:{self.port} (see the log above)"
             )
+        # Both processes have it mapped now: without a name, nothing is left behind however
+        # the processes end (SIGKILL included).
+        self.board.path.unlink(missing_ok=True)
         logger.info("health probes also on %s:%d (pid %d)", self.host, self.port, self.proc.pid)
 
     async def publish_forever(self, responses: Any) -> None:
@@ -109,13 +112,8 @@ class HealthProcess:
             await asyncio.sleep(PUBLISH_PERIOD_S)
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.proc.wait(timeout=5)
-            if self.proc.poll() is None:
-                self.proc.kill()
-                self.proc.wait()
+        if self.proc is not None:
+            stop_process(self.proc, grace=5)
         if self.proc is not None and self.proc.stdout is not None:
             self.proc.stdout.close()
         self.board.close(remove=True)

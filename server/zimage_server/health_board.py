@@ -30,6 +30,34 @@ _BEAT = struct.Struct("<d")
 _BEAT_AT = 16
 _PAYLOAD_AT = 64
 PROBES = ("live", "ready", "startup")
+PREFIX = "zimage-health-"
+_IMPORTED = time.time()  # about when this process started
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_boards(directory: Path) -> None:
+    """Remove the boards of processes that no longer run. A board named for this very process
+    but older than it is stale too: it is from an earlier life of the same PID (PID 1 in a
+    restarted container, whose /dev/shm outlives it)."""
+    for path in directory.glob(f"{PREFIX}*-*"):
+        pid = path.name.removeprefix(PREFIX).partition("-")[0]
+        if not pid.isdigit():
+            continue
+        try:
+            earlier_life = int(pid) == os.getpid() and path.stat().st_mtime < _IMPORTED
+        except OSError:
+            continue
+        if earlier_life or not _alive(int(pid)):
+            path.unlink(missing_ok=True)
 
 
 def _board_dir() -> str | None:
@@ -48,7 +76,11 @@ class HealthBoard:
 
     @classmethod
     def create(cls) -> HealthBoard:
-        fd, name = tempfile.mkstemp(prefix="zimage-health-", dir=_board_dir())
+        """A new board, named for this process; boards left by processes that are gone (killed
+        before they could remove theirs) are removed first."""
+        directory = _board_dir()
+        remove_stale_boards(Path(directory or tempfile.gettempdir()))
+        fd, name = tempfile.mkstemp(prefix=f"{PREFIX}{os.getpid()}-", dir=directory)
         os.ftruncate(fd, SIZE)
         os.close(fd)
         return cls(Path(name), writable=True)

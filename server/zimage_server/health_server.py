@@ -9,17 +9,22 @@ its parent is gone. Liveness also fails when the serving process's heartbeat is 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import sys
-import threading
-import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from .health_board import PROBES, HealthBoard
 
 PATHS = {f"/healthz/{name}": name for name in PROBES}
+# One event loop answers every connection, so idle ones cost a socket, not a thread. A request
+# head must arrive whole within HEAD_TIMEOUT_S, an idle keep-alive connection is closed after
+# IDLE_TIMEOUT_S, and past MAX_CONNECTIONS open ones a new connection is closed at once.
+HEAD_TIMEOUT_S = 5.0
+IDLE_TIMEOUT_S = 30.0
+MAX_CONNECTIONS = 256
+MAX_HEAD_BYTES = 8192
 
 
 def answer(board: HealthBoard, probe: str, stall_s: float) -> tuple[int, dict[str, Any]]:
@@ -33,55 +38,100 @@ def answer(board: HealthBoard, probe: str, stall_s: float) -> tuple[int, dict[st
     return status, body
 
 
-def make_handler(board: HealthBoard, stall_s: float) -> type[BaseHTTPRequestHandler]:
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"  # keep-alive, as the kubelet's and most clients' HTTP
-        # Headers and body leave in two writes; without TCP_NODELAY the body would wait for the
-        # client's delayed ACK (40 ms on Linux).
-        disable_nagle_algorithm = True
-
-        def do_GET(self) -> None:
-            probe = PATHS.get(self.path.split("?", 1)[0])
-            if probe is None:
-                status, body = 404, {"detail": f"{self.path} is not served here; try one of {sorted(PATHS)}"}
-            else:
-                status, body = answer(board, probe, stall_s)
-            data = json.dumps(body).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-        def log_message(self, format: str, *args: Any) -> None:  # probes are not worth a log line
-            pass
-
-    return Handler
+_REASONS = {
+    200: "OK",
+    400: "Bad Request",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    503: "Service Unavailable",
+}
 
 
-def _watch_parent(parent: int, server: ThreadingHTTPServer) -> None:
-    while os.getppid() == parent:
-        time.sleep(0.5)
-    server.shutdown()
+def respond(board: HealthBoard, stall_s: float, head: bytes) -> tuple[bytes, bool]:
+    """The response to one request ``head`` (request line and headers), and whether the
+    connection stays open for another. Probes carry no body; a request that has one is
+    answered and its connection closed."""
+    request_line, *header_lines = head.decode("latin-1").rstrip("\r\n").split("\r\n")
+    parts = request_line.split(" ")
+    keep = False
+    if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
+        status, body = 400, {"detail": "not an HTTP/1.x request"}
+    else:
+        method, target, version = parts
+        headers = {}
+        for line in header_lines:
+            name, _, value = line.partition(":")
+            headers[name.strip().lower()] = value.strip().lower()
+        connection = headers.get("connection", "keep-alive" if version == "HTTP/1.1" else "close")
+        keep = connection != "close" and not {"content-length", "transfer-encoding"} & headers.keys()
+        probe = PATHS.get(target.split("?", 1)[0])
+        if method != "GET":
+            status, body = 405, {"detail": f"{method} is not allowed; probes are GET"}
+        elif probe is None:
+            status, body = 404, {"detail": f"{target} is not served here; try one of {sorted(PATHS)}"}
+        else:
+            status, body = answer(board, probe, stall_s)
+    data = json.dumps(body).encode()
+    lines = [f"HTTP/1.1 {status} {_REASONS[status]}", "Content-Type: application/json"]
+    lines += [f"Content-Length: {len(data)}"] + ([] if keep else ["Connection: close"])
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + data, keep
+
+
+class HealthServer:
+    def __init__(self, board: HealthBoard, stall_s: float) -> None:
+        self.board, self.stall_s = board, stall_s
+        self.open = 0
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.open += 1
+        try:
+            if self.open > MAX_CONNECTIONS:
+                return
+            timeout = HEAD_TIMEOUT_S
+            while True:
+                try:
+                    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout)
+                except (
+                    TimeoutError,
+                    asyncio.IncompleteReadError,
+                    asyncio.LimitOverrunError,
+                    ConnectionError,
+                ):
+                    return
+                data, keep = respond(self.board, self.stall_s, head)
+                writer.write(data)
+                await writer.drain()
+                if not keep:
+                    return
+                timeout = IDLE_TIMEOUT_S
+        except ConnectionError:
+            return
+        finally:
+            self.open -= 1
+            writer.close()
+
+
+async def _serve(board: HealthBoard, host: str, port: int, stall_s: float, parent: int) -> int:
+    handler = HealthServer(board, stall_s)
+    try:
+        server = await asyncio.start_server(handler.serve, host, port, limit=MAX_HEAD_BYTES)
+    except OSError as exc:
+        print(f"zimage-server health: cannot listen on {host}:{port}: {exc}", file=sys.stderr)
+        return 2
+    print("listening", flush=True)
+    async with server:
+        while os.getppid() == parent:  # noqa: ASYNC110 (no event tells of a parent gone)
+            await asyncio.sleep(0.5)
+    return 0
 
 
 def main(argv: list[str]) -> int:
     board_path, host, port, stall_s, parent = argv
     board = HealthBoard.open(board_path)
     try:
-        server = ThreadingHTTPServer((host, int(port)), make_handler(board, float(stall_s)))
-    except OSError as exc:
-        print(f"zimage-server health: cannot listen on {host}:{port}: {exc}", file=sys.stderr)
-        return 2
-    server.daemon_threads = True
-    threading.Thread(target=_watch_parent, args=(int(parent), server), daemon=True).start()
-    print("listening", flush=True)
-    try:
-        server.serve_forever(poll_interval=0.5)
+        return asyncio.run(_serve(board, host, int(port), float(stall_s), int(parent)))
     finally:
-        server.server_close()
         board.close()
-    return 0
 
 
 if __name__ == "__main__":

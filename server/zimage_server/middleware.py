@@ -1,11 +1,10 @@
-"""ASGI middleware: request metrics by route and status, and API keys for the images API."""
+"""ASGI middleware: request metrics by route and status, and the request body limit."""
 
 from __future__ import annotations
 
-import hmac
+import json
 import time
 
-from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .errors import error_body
@@ -40,45 +39,61 @@ class RequestMetricsMiddleware:
             self.metrics.request_seconds.labels(route).observe(time.perf_counter() - started)
 
 
-# What a key guards: the images API. Probes, the load signal and metrics stay open to the
-# kubelet, the autoscaler and Prometheus.
-PROTECTED_PREFIXES = ("/v1/", "/generate")
+class BodyLimitMiddleware:
+    """413 for a request body over ``max_bytes``: at once when its Content-Length says so, else
+    as soon as that much has arrived; the app sees the body only once it is known to fit."""
 
-
-class ApiKeyMiddleware:
-    """401 for a request to the images API without one of ``keys`` as its bearer token.
-
-    Checked before the body is read, so a client without a key cannot make the server read one."""
-
-    def __init__(self, app: ASGIApp, keys: frozenset[str]) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
         self.app = app
-        self.keys = [key.encode() for key in keys]
+        self.max_bytes = max_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not str(scope.get("path", "")).startswith(PROTECTED_PREFIXES):
+        if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        token = _bearer(scope)
-        if token is not None and any(hmac.compare_digest(token, key) for key in self.keys):
-            await self.app(scope, receive, send)
-            return
-        message = (
-            "missing API key: send it as 'Authorization: Bearer KEY'"
-            if token is None
-            else "invalid API key; check the key your administrator gave you"
-        )
-        response = JSONResponse(
-            error_body(message, "invalid_request_error", code="invalid_api_key"),
-            status_code=401,
-            headers={"WWW-Authenticate": "Bearer"},
-        )
-        await response(scope, receive, send)
+        for name, value in scope.get("headers") or []:
+            if name.lower() == b"content-length" and value.isdigit() and int(value) > self.max_bytes:
+                await self._refuse(scope, receive, send, f" ({int(value)} bytes)")
+                return
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":  # the client left: let the app see it
+                chunks = []
+                first: Message = message
+                break
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.max_bytes:
+                await self._refuse(scope, receive, send, "")
+                return
+            if not message.get("more_body", False):
+                first = {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+                break
+        replayed = False
 
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return first
+            return await receive()
 
-def _bearer(scope: Scope) -> bytes | None:
-    for name, value in scope.get("headers") or []:
-        if name.lower() == b"authorization":
-            scheme, _, token = value.partition(b" ")
-            if scheme.lower() == b"bearer" and token.strip():
-                return bytes(token.strip())
-    return None
+        await self.app(scope, replay, send)
+
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send, size: str) -> None:
+        message = f"the request body{size} is over the limit of {self.max_bytes} bytes; send a smaller one"
+        body = json.dumps(error_body(message, "invalid_request_error", code="request_too_large")).encode()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 413,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()),
+                    (b"connection", b"close"),
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import unicodedata
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, field_validator
@@ -21,7 +22,8 @@ class ImageGenerationRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    prompt: StrictStr = Field(description="What to draw")
+    # minLength for the published schema; the check (and its message) is check_prompt_text.
+    prompt: StrictStr = Field(description="What to draw", json_schema_extra={"minLength": 1})
     model: StrictStr | None = Field(None, description="Served model name; optional")
     n: StrictInt = Field(1, description="Number of images")
     size: StrictStr | None = Field(None, description="'WIDTHxHEIGHT', multiples of 16, or 'auto'")
@@ -37,15 +39,32 @@ class ImageGenerationRequest(BaseModel):
 
     @field_validator("prompt")
     @classmethod
-    def _prompt_not_blank(cls, value: str) -> str:
-        if not value.strip():
-            raise ValueError("the prompt is empty; describe the image to generate")
-        return value
+    def _prompt_is_text(cls, value: str) -> str:
+        return check_prompt_text(value)
 
     @field_validator("output_format", mode="before")
     @classmethod
     def _jpg_alias(cls, value: object) -> object:
         return "jpeg" if value == "jpg" else value
+
+
+# Categories that draw nothing: separators, controls, format characters (zero-width space,
+# joiners, direction marks), and private, unassigned or surrogate code points.
+_INVISIBLE = ("Z", "C")
+
+
+def check_prompt_text(value: str) -> str:
+    """``value`` if it is well-formed Unicode with at least one visible character."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(
+            f"the prompt holds an unpaired UTF-16 surrogate at character {exc.start}; "
+            "send well-formed Unicode text"
+        ) from None
+    if not any(unicodedata.category(char)[0] not in _INVISIBLE for char in value):
+        raise ValueError("the prompt is empty; describe the image to generate")
+    return value
 
 
 class ImageData(BaseModel):

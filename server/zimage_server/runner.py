@@ -171,6 +171,18 @@ class PipelineRunner:
                 specs.append(BatchSpec([prompts[2], prompts[0]], [0, 1], width, height, steps))
         return specs
 
+    def check_prompt(self, prompt: str) -> None:
+        """Raise ``ValueError`` if the pipeline's tokenizer cannot encode ``prompt``: refused at
+        admission, it can never fail the batch it would have joined."""
+        if self.pipe is None:
+            return
+        try:
+            prompt_tokens(self.pipe.tokenizer, [prompt])
+        except Exception as exc:
+            raise ValueError(
+                f"the prompt cannot be tokenized ({type(exc).__name__}); send plain text"
+            ) from exc
+
     def generate(self, spec: BatchSpec) -> BatchResult:
         if self.pipe is None:
             raise RuntimeError("the pipeline is not loaded")

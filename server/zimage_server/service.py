@@ -20,7 +20,7 @@ from .engine import Engine, Job
 from .errors import APIError, bad_request
 from .metrics import Metrics
 from .protocol import MAX_SEED, ImageGenerationRequest, OutputFormat
-from .state import ServerState
+from .state import Phase, ServerState
 
 
 @dataclass(frozen=True)
@@ -85,6 +85,10 @@ class ImageService:
                 f"the prompt is {len(req.prompt)} characters long; the limit is {s.max_prompt_chars}",
                 param="prompt",
             )
+        try:
+            self.engine.runner.check_prompt(req.prompt)
+        except ValueError as exc:
+            raise bad_request(str(exc), param="prompt") from None
         if not 1 <= req.n <= s.max_n:
             raise bad_request(f"'n' must be between 1 and {s.max_n}, got {req.n}", param="n")
         size = s.default_size if req.size in (None, "auto") else req.size
@@ -121,10 +125,18 @@ class ImageService:
                 code="draining",
                 headers={"Retry-After": "1"},
             )
-        if not self.state.ready:
+        if self.state.phase is Phase.FAILED:
             raise APIError(
                 503,
-                f"the model is not ready yet ({self.state.detail}); retry shortly",
+                "this replica could not load the model and cannot serve; it is restarting",
+                type="server_error",
+                code="model_failed",
+                headers={"Retry-After": "30"},
+            )
+        if not self.state.ready:  # the phase only: the detail names server paths
+            raise APIError(
+                503,
+                f"the model is not ready yet ({self.state.phase.value}); retry shortly",
                 type="server_error",
                 code="model_not_ready",
                 headers={"Retry-After": "5"},

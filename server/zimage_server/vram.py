@@ -14,8 +14,9 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal, Protocol
+
+from .state import write_termination_log
 
 logger = logging.getLogger(__name__)
 
@@ -167,12 +168,9 @@ def write_termination_message(path: str, verdict: Verdict, scope: Scope) -> None
     gib = 2**30
     line = (
         f"zimage: VRAM limit exceeded ({scope}): {verdict.used_bytes / gib:.2f} GiB used, "
-        f"limit {verdict.limit_bytes / gib:.2f} GiB\n"
+        f"limit {verdict.limit_bytes / gib:.2f} GiB"
     )
-    try:
-        Path(path).write_text(line)
-    except OSError as exc:
-        logger.warning("could not write the termination message to %s: %s", path, exc)
+    write_termination_log(path, line)
 
 
 # -- NVML -------------------------------------------------------------------------------------

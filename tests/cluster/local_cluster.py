@@ -17,7 +17,6 @@ import ipaddress
 import json
 import os
 import signal
-import socket
 import ssl
 import subprocess
 import sys
@@ -29,6 +28,8 @@ from typing import Any
 
 import httpx
 import yaml
+
+from zimage_server.processes import free_port
 
 from .certs import Pki, make_pki
 
@@ -50,12 +51,6 @@ def build_binaries() -> Path:
 def node_pod_cidr(index: int) -> str:
     network = ipaddress.ip_network(POD_CIDR)
     return str(list(network.subnets(new_prefix=24))[index])
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass

@@ -66,6 +66,13 @@ def operator_process(runner: LocalPodRunner, pod: Any, container: Any, env: dict
     return PodProcessSpec([sys.executable, "-m", "zimage_operator", *(container.args or [])], env)
 
 
+def _remap(value: str, mounts: dict[str, Path]) -> str:
+    for mount_path, folder in mounts.items():
+        if value == mount_path or value.startswith(mount_path + "/"):
+            return str(folder) + value[len(mount_path) :]
+    return value
+
+
 def runs_to_completion(pod: Any) -> bool:
     """A Helm test pod: it runs its own command once and reports how it ended."""
     hook = (pod.metadata.annotations or {}).get("helm.sh/hook", "")
@@ -302,14 +309,35 @@ class LocalPodRunner:
         """This machine's environment plus the container's env (values, Secret and
         ConfigMap references, and the pod fields a container commonly asks for)."""
         env = dict(os.environ)
+        mounts = self._secret_mounts(pod, container)
         for item in container.env or []:
             if item.value is not None:
-                env[item.name] = item.value
+                env[item.name] = _remap(item.value, mounts)
             elif item.value_from is not None:
                 resolved = self._resolve(pod, item.value_from)
                 if resolved is not None:
                     env[item.name] = resolved
         return env
+
+    def _secret_mounts(self, pod: Any, container: Any) -> dict[str, Path]:
+        """Secret volumes as the kubelet makes them, files of the Secret's keys, in a folder of
+        the pod's here; mount path -> that folder. A path in the env under a mount path is
+        read from the folder instead."""
+        secrets = {v.name: v.secret for v in pod.spec.volumes or [] if v.secret is not None}
+        mounts: dict[str, Path] = {}
+        for mount in container.volume_mounts or []:
+            source = secrets.get(mount.name)
+            if source is None:
+                continue
+            folder = self.workdir / f"{pod.metadata.namespace}_{pod.metadata.name}" / "volumes" / mount.name
+            folder.mkdir(parents=True, exist_ok=True)
+            data = self.core.read_namespaced_secret(source.secret_name, pod.metadata.namespace).data or {}
+            items = source.items or [client.V1KeyToPath(key=key, path=key) for key in data]
+            for item in items:
+                if item.key in data:
+                    (folder / item.path).write_bytes(base64.b64decode(data[item.key]))
+            mounts[mount.mount_path.rstrip("/")] = folder
+        return mounts
 
     def _resolve(self, pod: Any, source: Any) -> str | None:
         namespace = pod.metadata.namespace

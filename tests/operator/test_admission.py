@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import string
+from pathlib import Path
 from typing import Any
 from unittest import mock
 
@@ -184,10 +185,29 @@ def _children(body: dict[str, Any]) -> list[dict[str, Any]]:
     return children
 
 
-def _server_environment(deployment: dict[str, Any]) -> dict[str, str]:
-    (container,) = deployment["spec"]["template"]["spec"]["containers"]
-    # What the kubelet would put there: secret values stand in for secretKeyRef.
-    return {item["name"]: item.get("value", "a-secret-value") for item in container["env"]}
+def _server_environment(deployment: dict[str, Any], secrets: Path) -> dict[str, str]:
+    """What the kubelet would give the server: secret values stand in for secretKeyRef, and a
+    Secret volume is a folder under ``secrets`` holding a key in each of its items."""
+    pod = deployment["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    volumes = {volume["name"]: volume for volume in pod["volumes"]}
+    remap: dict[str, str] = {}
+    for mount in container.get("volumeMounts", []):
+        secret = volumes[mount["name"]].get("secret")
+        if secret is None:
+            continue
+        folder = secrets / mount["name"]
+        folder.mkdir(parents=True, exist_ok=True)
+        for item in secret.get("items", []):
+            (folder / item["path"]).write_text("a-secret-value\n")
+        remap[mount["mountPath"]] = str(folder)
+    env = {}
+    for item in container["env"]:
+        value = item.get("value", "a-secret-value")
+        for mount_path, folder in remap.items():
+            value = value.replace(mount_path, folder, 1) if value.startswith(mount_path + "/") else value
+        env[item["name"]] = value
+    return env
 
 
 def _dry_run_create(dynamic: DynamicClient, manifest: dict[str, Any]) -> None:
@@ -196,8 +216,9 @@ def _dry_run_create(dynamic: DynamicClient, manifest: dict[str, Any]) -> None:
 
 
 def test_every_admitted_spec_makes_admitted_children_and_a_server_that_starts(
-    operator: LocalPodRunner, api: client.ApiClient, namespace: str
+    operator: LocalPodRunner, api: client.ApiClient, namespace: str, tmp_path: Path
 ) -> None:
+    secrets = tmp_path / "secrets"
     custom, dynamic = client.CustomObjectsApi(api), DynamicClient(api)
     admitted: list[str] = []
     refused: list[str] = []
@@ -223,7 +244,7 @@ def test_every_admitted_spec_makes_admitted_children_and_a_server_that_starts(
                 raise AssertionError(
                     f"the API server refused a {child['kind']} of {spec}: {exc.body}"
                 ) from exc
-        environment = _server_environment(children[0])
+        environment = _server_environment(children[0], secrets)
         clean = {key: value for key, value in os.environ.items() if not key.startswith("ZIMAGE_")}
         with mock.patch.dict(os.environ, {**clean, **environment}, clear=True):
             load_settings([])

@@ -1,5 +1,6 @@
 """spec.auth.apiKeySecretRef takes effect: through the Service, a real tiny-model server
-refuses a client without a key and serves one with it."""
+refuses a client without a key and serves the official openai client that sends one (the
+Secret mounted as a file, as the kubelet mounts it)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from typing import Any
 import httpx
 import pytest
 from kubernetes import client
+from openai import OpenAI
 
 from tests.cluster.local_cluster import LocalCluster
 from tests.cluster.pod_runner import LocalPodRunner
@@ -58,5 +60,7 @@ def test_a_service_with_api_keys_refuses_keyless_clients(
     keyless = httpx.post(url, json=REQUEST, timeout=60)
     assert keyless.status_code == 401, keyless.text
     assert keyless.json()["error"]["code"] == "invalid_api_key"
-    keyed = httpx.post(url, json=REQUEST, headers={"Authorization": "Bearer team-b-key"}, timeout=120)
-    assert keyed.status_code == 200, keyed.text
+    keyed = OpenAI(base_url=f"http://{address}/v1", api_key="team-b-key", max_retries=0, timeout=120)
+    result = keyed.images.generate(prompt="a key", size="256x256", extra_body={"num_inference_steps": 1})
+    assert result.data is not None
+    assert base64.b64decode(result.data[0].b64_json or "").startswith(b"\x89PNG")

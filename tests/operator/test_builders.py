@@ -175,6 +175,23 @@ def test_an_uncached_hub_model_downloads_into_an_empty_dir_with_the_token() -> N
     assert env(spec)["ZIMAGE_MODEL"] == "hf://o/m@v2"
 
 
+def test_api_keys_are_a_mounted_file_so_that_they_rotate_without_a_restart() -> None:
+    spec = {"auth": {"apiKeySecretRef": {"name": "team-keys", "key": "list"}}}
+    volume = next(v for v in pod_spec(spec)["volumes"] if v["name"] == "api-keys")
+    assert volume["secret"]["secretName"] == "team-keys"
+    assert volume["secret"]["items"] == [{"key": "list", "path": "keys"}]
+    (container,) = pod_spec(spec)["containers"]
+    mount = next(m for m in container["volumeMounts"] if m["name"] == "api-keys")
+    assert mount["readOnly"] is True
+    assert env(spec)["ZIMAGE_API_KEYS_FILE"] == f"{mount['mountPath']}/keys"
+    assert "ZIMAGE_API_KEYS" not in env(spec), "never in the environment, where it cannot rotate"
+
+
+def test_without_auth_no_keys_are_mounted() -> None:
+    assert all(v["name"] != "api-keys" for v in pod_spec({})["volumes"])
+    assert "ZIMAGE_API_KEYS_FILE" not in env({})
+
+
 def test_a_pvc_source_is_mounted_read_only() -> None:
     spec = {"model": {"source": "pvc://weights/z-image-turbo"}}
     volume = next(v for v in pod_spec(spec)["volumes"] if v["name"] == "model")

@@ -28,10 +28,21 @@ def test_scale_sets_the_count_in_mode_none(
 
 
 def test_scale_sets_the_floor_of_the_builtin_autoscaler(
-    operator: LocalPodRunner, cluster: LocalCluster, api: client.ApiClient, namespace: str
+    operator: LocalPodRunner,
+    pod_runner: LocalPodRunner,
+    cluster: LocalCluster,
+    api: client.ApiClient,
+    namespace: str,
 ) -> None:
+    """Real tiny servers answer the autoscaler's load reads: a pod it cannot read is never taken
+    for idle, so without them nothing would scale down."""
     scaling = {"mode": "builtin", "minReplicas": 1, "maxReplicas": 4, "scaleDownStabilizationSeconds": 0}
-    apply(cluster, namespace, zis("floored", autoscaling=scaling))
+    runtime = {"warmupSizes": ["256x256"]}
+    apply(
+        cluster,
+        namespace,
+        zis("floored", model={"source": "builtin://tiny"}, autoscaling=scaling, runtime=runtime),
+    )
     wait_ready(api, namespace, "floored")
     assert _replicas(api, namespace, "floored") == 1
 
@@ -53,4 +64,4 @@ def test_scale_sets_the_floor_of_the_builtin_autoscaler(
     assert "must not exceed autoscaling.maxReplicas" in refused.stderr, refused.stderr
 
     cluster.kubectl("scale", "zis/floored", "-n", namespace, "--replicas=1")
-    wait_for(lambda: _replicas(api, namespace, "floored") == 1, 30, "back to minReplicas")
+    wait_for(lambda: _replicas(api, namespace, "floored") == 1, 120, "back to minReplicas")

@@ -18,6 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from zimage_server.app import create_app
 from zimage_server.config import Settings
+from zimage_server.http_server import uvicorn_config
 from zimage_server.tiny_model import make_tiny_model
 
 # A request that keeps the tiny model busy for a second or more on a 2-core machine.
@@ -44,7 +45,7 @@ class RunningServer:
         self.port = sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
         self._sock = sock
-        config = uvicorn.Config(self.app, log_level="warning", access_log=False, lifespan="on")
+        config = uvicorn_config(self.app, settings, log_level="warning", lifespan="on")
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,15 +14,10 @@ from pathlib import Path
 import httpx
 import pytest
 
+from zimage_server.processes import free_port
 from zimage_server.tiny_model import TINY_MODEL_VERSION
 
 pytestmark = pytest.mark.slow
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def test_make_tiny_model_writes_a_loadable_pipeline(tmp_path: Path) -> None:
@@ -40,7 +34,7 @@ def test_make_tiny_model_writes_a_loadable_pipeline(tmp_path: Path) -> None:
 
 
 def test_serve_defaults_to_the_builtin_tiny_model(tmp_path: Path) -> None:
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "ZIMAGE_CACHE_DIR": str(tmp_path / "cache"), "ZIMAGE_WARMUP_SIZES": "256x256"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "zimage_server", "serve", "--port", str(port)],
@@ -81,7 +75,7 @@ def test_serve_defaults_to_the_builtin_tiny_model(tmp_path: Path) -> None:
 def test_sigterm_drains_accepted_work_refuses_new_and_exits_zero(
     tiny_model_dir: Path, tmp_path: Path
 ) -> None:
-    port, health_port = _free_port(), _free_port()
+    port, health_port = free_port(), free_port()
     proc = subprocess.Popen(
         [
             sys.executable, "-m", "zimage_server", "serve", "--port", str(port),
@@ -136,3 +130,75 @@ def test_sigterm_drains_accepted_work_refuses_new_and_exits_zero(
     assert "drained: every accepted request is answered" in proc.stdout.read()
     with pytest.raises(httpx.ConnectError):  # the health process went with the server
         httpx.get(f"http://127.0.0.1:{health_port}/healthz/live")
+
+
+def _start(args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "zimage_server", "serve", *args],
+        env={**os.environ, **(env or {})},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def test_a_second_sigterm_exits_at_once(tiny_model_dir: Path) -> None:
+    port = free_port()
+    proc = _start(
+        ["--port", str(port), "--model", str(tiny_model_dir), "--device", "cpu", "--min-size", "64",
+         "--warmup-sizes", "256x256", "--drain-timeout-s", "120"]
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, proc.stdout.read() if proc.stdout else "server exited"
+            with contextlib.suppress(httpx.TransportError):
+                if httpx.get(f"{url}/healthz/ready").status_code == 200:
+                    break
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        long = {"prompt": "a long one", "size": "1024x1024", "num_inference_steps": 50}
+        with ThreadPoolExecutor(1) as pool:
+            pending = pool.submit(httpx.post, f"{url}/generate", json=long, timeout=120)
+            while "zimage_in_flight_requests 1.0" not in httpx.get(f"{url}/metrics").text:
+                time.sleep(0.05)
+            proc.send_signal(signal.SIGTERM)  # drains: would wait for the long request
+            time.sleep(0.5)
+            assert proc.poll() is None
+            proc.send_signal(signal.SIGTERM)
+            started = time.monotonic()
+            proc.wait(timeout=10)
+            took = time.monotonic() - started
+            with contextlib.suppress(httpx.TransportError):
+                answer = pending.result()
+                assert answer.status_code != 500 or answer.headers["content-type"] == "application/json"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert took < 3, f"the second signal took {took:.1f}s"
+    assert proc.stdout is not None
+    assert "again: exiting now" in proc.stdout.read()
+
+
+def test_a_model_that_cannot_load_ends_the_process_with_the_reason(tmp_path: Path) -> None:
+    empty = tmp_path / "no-model"
+    empty.mkdir()
+    termination = tmp_path / "termination-log"
+    proc = _start(
+        ["--port", str(free_port()), "--model", str(empty), "--device", "cpu"],
+        {"ZIMAGE_TERMINATION_LOG_PATH": str(termination)},
+    )
+    try:
+        code = proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        assert proc.stdout is not None
+        proc.stdout.close()
+    assert code == 1
+    reason = termination.read_text()
+    assert reason.startswith("zimage: the model could not be loaded")
+    assert "model_index.json" in reason

@@ -8,6 +8,7 @@ import pytest
 from pydantic import ValidationError
 from pydantic_settings import CliApp
 
+from zimage_server.auth import parse_keys
 from zimage_server.cli import main
 from zimage_server.config import Settings, parse_size, unknown_variables
 
@@ -107,7 +108,8 @@ def test_other_programs_variables_are_not_unknown() -> None:
 def test_api_keys_are_read_one_per_line_or_comma_separated(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("ZIMAGE_API_KEYS", "alpha, beta\ngamma\n")
     settings = Settings(_env_file=None)
-    assert settings.keys == {"alpha", "beta", "gamma"}
+    assert settings.api_keys is not None
+    assert parse_keys(settings.api_keys.get_secret_value()) == {"alpha", "beta", "gamma"}
     assert "alpha" not in repr(settings), "keys must never be printed"
     with pytest.raises(ValidationError, match="holds no key"):
         Settings(_env_file=None, api_keys=" ,\n")

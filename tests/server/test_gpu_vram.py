@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -14,6 +13,8 @@ from pathlib import Path
 
 import httpx
 import pytest
+
+from zimage_server.processes import free_port, stop_processes
 
 from .conftest import RunningServer, ServerFactory
 
@@ -28,12 +29,6 @@ HOG = (
     "print('allocated', flush=True)\n"
     "time.sleep(600)\n"
 )
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _smi(query: str, kind: str = "gpu") -> list[list[str]]:
@@ -132,7 +127,7 @@ def test_a_process_limit_below_the_model_fails_liveness_after_start_up(
 def test_probe_latency_stays_low_while_the_gpu_generates(tiny_model_dir: Path) -> None:
     """Server, load and prober each in their own process, as in a cluster where the kubelet
     probes from outside: the latency measured is the server's, not a client's GIL."""
-    port, health_port = _free_port(), _free_port()
+    port, health_port = free_port(), free_port()
     args = ["--port", str(port), "--model", str(tiny_model_dir), "--device", "cuda", "--max-size", "2048"]
     args += ["--warmup-sizes", "1024x1024", "--vram-limit", "95%", "--health-port", str(health_port)]
     # Eager: the tiny model's compile would only lengthen start-up; the GPU work is the same kind.
@@ -163,10 +158,7 @@ def test_probe_latency_stays_low_while_the_gpu_generates(tiny_model_dir: Path) -
                 time.sleep(0.01)
         generated = _images(url) - images_before
     finally:
-        for proc in [*load, server]:
-            proc.terminate()
-        for proc in [*load, server]:
-            proc.wait(timeout=60)
+        stop_processes([*load, server], grace=60)
     latencies.sort()
     p50, p99 = statistics.median(latencies), latencies[int(len(latencies) * 0.99) - 1]
     print(

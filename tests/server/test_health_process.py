@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -18,14 +19,9 @@ from pydantic import ValidationError
 from zimage_server.config import Settings
 from zimage_server.health import HealthProcess
 from zimage_server.health_board import HealthBoard
+from zimage_server.processes import free_port
 
 from .conftest import ServerFactory
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _wait(predicate: object, timeout: float = 10.0) -> None:
@@ -36,7 +32,7 @@ def _wait(predicate: object, timeout: float = 10.0) -> None:
 
 
 def test_the_health_port_answers_like_the_serving_port(serve: ServerFactory) -> None:
-    health_port = _free_port()
+    health_port = free_port()
     server = serve(health_port=health_port)
     health_url = f"http://127.0.0.1:{health_port}"
     for probe in ("live", "ready", "startup"):
@@ -52,7 +48,7 @@ def test_the_health_port_answers_like_the_serving_port(serve: ServerFactory) -> 
 
 
 def test_liveness_fails_when_the_heartbeat_stops_and_recovers_when_it_returns() -> None:
-    port = _free_port()
+    port = free_port()
     process = HealthProcess("127.0.0.1", port, stall_s=0.5)
     process.start()
     url = f"http://127.0.0.1:{port}/healthz/live"
@@ -76,7 +72,7 @@ def test_liveness_fails_when_the_heartbeat_stops_and_recovers_when_it_returns() 
 
 
 def test_the_health_process_exits_when_its_parent_dies(tmp_path: Path) -> None:
-    port = _free_port()
+    port = free_port()
     parent = subprocess.Popen(
         [
             sys.executable,
@@ -106,6 +102,28 @@ def test_the_health_process_exits_when_its_parent_dies(tmp_path: Path) -> None:
         return Path(f"/proc/{child}/status").read_text().find("State:\tZ") >= 0
 
     _wait(gone, timeout=10)
+    assert not list(
+        Path(tempfile.gettempdir() if not Path("/dev/shm").is_dir() else "/dev/shm").glob(
+            f"zimage-health-{parent.pid}-*"
+        )
+    ), "SIGKILL left the board behind"
+
+
+def test_boards_of_processes_that_are_gone_are_removed_at_start() -> None:
+    gone = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    live = HealthBoard.create()
+    stale = live.path.with_name(f"zimage-health-{int(gone.stdout)}-abcd")
+    stale.write_bytes(b"\0" * 64)
+    try:
+        other = HealthBoard.create()
+        other.close(remove=True)
+        assert not stale.exists()
+        assert live.path.exists(), "a running process's board is kept"
+    finally:
+        stale.unlink(missing_ok=True)
+        live.close(remove=True)
 
 
 def test_a_health_port_in_use_stops_the_start_with_a_clear_error() -> None:

@@ -55,12 +55,18 @@ bench: install ## Run bench/performance.py on the tiny model here (on a GPU: see
 	$(PY) bench/performance.py --scale tiny --size 256x256 --steps 2 --repeat 2 \
 		--stages pipeline,report --work .out/bench
 
+SOAK_MINUTES ?= 10
+.PHONY: soak
+soak: install ## Soak the server with mixed valid, invalid and abusive traffic on loopback (SOAK_MINUTES, 10)
+	$(PY) bench/soak.py --minutes $(SOAK_MINUTES) --out .out/soak
+
 BENCH_WORK ?= /tmp/zimage-bench
 .PHONY: bench-gpu
 bench-gpu: install ## On a GPU machine: every benchmark at full size; rewrites docs/performance.md
 	$(PY) bench/performance.py --scale full --stages pipeline,text --repeat 2 --work $(BENCH_WORK)
 	$(PY) bench/performance.py --scale full --stages coldstart,http --paths server-bf16 --work $(BENCH_WORK)
 	$(PY) bench/probe_latency.py --device cuda --probes 300 --out $(BENCH_WORK)/probe
+	$(PY) bench/png_encode.py --repeat 30 --out $(BENCH_WORK)/png.json
 	$(PY) bench/gemm_shapes.py --out $(BENCH_WORK)/gemm-b1.json
 	$(PY) bench/gemm_shapes.py --batch 4 --out $(BENCH_WORK)/gemm-b4.json
 	$(PY) bench/profile_step.py --work $(BENCH_WORK) --paths server-bf16,server-fp8 --out $(BENCH_WORK)/profile.json

@@ -42,3 +42,26 @@ def test_the_benchmark_measures_side_by_side_and_keeps_the_notes(tmp_path: Path)
     assert "| diffusers | " in text
     assert "1.00x" in text  # the baseline's own ratio, the others' against it
     assert "## Through HTTP on loopback" in text
+
+
+@pytest.mark.slow
+def test_the_soak_runs_its_mixed_traffic_and_reports(tmp_path: Path) -> None:
+    """A short soak (the documented one runs for 10 minutes): every kind of traffic reaches the
+    server, the report holds memory, statuses and probe latency, and nothing answered 5xx."""
+    command = [sys.executable, str(ROOT / "bench" / "soak.py"), "--minutes", "0.4", "--sample-s", "8"]
+    out = subprocess.run(
+        [*command, "--out", str(tmp_path)], cwd=ROOT, timeout=600, capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    report = json.loads((tmp_path / "soak.json").read_text())
+    assert len(report["samples"]) >= 3
+    assert all(sample["rss_mib"] > 0 for sample in report["samples"])
+    statuses = report["statuses"]
+    assert statuses.get("200", 0) > 0
+    assert statuses.get("400", 0) > 0
+    assert statuses.get("413", 0) > 0
+    assert report["server_errors"] == 0, statuses
+    counts = report["samples"][-1]["counts"]
+    assert counts["slowloris"].get("closed by server", 0) > 0, "half-sent requests were closed"
+    assert counts["probe"].get("200", 0) > 0
+    assert "| time | RSS (MiB) |" in out.stdout

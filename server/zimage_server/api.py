@@ -5,17 +5,89 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, FastAPI, Request, Response
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from . import health
+from .config import SIZE_MULTIPLE, Settings
 from .errors import bad_request
-from .protocol import MEDIA_TYPES, ImageGenerationRequest, ImageGenerationResponse
+from .protocol import (
+    MEDIA_TYPES,
+    VISIBLE,
+    ErrorResponse,
+    ImageGenerationRequest,
+    ImageGenerationResponse,
+    SingleImageRequest,
+)
 from .service import ImageService
 from .state import ServerState
 
 router = APIRouter()
+
+
+def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    descriptions = {
+        400: "Bad input: the message names the parameter and the fix",
+        401: "No API key, or not one of the server's keys",
+        404: "A model that is not served here",
+        413: "The request body is over the server's limit",
+        429: "The queue is full; retry after Retry-After seconds",
+        503: "Not ready yet, shutting down, or too many open connections; retry",
+        504: "The request did not finish within the server's timeout",
+    }
+    return {status: {"model": ErrorResponse, "description": descriptions[status]} for status in statuses}
+
+
+IMAGE_ERRORS = _errors(400, 401, 404, 413, 429, 503, 504)
+PROBE_RESPONSES: dict[int | str, dict[str, Any]] = {
+    503: {
+        "description": "Not passing; the body says why",
+        "content": {"application/json": {"schema": {"type": "object"}}},
+    }
+}
+
+
+def _nullable(schema: dict[str, Any]) -> dict[str, Any]:
+    return {"anyOf": [schema, {"type": "null"}]}
+
+
+def _publish_limits(properties: dict[str, Any], settings: Settings, max_n: int) -> None:
+    """The limits this server's settings set, written into the request's schema, so that what
+    the document admits is what the server admits (ImageService.params checks the same)."""
+    sides = "|".join(str(side) for side in range(settings.min_size, settings.max_size + 1, SIZE_MULTIPLE))
+    properties["prompt"].update(maxLength=settings.max_prompt_chars, pattern=VISIBLE)
+    properties["n"].update(minimum=1, maximum=max_n)
+    properties["size"] = _nullable(
+        {
+            "type": "string",
+            "pattern": f"^(auto|({sides})x({sides}))$",
+            "description": properties["size"].get("description", ""),
+        }
+    )
+    steps = {"type": "integer", "minimum": 1, "maximum": settings.max_steps}
+    properties["num_inference_steps"] = _nullable({**steps, "description": "Denoising steps"})
+    properties["response_format"] = _nullable({"type": "string", "enum": ["b64_json"]})
+
+
+def openapi_document(app: FastAPI) -> dict[str, Any]:
+    """FastAPI's document, less what this server never answers: bad input is 400 in the error
+    shape (errors.py), never FastAPI's 422."""
+    if app.openapi_schema is None:
+        document = get_openapi(
+            title=app.title, version=app.version, description=app.description, routes=app.routes
+        )
+        for operations in document["paths"].values():
+            for operation in operations.values():
+                operation["responses"].pop("422", None)
+        schemas = document.get("components", {}).get("schemas", {})
+        for unused in ("HTTPValidationError", "ValidationError"):
+            schemas.pop(unused, None)
+        for name, most in (("ImageGenerationRequest", app.state.settings.max_n), ("SingleImageRequest", 1)):
+            _publish_limits(schemas[name]["properties"], app.state.settings, most)
+        app.openapi_schema = document
+    return app.openapi_schema
 
 
 def _service(request: Request) -> ImageService:
@@ -23,7 +95,9 @@ def _service(request: Request) -> ImageService:
     return service
 
 
-@router.post("/v1/images/generations", response_model=ImageGenerationResponse, tags=["images"])
+@router.post(
+    "/v1/images/generations", response_model=ImageGenerationResponse, tags=["images"], responses=IMAGE_ERRORS
+)
 async def create_images(body: ImageGenerationRequest, request: Request) -> Response:
     """Generate images; the OpenAI Images API shape, with ``seed`` and ``num_inference_steps``."""
     service = _service(request)
@@ -36,9 +110,16 @@ async def create_images(body: ImageGenerationRequest, request: Request) -> Respo
     "/generate",
     tags=["images"],
     response_class=Response,
-    responses={200: {"content": {media: {} for media in MEDIA_TYPES.values()}}},
+    responses={
+        200: {
+            "content": {
+                media: {"schema": {"type": "string", "format": "binary"}} for media in MEDIA_TYPES.values()
+            }
+        },
+        **IMAGE_ERRORS,
+    },
 )
-async def generate(body: ImageGenerationRequest, request: Request) -> Response:
+async def generate(body: SingleImageRequest, request: Request) -> Response:
     """Generate one image and return its bytes (``curl ... -o out.png``)."""
     if body.n != 1:
         raise bad_request("POST /generate returns one image; use /v1/images/generations for n > 1", param="n")
@@ -69,7 +150,7 @@ def sliced_response(body: bytes, media_type: str, headers: dict[str, str] | None
     return StreamingResponse(slices(), media_type=media_type, headers=all_headers)
 
 
-@router.get("/v1/models", tags=["images"])
+@router.get("/v1/models", tags=["images"], responses=_errors(401))
 async def list_models(request: Request) -> dict[str, Any]:
     service = _service(request)
     return {
@@ -83,7 +164,7 @@ def _probe(answer: tuple[int, dict[str, Any]]) -> JSONResponse:
     return JSONResponse(body, status_code=status)
 
 
-@router.get("/healthz/live", tags=["health"])
+@router.get("/healthz/live", tags=["health"], responses=PROBE_RESPONSES)
 async def live(request: Request) -> JSONResponse:
     """Fails when the process can no longer serve: the model failed to load, the worker died,
     or GPU memory has stayed over the VRAM limit (the sampler's last verdict; no NVML call)."""
@@ -91,13 +172,13 @@ async def live(request: Request) -> JSONResponse:
     return _probe(health.live(state, _service(request).engine.alive, request.app.state.vram))
 
 
-@router.get("/healthz/ready", tags=["health"])
+@router.get("/healthz/ready", tags=["health"], responses=PROBE_RESPONSES)
 async def ready(request: Request) -> JSONResponse:
     """503 until the model is loaded and warmed up, and again while draining."""
     return _probe(health.ready(request.app.state.server_state))
 
 
-@router.get("/healthz/startup", tags=["health"])
+@router.get("/healthz/startup", tags=["health"], responses=PROBE_RESPONSES)
 async def startup(request: Request) -> JSONResponse:
     """Passes once loading and warm-up are done; the kubelet holds other probes until then."""
     return _probe(health.startup(request.app.state.server_state))
@@ -122,7 +203,17 @@ async def load(request: Request) -> dict[str, Any]:
     }
 
 
-@router.get("/metrics", tags=["health"])
+@router.get(
+    "/metrics",
+    tags=["health"],
+    response_class=Response,
+    responses={
+        200: {
+            "content": {CONTENT_TYPE_LATEST: {"schema": {"type": "string"}}},
+            "description": "Prometheus text format",
+        }
+    },
+)
 async def metrics(request: Request) -> Response:
     registry = request.app.state.metrics.registry
     return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)

@@ -12,16 +12,15 @@ from collections.abc import AsyncIterator, Callable
 from fastapi import FastAPI
 
 from . import __version__, background
-from .api import router
+from .api import openapi_document, router
 from .auth import ApiKeyMiddleware, KeyRing, parse_keys
 from .config import Settings
-from .cost_model import CostModel
 from .engine import Engine
 from .errors import install_error_handlers
 from .health import HealthProcess, probe_responses
 from .metrics import Metrics
 from .middleware import BodyLimitMiddleware, RequestMetricsMiddleware
-from .runner import BatchSpec, PipelineRunner
+from .runner import PipelineRunner
 from .service import ImageService
 from .state import Phase, ServerState, write_termination_log
 from .vram import (
@@ -103,6 +102,7 @@ def create_app(settings: Settings, memory_source: MemorySource | None = None) ->
         app.add_middleware(ApiKeyMiddleware, ring=key_ring(settings))
     app.add_middleware(RequestMetricsMiddleware, metrics=metrics)
     app.include_router(router)
+    app.openapi = lambda: openapi_document(app)  # type: ignore[method-assign]
     return app
 
 
@@ -150,10 +150,6 @@ def make_vram_sampler(settings: Settings, metrics: Metrics, source: MemorySource
     return VramSampler(source, policy, settings.vram_sample_period_s, on_sample=record)
 
 
-def _units(spec: BatchSpec) -> float:
-    return CostModel.units(spec.width, spec.height, spec.steps, len(spec.prompts))
-
-
 async def _load_and_warm_up(
     runner: PipelineRunner,
     engine: Engine,
@@ -169,23 +165,14 @@ async def _load_and_warm_up(
         state.set(Phase.LOADING, f"loading {runner.source}")
         await loop.run_in_executor(engine.gpu, runner.load)
         warmup_started = time.perf_counter()
-        runs: list[tuple[BatchSpec, float]] = []
+        # Warm-up runs price nothing: they pay for one-time set-up and run at small sizes and
+        # few steps, where fixed costs dominate (priced from them, Retry-After and the load
+        # signal came out several times too high). The prior holds until the first real batch.
         for spec in runner.warmup_specs():
             size, count = f"{spec.width}x{spec.height}", len(spec.prompts)
             state.set(Phase.WARMING, f"warming up at {size} (batch {count})")
             result = await loop.run_in_executor(engine.gpu, runner.generate, spec)
             logger.info("warm-up at %s, batch %d took %.2fs", size, count, result.seconds)
-            runs.append((spec, result.seconds))
-        if not runner.compile and runs:
-            # The first runs pay for one-time set-up; the fastest one prices the work.
-            spec, seconds = min(runs, key=lambda run: run[1] / _units(run[0]))
-            engine.cost.observe(spec.width, spec.height, spec.steps, len(spec.prompts), seconds)
-        if runner.compile:  # timings that include compiling say nothing of a request's cost
-            for size in settings.warmup_sizes:
-                width, height = settings.check_size(size)
-                spec = BatchSpec(["warm-up"], [0], width, height, settings.warmup_steps)
-                result = await loop.run_in_executor(engine.gpu, runner.generate, spec)
-                engine.cost.observe(width, height, spec.steps, 1, result.seconds)
         runner.startup_seconds["warmup"] = time.perf_counter() - warmup_started
         for phase, seconds in runner.startup_seconds.items():
             metrics.startup_seconds.labels(phase).set(seconds)

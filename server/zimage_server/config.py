@@ -10,7 +10,8 @@ from typing import Annotated, Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-SIZE_RE = re.compile(r"^(\d{1,5})x(\d{1,5})$")
+# ASCII digits only (\d would take fullwidth and other scripts' digits), the whole string.
+SIZE_RE = re.compile(r"([0-9]{1,5})x([0-9]{1,5})")
 # The VAE downsamples by 8 and the transformer patches by 2: sides must be multiples of 16.
 SIZE_MULTIPLE = 16
 
@@ -23,7 +24,7 @@ def _check_parts(setting: str, parts: list[str], allowed: tuple[str, ...]) -> No
 
 def parse_size(value: str) -> tuple[int, int]:
     """Parse ``"WxH"`` into ``(width, height)``; raise ``ValueError`` with a readable message."""
-    match = SIZE_RE.match(value.strip().lower())
+    match = SIZE_RE.fullmatch(value.lower())
     if not match:
         raise ValueError(f"size must look like '1024x1024' (width x height in pixels), got {value!r}")
     return int(match.group(1)), int(match.group(2))
@@ -250,17 +251,21 @@ class Settings(BaseSettings):
     def check_size(self, size: str) -> tuple[int, int]:
         """Return (width, height) or raise ``ValueError`` saying what is wrong with ``size``."""
         width, height = parse_size(size)
-        for side in (width, height):
-            if side % SIZE_MULTIPLE:
-                raise ValueError(
-                    f"size {size!r}: width and height must be multiples of {SIZE_MULTIPLE}; "
-                    f"try {_round(width)}x{_round(height)}"
-                )
-            if not self.min_size <= side <= self.max_size:
-                raise ValueError(
-                    f"size {size!r}: width and height must be between {self.min_size} and {self.max_size}"
-                )
+        if not all(self.min_size <= side <= self.max_size for side in (width, height)):
+            raise ValueError(
+                f"size {size!r}: width and height must be between {self.min_size} and {self.max_size}"
+            )
+        if width % SIZE_MULTIPLE or height % SIZE_MULTIPLE:
+            raise ValueError(
+                f"size {size!r}: width and height must be multiples of {SIZE_MULTIPLE}; "
+                f"try {self._round(width)}x{self._round(height)}"
+            )
         return width, height
+
+    def _round(self, side: int) -> int:
+        """The nearest multiple of SIZE_MULTIPLE within the size range."""
+        nearest = round(side / SIZE_MULTIPLE) * SIZE_MULTIPLE
+        return max(self.min_size, min(self.max_size, nearest))
 
 
 # ZIMAGE_ names that are not server settings but belong to the project's other programs.
@@ -297,7 +302,3 @@ def load_settings(args: Sequence[str] = ()) -> Settings:
     settings = CliApp.run(Settings, cli_args=list(args))
     ModelSource.parse(settings.model, settings.revision)
     return settings
-
-
-def _round(side: int) -> int:
-    return max(SIZE_MULTIPLE, round(side / SIZE_MULTIPLE) * SIZE_MULTIPLE)

@@ -40,6 +40,14 @@ def bad_request(message: str, param: str | None = None, code: str = "invalid_val
     return APIError(400, message, param=param, code=code)
 
 
+def invalid_json(detail: str | None = None) -> APIError:
+    return bad_request(
+        f"the request body is not valid JSON{f' ({detail})' if detail else ''}; send a JSON object "
+        'such as {"prompt": "a red fox"} with Content-Type: application/json',
+        code="invalid_json",
+    )
+
+
 def error_body(message: str, type: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
@@ -62,12 +70,7 @@ def describe_validation_error(exc: RequestValidationError) -> APIError:
     msg = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
     if kind == "json_invalid":
         ctx = first.get("ctx")
-        detail = f" ({ctx['error']})" if isinstance(ctx, dict) and ctx.get("error") else ""
-        return bad_request(
-            f"the request body is not valid JSON{detail}; send a JSON object such as "
-            '{"prompt": "a red fox"} with Content-Type: application/json',
-            code="invalid_json",
-        )
+        return invalid_json(str(ctx["error"]) if isinstance(ctx, dict) and ctx.get("error") else None)
     if kind == "missing" and param:
         return bad_request(f"'{param}' is required", param=param, code="missing_required_parameter")
     if kind == "missing" or (kind in ("model_attributes_type", "dict_type") and not param):
@@ -98,6 +101,8 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 400:  # FastAPI's answer to a body json.loads raised on
+            return _response(invalid_json("it is not UTF-8, nests too deep or holds too long a number"))
         if exc.status_code == 404:
             message = f"no route {request.method} {request.url.path}; see /docs for the API"
         elif exc.status_code == 405:

@@ -2,15 +2,26 @@
 
 from __future__ import annotations
 
-import unicodedata
-from typing import Literal
+import re
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, field_validator
+from annotated_types import Ge, Le
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, Strict, StrictStr, field_validator
 
 OutputFormat = Literal["png", "jpeg", "webp"]
 
 MEDIA_TYPES: dict[str, str] = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 MAX_SEED = 2**63 - 1
+
+
+def _integral(value: object) -> object:
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+# An integer as JSON Schema means it: 2 and 2.0, never "2", 2.5 or true.
+JsonInt = Annotated[int, Strict(), BeforeValidator(_integral)]
+Compression = Annotated[int, Strict(), Ge(0), Le(100), BeforeValidator(_integral)]
+Seed = Annotated[int, Strict(), Ge(0), Le(MAX_SEED), BeforeValidator(_integral)]
 
 
 class ImageGenerationRequest(BaseModel):
@@ -25,13 +36,13 @@ class ImageGenerationRequest(BaseModel):
     # minLength for the published schema; the check (and its message) is check_prompt_text.
     prompt: StrictStr = Field(description="What to draw", json_schema_extra={"minLength": 1})
     model: StrictStr | None = Field(None, description="Served model name; optional")
-    n: StrictInt = Field(1, description="Number of images")
+    n: JsonInt = Field(1, description="Number of images")
     size: StrictStr | None = Field(None, description="'WIDTHxHEIGHT', multiples of 16, or 'auto'")
     response_format: Literal["b64_json", "url"] | None = None
     output_format: OutputFormat | None = None
-    output_compression: StrictInt | None = Field(None, ge=0, le=100, description="JPEG/WebP quality 0-100")
-    seed: StrictInt | None = Field(None, ge=0, le=MAX_SEED, description="Same seed, same image")
-    num_inference_steps: StrictInt | None = Field(None, description="Denoising steps (Turbo: 8)")
+    output_compression: Compression | None = Field(None, description="JPEG/WebP quality 0-100")
+    seed: Seed | None = Field(None, description="Same seed, same image")
+    num_inference_steps: JsonInt | None = Field(None, description="Denoising steps (Turbo: 8)")
     # Accepted for compatibility with OpenAI clients; they do not change the result.
     quality: Literal["auto", "standard", "hd", "low", "medium", "high"] | None = None
     style: Literal["vivid", "natural"] | None = None
@@ -48,9 +59,16 @@ class ImageGenerationRequest(BaseModel):
         return "jpeg" if value == "jpg" else value
 
 
-# Categories that draw nothing: separators, controls, format characters (zero-width space,
-# joiners, direction marks), and private, unassigned or surrogate code points.
-_INVISIBLE = ("Z", "C")
+# A character that draws something: not whitespace, not a control or format character (zero-width
+# space, joiners, direction marks, the byte-order mark). The check and the published schema's
+# pattern are this one expression, in the dialect both Python and ECMA 262 (JSON Schema's) read;
+# an unpaired surrogate, which JSON text can spell but no tokenizer takes, is refused before it.
+# Escapes, not the characters: the published document is JSON, which cannot hold a surrogate.
+VISIBLE = (
+    r"[^\s\x00-\x1f\x7f-\x9f\u00ad\u061c\u180e\u200b-\u200f\u202a-\u202e\u2060-\u206f"
+    r"\ufeff\ufff9-\ufffb]"
+)
+_VISIBLE = re.compile(VISIBLE)
 
 
 def check_prompt_text(value: str) -> str:
@@ -62,9 +80,13 @@ def check_prompt_text(value: str) -> str:
             f"the prompt holds an unpaired UTF-16 surrogate at character {exc.start}; "
             "send well-formed Unicode text"
         ) from None
-    if not any(unicodedata.category(char)[0] not in _INVISIBLE for char in value):
+    if _VISIBLE.search(value) is None:
         raise ValueError("the prompt is empty; describe the image to generate")
     return value
+
+
+class SingleImageRequest(ImageGenerationRequest):
+    """``POST /generate``: one image, returned as its bytes (``n`` is 1)."""
 
 
 class ImageData(BaseModel):
@@ -78,3 +100,16 @@ class ImageGenerationResponse(BaseModel):
     data: list[ImageData]
     output_format: OutputFormat
     size: str
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(BaseModel):
+    """Every error, in the OpenAI shape."""
+
+    error: ErrorDetail

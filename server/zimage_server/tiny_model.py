@@ -13,6 +13,7 @@ import logging
 import os
 import tempfile
 from pathlib import Path
+from typing import Any
 
 logger = logging.getLogger(__name__)
 
@@ -81,11 +82,7 @@ def build_vae(  # type: ignore[no-untyped-def]
 
 def build_tiny_pipeline(vocab_size: int, tokenizer_dir: Path):  # type: ignore[no-untyped-def]
     import torch
-    from diffusers import (
-        FlowMatchEulerDiscreteScheduler,
-        ZImagePipeline,
-        ZImageTransformer2DModel,
-    )
+    from diffusers import ZImageTransformer2DModel
     from transformers import AutoTokenizer, Qwen3Config, Qwen3Model
 
     torch.manual_seed(TINY_SEED)
@@ -117,10 +114,19 @@ def build_tiny_pipeline(vocab_size: int, tokenizer_dir: Path):  # type: ignore[n
         axes_lens=[1024, 128, 128],  # caption positions up to the 512-token prompt limit
     ).eval()
     vae = build_vae(block_out_channels=(8, 8, 8, 8), layers_per_block=1, norm_num_groups=4, sample_size=256)
+    return assemble_pipeline(
+        text_encoder, transformer, vae, AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    )
+
+
+def assemble_pipeline(text_encoder: Any, transformer: Any, vae: Any, tokenizer: Any) -> Any:
+    """A ``ZImagePipeline`` of these parts with Z-Image-Turbo's scheduler (the tiny model's
+    recipe and the benchmark's full-size one share it)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline
+
     scheduler = FlowMatchEulerDiscreteScheduler(
         num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=False
     )
-    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     return ZImagePipeline(
         scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer
     )

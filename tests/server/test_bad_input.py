@@ -97,6 +97,33 @@ CASES: list[tuple[str, str, Any, int, str | None, str]] = [
     ("body-truncated-json", GEN, b'{"prompt": "a fox"', 400, None, "not valid JSON"),
     ("body-json-array", GEN, b'["a fox"]', 400, None, "must be a JSON object"),
     ("body-empty", GEN, b"", 400, None, "JSON"),
+    ("body-invalid-utf8", GEN, b'{"prompt": "\xff\xfe"}', 400, None, "not valid JSON"),
+    (
+        "body-nested-deep",
+        GEN,
+        b'{"prompt": "x", "user": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+        400,
+        None,
+        "not valid JSON",
+    ),
+    ("body-number-huge", GEN, b'{"prompt": "x", "seed": 1' + b"0" * 5000 + b"}", 400, None, "not valid JSON"),
+    (
+        "size-fullwidth-digits",
+        GEN,
+        {"prompt": "x", "size": "\uff15\uff11\uff12x512"},
+        400,
+        "size",
+        "look like",
+    ),
+    ("size-trailing-newline", GEN, {"prompt": "x", "size": "512x512\n"}, 400, "size", "look like"),
+    (
+        "size-far-out-of-range",
+        GEN,
+        {"prompt": "x", "size": "99999x99999"},
+        400,
+        "size",
+        "between 64 and 2048",
+    ),
     ("body-json-without-content-type", "/generate", "FORM", 400, None, "Content-Type: application/json"),
     ("generate-n-above-one", "/generate", {"prompt": "x", "n": 2}, 400, "n", "use /v1/images/generations"),
     ("generate-size-bad", "/generate", {"prompt": "x", "size": "100x100"}, 400, "size", "try 96x96"),
@@ -122,6 +149,8 @@ def test_bad_input_is_refused_with_a_useful_message(
     assert error["type"] == "invalid_request_error"
     assert error["param"] == param
     assert words in error["message"]
+    if "JSON" in words and status == 400:
+        assert error["code"] in ("invalid_json", "invalid_body")
     assert "Traceback" not in response.text
 
 

@@ -7,7 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from zimage_server.cost_model import CostModel
+from zimage_server.cost_model import PRIOR_SECONDS_PER_MEGAPIXEL_STEP, CostModel
 
 from .conftest import SLOW, ServerFactory
 
@@ -35,7 +35,7 @@ def test_load_reports_queued_and_running_work(serve: ServerFactory) -> None:
     idle = httpx.get(f"{server.url}/load").json()
     assert idle["ready"] is True
     assert (idle["queue_depth"], idle["in_flight"], idle["pending_gpu_seconds"]) == (0, 0, 0)
-    assert idle["seconds_per_megapixel_step"] > 0, "priced from the warm-up"
+    assert idle["seconds_per_megapixel_step"] == PRIOR_SECONDS_PER_MEGAPIXEL_STEP, "warm-ups price nothing"
 
     with ThreadPoolExecutor(2) as pool:
         running = pool.submit(httpx.post, f"{server.url}/generate", json={"prompt": "a", **SLOW}, timeout=60)

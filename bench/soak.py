@@ -1,0 +1,282 @@
+"""A bounded soak of the server: minutes of mixed valid, invalid and abusive traffic on loopback,
+with the server's memory, the answers' status counts and the health probe's latency over time.
+
+The server runs in its own process (the tiny model on the CPU unless told otherwise, its
+probes on a health port). Client threads, all on 127.0.0.1, keep up:
+
+- ``valid``: image requests, a few at a time, each client sending its next when answered;
+- ``invalid``: bad sizes, unknown fields, broken JSON, blank and unpaired-surrogate prompts;
+- ``flood``: bursts past the queue (429 expected), some clients leaving mid-request;
+- ``oversize``: bodies over the limit (413 expected);
+- ``slowloris``: connections that send half a request head and hold it (closed by the server);
+- ``probe``: the health port's liveness, ten times a second, timed.
+
+Every ``--sample-s`` seconds it records the server's RSS and the status counts so far. At the
+end it prints a Markdown table and writes everything as JSON. Nothing leaves loopback, the
+traffic is bounded in count (threads) and time (``--minutes``).
+
+    python bench/soak.py --minutes 10 --out .out/soak
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from zimage_server.processes import free_port, stop_process
+
+HOST = "127.0.0.1"
+VALID = {"prompt": "a lighthouse in a storm", "size": "256x256", "num_inference_steps": 2}
+INVALID: list[tuple[str, bytes]] = [
+    ("size", json.dumps({**VALID, "size": "1000x1000"}).encode()),
+    ("unknown-field", json.dumps({**VALID, "num_inference_step": 4}).encode()),
+    ("broken-json", b'{"prompt": "a fox"'),
+    ("blank-prompt", json.dumps({**VALID, "prompt": "\u200b \u3000"}).encode()),
+    ("surrogate", json.dumps({**VALID, "prompt": "x\ud800"}).encode()),
+    ("deep-nesting", b'{"prompt": "x", "user": ' + b"[" * 50_000 + b"]" * 50_000 + b"}"),
+    ("huge-number", b'{"prompt": "x", "seed": 1' + b"0" * 5000 + b"}"),
+]
+
+
+class Counts:
+    def __init__(self) -> None:
+        self.by_kind: dict[str, collections.Counter[str]] = collections.defaultdict(collections.Counter)
+        self.lock = threading.Lock()
+
+    def add(self, kind: str, outcome: str) -> None:
+        with self.lock:
+            self.by_kind[kind][outcome] += 1
+
+    def snapshot(self) -> dict[str, dict[str, int]]:
+        with self.lock:
+            return {kind: dict(counter) for kind, counter in self.by_kind.items()}
+
+
+def rss_bytes(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        line = next(line for line in status if line.startswith("VmRSS:"))
+    return int(line.split()[1]) * 1024
+
+
+def post(http: httpx.Client, url: str, body: bytes) -> str:
+    try:
+        response = http.post(url, content=body, headers={"Content-Type": "application/json"})
+        return str(response.status_code)
+    except httpx.HTTPError as exc:
+        return type(exc).__name__
+
+
+def run_clients(
+    url: str, health_url: str, counts: Counts, stop: threading.Event, probes: list[float]
+) -> list[threading.Thread]:
+    gen = f"{url}/v1/images/generations"
+    valid_body = json.dumps(VALID).encode()
+
+    def valid() -> None:
+        with httpx.Client(timeout=120) as http:
+            while not stop.is_set():
+                counts.add("valid", post(http, gen, valid_body))
+
+    def invalid() -> None:
+        with httpx.Client(timeout=30) as http:
+            while not stop.is_set():
+                for name, body in INVALID:
+                    counts.add(f"invalid:{name}", post(http, gen, body))
+                stop.wait(0.2)
+
+    def one_of_a_flood() -> None:
+        with httpx.Client(timeout=60) as http:
+            counts.add("flood", post(http, gen, valid_body))
+
+    def flood() -> None:
+        while not stop.is_set():
+            burst = [threading.Thread(target=one_of_a_flood) for _ in range(12)]
+            for thread in burst:
+                thread.start()
+            # Two clients that leave before their answer.
+            for _ in range(2):
+                with contextlib.suppress(httpx.HTTPError), httpx.Client(timeout=0.05) as http:
+                    http.post(gen, content=valid_body, headers={"Content-Type": "application/json"})
+                counts.add("flood", "left")
+            for thread in burst:
+                thread.join()
+            stop.wait(3)
+
+    def oversize() -> None:
+        body = json.dumps({**VALID, "user": "x" * (2 * 2**20)}).encode()
+        with httpx.Client(timeout=30) as http:
+            while not stop.is_set():
+                counts.add("oversize", post(http, gen, body))
+                stop.wait(1)
+
+    def slowloris() -> None:
+        held: list[socket.socket] = []
+        port = int(url.rsplit(":", 1)[1])
+        while not stop.is_set():
+            while len(held) < 50:
+                sock = socket.create_connection((HOST, port), timeout=5)
+                sock.sendall(b"POST /v1/images/generations HTTP/1.1\r\nHost: x\r\n")
+                held.append(sock)
+            stop.wait(1)
+            alive = []
+            for sock in held:  # the server closes them; count and replace
+                sock.setblocking(False)
+                try:
+                    closed = sock.recv(1) == b""
+                except BlockingIOError:
+                    closed = False
+                except OSError:
+                    closed = True
+                if closed:
+                    counts.add("slowloris", "closed by server")
+                    sock.close()
+                else:
+                    alive.append(sock)
+            held = alive
+        for sock in held:
+            sock.close()
+
+    def probe() -> None:
+        with httpx.Client(timeout=5) as http:
+            while not stop.is_set():
+                started = time.perf_counter()
+                try:
+                    status = str(http.get(health_url).status_code)
+                except httpx.HTTPError as exc:
+                    status = type(exc).__name__
+                probes.append((time.perf_counter() - started) * 1000)
+                counts.add("probe", status)
+                stop.wait(0.1)
+
+    workers = [valid, valid, valid, invalid, flood, oversize, slowloris, probe]
+    threads = [threading.Thread(target=worker, daemon=True) for worker in workers]
+    for thread in threads:
+        thread.start()
+    return threads
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--minutes", type=float, default=10.0)
+    parser.add_argument("--sample-s", type=float, default=30.0)
+    parser.add_argument("--model", default="builtin://tiny")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--out", type=Path, default=Path(".out/soak"))
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    port, health_port = free_port(), free_port()
+    command = [
+        sys.executable,
+        "-m",
+        "zimage_server",
+        "serve",
+        "--port",
+        str(port),
+        "--health-port",
+        str(health_port),
+    ]
+    command += ["--model", args.model, "--device", args.device, "--warmup-sizes", VALID["size"]]
+    command += ["--max-queue", "8", "--min-size", "64", "--log-level", "warning"]
+    log = (args.out / "server.log").open("w")
+    server = subprocess.Popen(
+        command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
+    url, health_url = f"http://{HOST}:{port}", f"http://{HOST}:{health_port}/healthz/live"
+    counts, probes, samples = Counts(), [], []
+    stop = threading.Event()
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            if server.poll() is not None:
+                raise SystemExit(f"the server exited with {server.returncode}; see {args.out / 'server.log'}")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{url}/healthz/ready").status_code == 200:
+                    break
+            if time.monotonic() > deadline:
+                raise SystemExit("the server did not get ready")
+            time.sleep(0.2)
+        started = time.monotonic()
+        samples.append({"t_s": 0.0, "rss_mib": rss_bytes(server.pid) / 2**20, "counts": {}})
+        threads = run_clients(url, health_url, counts, stop, probes)
+        end = started + args.minutes * 60
+        while time.monotonic() < end:
+            time.sleep(min(args.sample_s, max(0.0, end - time.monotonic())))
+            window = probes[-int(args.sample_s * 10) :] or [0.0]
+            samples.append(
+                {
+                    "t_s": round(time.monotonic() - started, 1),
+                    "rss_mib": rss_bytes(server.pid) / 2**20,
+                    "probe_p50_ms": statistics.median(window),
+                    "probe_p99_ms": sorted(window)[max(0, int(len(window) * 0.99) - 1)],
+                    "counts": counts.snapshot(),
+                }
+            )
+            print(f"{samples[-1]['t_s']:7.1f}s  RSS {samples[-1]['rss_mib']:8.1f} MiB", flush=True)
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=180)
+    finally:
+        stop.set()
+        code = stop_process(server, grace=60)
+        log.close()
+    report = summarize(samples, counts.snapshot(), probes, code)
+    (args.out / "soak.json").write_text(json.dumps({"samples": samples, **report}, indent=2))
+    print(report["markdown"])
+
+
+def summarize(
+    samples: list[dict[str, Any]], counts: dict[str, dict[str, int]], probes: list[float], code: int
+) -> dict[str, Any]:
+    # The level after the first minute of traffic: the allocator's caches and the first
+    # requests' buffers are in by then.
+    settled = next((s for s in samples if s["t_s"] >= 60), samples[-1])
+    last = samples[-1]
+    statuses: collections.Counter[str] = collections.Counter()
+    for outcomes in counts.values():
+        statuses.update(outcomes)
+    server_errors = sum(n for status, n in statuses.items() if status.startswith("5"))
+    lines = ["| time | RSS (MiB) | probe p50 / p99 (ms) |", "|---|---|---|"]
+    for sample in samples:
+        probe = (
+            f"{sample['probe_p50_ms']:.2f} / {sample['probe_p99_ms']:.2f}"
+            if "probe_p50_ms" in sample
+            else "-"
+        )
+        lines.append(f"| {sample['t_s']:.0f} s | {sample['rss_mib']:.0f} | {probe} |")
+    lines += ["", "| traffic | answers |", "|---|---|"]
+    for kind in sorted(counts):
+        lines.append(
+            f"| {kind} | {', '.join(f'{status}: {n}' for status, n in sorted(counts[kind].items()))} |"
+        )
+    growth = last["rss_mib"] / settled["rss_mib"] - 1
+    p99 = sorted(probes)[max(0, int(len(probes) * 0.99) - 1)] if probes else float("nan")
+    lines += [
+        "",
+        f"RSS at ready {samples[0]['rss_mib']:.0f} MiB, after the first minute {settled['rss_mib']:.0f} MiB, "
+        f"at the end {last['rss_mib']:.0f} MiB ({growth:+.1%}); 5xx answers: {server_errors}; "
+        f"probes: {len(probes)}, p99 {p99:.2f} ms; server exit code {code}",
+    ]
+    return {
+        "statuses": dict(statuses),
+        "rss_growth": growth,
+        "server_errors": server_errors,
+        "markdown": "\n".join(lines),
+    }
+
+
+if __name__ == "__main__":
+    main()

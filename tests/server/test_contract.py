@@ -1,0 +1,70 @@
+"""The published OpenAPI document is what the server does: schemathesis draws requests from it,
+valid and invalid, sends them over loopback and runs every check on the answers."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import schemathesis
+from hypothesis import HealthCheck, given, settings
+from schemathesis.generation.modes import GenerationMode
+
+from zimage_server.config import Settings
+
+from .conftest import RunningServer
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def contract_server(tiny_model_dir: Path) -> Iterator[RunningServer]:
+    # Small limits, so that every image a drawn request may ask for is quick to make.
+    server = RunningServer(
+        Settings(
+            _env_file=None,
+            model=str(tiny_model_dir),
+            device="cpu",
+            min_size=64,
+            max_size=128,
+            default_size="64x64",
+            warmup_sizes=["64x64"],
+            max_n=2,
+            max_steps=2,
+            default_steps=1,
+            max_queue=256,
+        )
+    )
+    server.start()
+    server.wait_ready()
+    yield server
+    server.stop()
+
+
+def operations(server: RunningServer) -> list[Any]:
+    schema = schemathesis.openapi.from_url(f"{server.url}/openapi.json")
+    return [result.ok() for result in schema.get_all_operations()]  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("mode", [GenerationMode.POSITIVE, GenerationMode.NEGATIVE])
+def test_the_server_does_what_its_openapi_document_says(
+    contract_server: RunningServer, mode: GenerationMode
+) -> None:
+    """Every operation, drawn requests that fit its schema and requests that do not, every check."""
+    checked = []
+    for operation in operations(contract_server):
+        if mode is GenerationMode.NEGATIVE and not list(operation.body):
+            continue  # nothing to send that the document does not allow
+
+        @given(case=operation.as_strategy(generation_mode=mode))
+        @settings(max_examples=25, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+        def check(case: Any) -> None:
+            case.call_and_validate(timeout=60)
+
+        check()
+        checked.append(operation.label)
+    assert {"POST /v1/images/generations", "POST /generate"} <= set(checked)
+    if mode is GenerationMode.POSITIVE:
+        assert {"GET /metrics", "GET /healthz/ready", "GET /load"} <= set(checked)

@@ -185,9 +185,15 @@ def server_env(spec: ZImageServiceSpec) -> list[Manifest]:
     env: list[Manifest] = [{"name": key, "value": value} for key, value in settings.items()]
     env.extend(model_env(spec))
     if spec.auth.api_key_secret_ref is not None:
-        # A file, not a variable: the kubelet updates a mounted Secret in place, and the server
-        # reads the file again when it changes, so keys rotate without a restart.
+        ref = spec.auth.api_key_secret_ref
+        # The server reads the keys from the mounted file, which the kubelet updates in place,
+        # so keys rotate without a restart. The variable is its fallback, and what makes a
+        # missing Secret or key a CreateContainerConfigError the status reports (a missing
+        # volume only leaves the pod waiting in ContainerCreating).
         env.append({"name": "ZIMAGE_API_KEYS_FILE", "value": f"{API_KEYS_DIR}/keys"})
+        env.append(
+            {"name": "ZIMAGE_API_KEYS", "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}}
+        )
     return env
 
 

@@ -31,7 +31,7 @@ from .autoscaler import Autoscaler
 from .builders import GROUP, KIND, PLURAL, VERSION
 from .config import FIELD_MANAGER, OperatorSettings
 from .kube import OUTAGE, Kube
-from .metrics import start_health_server
+from .metrics import SERVICE_LOOPS, start_health_server
 from .reconcile import Reconciler, TemporaryFailureError
 from .scaling import History
 
@@ -147,6 +147,7 @@ class ServiceLoopState:
 
     history: History = field(default_factory=History)
     failures: int = 0  # failed resyncs in a row, for the backoff
+    problem: str | None = None  # the one last logged
 
 
 def retry_later(exc: TemporaryFailureError, failures: int) -> kopf.TemporaryError:
@@ -177,7 +178,13 @@ async def service_loop(
     loops: dict[str, ServiceLoopState] = memo.loops
     key, namespace = uid or "", namespace or ""
     state = loops.setdefault(key, ServiceLoopState())
+    SERVICE_LOOPS.set(len(loops))
     loop = asyncio.get_running_loop()
+
+    def gone() -> None:
+        loops.pop(key, None)
+        SERVICE_LOOPS.set(len(loops))
+        logger.info("%s/%s is gone; its daemon ends", namespace, name)
 
     async def alive() -> bool:
         found = await loop.run_in_executor(None, reconciler.kube.get_service, namespace, name)
@@ -191,17 +198,22 @@ async def service_loop(
         except TemporaryFailureError as exc:
             state.failures += 1
             raise retry_later(exc, state.failures - 1) from exc
-        except Exception as exc:  # the API server did not answer the check
-            if not OUTAGE.covers(exc):
-                raise
-            OUTAGE.failed(exc)
-            raise kopf.TemporaryError(str(exc), delay=OUTAGE_RETRY_SECONDS) from exc
-        state.failures = 0
+        except Exception as exc:  # the check for the service itself failed
+            if OUTAGE.covers(exc):
+                OUTAGE.failed(exc)
+                raise kopf.TemporaryError(str(exc), delay=OUTAGE_RETRY_SECONDS) from exc
+            state.failures += 1
+            problem = f"{type(exc).__name__}: {exc}"
+            if problem != state.problem:  # once per distinct problem, never a traceback
+                logger.warning("cannot read %s/%s: %s", namespace, name, problem)
+            state.problem = problem
+            raise kopf.TemporaryError(problem, delay=backoff_seconds(state.failures - 1)) from exc
+        state.failures, state.problem = 0, None
         OUTAGE.succeeded()
         return True
 
     if not await resync():
-        loops.pop(key, None)
+        gone()
         return
     next_resync = loop.time() + operator_settings.resync_seconds
     last_problem = None
@@ -229,7 +241,7 @@ async def service_loop(
                 last_problem = problem
             else:
                 last_problem = None
-    loops.pop(key, None)
+    gone()
 
 
 def without_finalizers(registry: kopf.OperatorRegistry) -> None:

@@ -26,6 +26,9 @@ DECISIONS = Counter(
     "Built-in autoscaler decisions by direction: up, down, hold",
     ["direction"],
 )
+SERVICE_LOOPS = Gauge(
+    "zimage_operator_service_loops", "ZImageServices whose daemon (resync, built-in autoscaler) is running"
+)
 API_REACHABLE = Gauge("zimage_operator_api_reachable", "1 while the API server answers, 0 during an outage")
 API_REACHABLE.set(1)
 

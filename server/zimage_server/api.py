@@ -5,89 +5,18 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any
 
-from fastapi import APIRouter, FastAPI, Request, Response
-from fastapi.openapi.utils import get_openapi
+from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from . import health
-from .config import SIZE_MULTIPLE, Settings
 from .errors import bad_request
-from .protocol import (
-    MEDIA_TYPES,
-    VISIBLE,
-    ErrorResponse,
-    ImageGenerationRequest,
-    ImageGenerationResponse,
-    SingleImageRequest,
-)
+from .openapi import IMAGE_ERRORS, PROBE_RESPONSES, errors
+from .protocol import MEDIA_TYPES, ImageGenerationRequest, ImageGenerationResponse, SingleImageRequest
 from .service import ImageService
 from .state import ServerState
 
 router = APIRouter()
-
-
-def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
-    descriptions = {
-        400: "Bad input: the message names the parameter and the fix",
-        401: "No API key, or not one of the server's keys",
-        404: "A model that is not served here",
-        413: "The request body is over the server's limit",
-        429: "The queue is full; retry after Retry-After seconds",
-        503: "Not ready yet, shutting down, or too many open connections; retry",
-        504: "The request did not finish within the server's timeout",
-    }
-    return {status: {"model": ErrorResponse, "description": descriptions[status]} for status in statuses}
-
-
-IMAGE_ERRORS = _errors(400, 401, 404, 413, 429, 503, 504)
-PROBE_RESPONSES: dict[int | str, dict[str, Any]] = {
-    503: {
-        "description": "Not passing; the body says why",
-        "content": {"application/json": {"schema": {"type": "object"}}},
-    }
-}
-
-
-def _nullable(schema: dict[str, Any]) -> dict[str, Any]:
-    return {"anyOf": [schema, {"type": "null"}]}
-
-
-def _publish_limits(properties: dict[str, Any], settings: Settings, max_n: int) -> None:
-    """The limits this server's settings set, written into the request's schema, so that what
-    the document admits is what the server admits (ImageService.params checks the same)."""
-    sides = "|".join(str(side) for side in range(settings.min_size, settings.max_size + 1, SIZE_MULTIPLE))
-    properties["prompt"].update(maxLength=settings.max_prompt_chars, pattern=VISIBLE)
-    properties["n"].update(minimum=1, maximum=max_n)
-    properties["size"] = _nullable(
-        {
-            "type": "string",
-            "pattern": f"^(auto|({sides})x({sides}))$",
-            "description": properties["size"].get("description", ""),
-        }
-    )
-    steps = {"type": "integer", "minimum": 1, "maximum": settings.max_steps}
-    properties["num_inference_steps"] = _nullable({**steps, "description": "Denoising steps"})
-    properties["response_format"] = _nullable({"type": "string", "enum": ["b64_json"]})
-
-
-def openapi_document(app: FastAPI) -> dict[str, Any]:
-    """FastAPI's document, less what this server never answers: bad input is 400 in the error
-    shape (errors.py), never FastAPI's 422."""
-    if app.openapi_schema is None:
-        document = get_openapi(
-            title=app.title, version=app.version, description=app.description, routes=app.routes
-        )
-        for operations in document["paths"].values():
-            for operation in operations.values():
-                operation["responses"].pop("422", None)
-        schemas = document.get("components", {}).get("schemas", {})
-        for unused in ("HTTPValidationError", "ValidationError"):
-            schemas.pop(unused, None)
-        for name, most in (("ImageGenerationRequest", app.state.settings.max_n), ("SingleImageRequest", 1)):
-            _publish_limits(schemas[name]["properties"], app.state.settings, most)
-        app.openapi_schema = document
-    return app.openapi_schema
 
 
 def _service(request: Request) -> ImageService:
@@ -150,7 +79,7 @@ def sliced_response(body: bytes, media_type: str, headers: dict[str, str] | None
     return StreamingResponse(slices(), media_type=media_type, headers=all_headers)
 
 
-@router.get("/v1/models", tags=["images"], responses=_errors(401))
+@router.get("/v1/models", tags=["images"], responses=errors(401))
 async def list_models(request: Request) -> dict[str, Any]:
     service = _service(request)
     return {

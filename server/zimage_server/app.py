@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator, Callable
 from fastapi import FastAPI
 
 from . import __version__, background
-from .api import openapi_document, router
+from .api import router
 from .auth import ApiKeyMiddleware, KeyRing, parse_keys
 from .config import Settings
 from .engine import Engine
@@ -20,6 +20,7 @@ from .errors import install_error_handlers
 from .health import HealthProcess, probe_responses
 from .metrics import Metrics
 from .middleware import BodyLimitMiddleware, RequestMetricsMiddleware
+from .openapi import openapi_document
 from .runner import PipelineRunner
 from .service import ImageService
 from .state import Phase, ServerState, write_termination_log

@@ -184,12 +184,14 @@ def test_api_keys_are_a_mounted_file_so_that_they_rotate_without_a_restart() -> 
     mount = next(m for m in container["volumeMounts"] if m["name"] == "api-keys")
     assert mount["readOnly"] is True
     assert env(spec)["ZIMAGE_API_KEYS_FILE"] == f"{mount['mountPath']}/keys"
-    assert "ZIMAGE_API_KEYS" not in env(spec), "never in the environment, where it cannot rotate"
+    # The fallback, and what turns a missing Secret into a reported CreateContainerConfigError.
+    assert env(spec)["ZIMAGE_API_KEYS"] == {"secretKeyRef": {"name": "team-keys", "key": "list"}}
 
 
 def test_without_auth_no_keys_are_mounted() -> None:
     assert all(v["name"] != "api-keys" for v in pod_spec({})["volumes"])
     assert "ZIMAGE_API_KEYS_FILE" not in env({})
+    assert "ZIMAGE_API_KEYS" not in env({})
 
 
 def test_a_pvc_source_is_mounted_read_only() -> None:

@@ -18,7 +18,7 @@ from kubernetes.client.rest import ApiException
 
 from tests.cluster.local_cluster import LocalCluster
 from tests.cluster.pod_runner import LocalPodRunner
-from zimage_server.processes import free_port
+from zimage_server.processes import free_port, stop_process
 
 pytestmark = pytest.mark.cluster
 
@@ -520,8 +520,7 @@ def test_a_namespace_scoped_operator_serves_only_its_namespaces(
         time.sleep(3)
         assert "status" not in get(api, other, "outside"), "a namespaced operator touched another namespace"
     finally:
-        scoped.terminate()
-        scoped.wait(timeout=30)
+        stop_process(scoped, grace=30)
         cluster.kubectl("scale", "deployment/zimage-operator", "-n", "zimage-system", "--replicas=1")
     try:
         wait_for(lambda: operator.pids(), 60, "the cluster-wide operator to come back")

@@ -74,3 +74,26 @@ def test_the_operator_reports_its_work_as_metrics(
     assert float(samples['zimage_operator_writes_total{kind="Deployment",verb="apply"}']) > 0
     assert float(samples['zimage_operator_autoscaler_decisions_total{direction="hold"}']) > 0
     assert samples["zimage_operator_api_reachable"] == "1.0"
+
+
+def test_a_deleted_service_ends_its_daemon(
+    operator: LocalPodRunner, cluster: LocalCluster, api: client.ApiClient, namespace: str
+) -> None:
+    """No finalizer holds the service, so the daemon learns of the deletion on its own and ends
+    (a daemon per deleted service left running would be a leak)."""
+    apply(cluster, namespace, zis("brief", autoscaling={"mode": "none"}, replicas=1))
+    wait_ready(api, namespace, "brief")
+    log = _operator_log(operator)
+    offset = log.stat().st_size
+    deleted = cluster.kubectl("delete", "zis", "brief", "-n", namespace, "--wait=true", "--timeout=10s")
+    assert deleted.returncode == 0, deleted.stderr
+
+    def ended() -> bool:
+        with log.open("rb") as handle:
+            handle.seek(offset)
+            return f"{namespace}/brief is gone; its daemon ends" in handle.read().decode(errors="replace")
+
+    wait_for(ended, 40, "the daemon to end")  # the next resync finds the service gone
+    (pod,) = client.CoreV1Api(api).list_namespaced_pod("zimage-system").items
+    text = httpx.get(f"http://{pod.status.pod_ip}:8080/metrics", timeout=5).text
+    assert "zimage_operator_service_loops " in text

@@ -45,16 +45,7 @@ def test_serve_defaults_to_the_builtin_tiny_model(tmp_path: Path) -> None:
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, proc.stdout.read() if proc.stdout else "server exited"
-            try:
-                if httpx.get(f"{url}/healthz/ready").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "server did not become ready"
-            time.sleep(0.1)
+        _wait_ready(proc, url)
         response = httpx.post(f"{url}/generate", json={"prompt": "a red fox", "size": "256x256"}, timeout=60)
         assert response.status_code == 200
         assert response.headers["content-type"] == "image/png"
@@ -90,14 +81,7 @@ def test_sigterm_drains_accepted_work_refuses_new_and_exits_zero(
     url = f"http://127.0.0.1:{port}"
     body = {"prompt": "a queue of foxes", "size": "512x512", "num_inference_steps": 40}
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, proc.stdout.read() if proc.stdout else "server exited"
-            with contextlib.suppress(httpx.TransportError):
-                if httpx.get(f"{url}/healthz/ready").status_code == 200:
-                    break
-            assert time.monotonic() < deadline
-            time.sleep(0.1)
+        deadline = _wait_ready(proc, url) + 120
         with ThreadPoolExecutor(6) as pool:
             accepted = [
                 pool.submit(httpx.post, f"{url}/generate", json={**body, "seed": i}, timeout=120)
@@ -132,6 +116,18 @@ def test_sigterm_drains_accepted_work_refuses_new_and_exits_zero(
         httpx.get(f"http://127.0.0.1:{health_port}/healthz/live")
 
 
+def _wait_ready(proc: subprocess.Popen[str], url: str, timeout: float = 120) -> float:
+    """Wait until the server at ``url`` is ready; when it became ready (monotonic)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        assert proc.poll() is None, proc.stdout.read() if proc.stdout else "server exited"
+        with contextlib.suppress(httpx.TransportError):
+            if httpx.get(f"{url}/healthz/ready").status_code == 200:
+                return time.monotonic()
+        assert time.monotonic() < deadline, "the server did not become ready"
+        time.sleep(0.1)
+
+
 def _start(args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [sys.executable, "-m", "zimage_server", "serve", *args],
@@ -150,14 +146,7 @@ def test_a_second_sigterm_exits_at_once(tiny_model_dir: Path) -> None:
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, proc.stdout.read() if proc.stdout else "server exited"
-            with contextlib.suppress(httpx.TransportError):
-                if httpx.get(f"{url}/healthz/ready").status_code == 200:
-                    break
-            assert time.monotonic() < deadline
-            time.sleep(0.1)
+        _wait_ready(proc, url)
         long = {"prompt": "a long one", "size": "1024x1024", "num_inference_steps": 50}
         with ThreadPoolExecutor(1) as pool:
             pending = pool.submit(httpx.post, f"{url}/generate", json=long, timeout=120)

@@ -156,6 +156,7 @@ def test_requests_before_the_model_is_ready_get_503(serve: ServerFactory) -> Non
     early = _post(server, {"prompt": "too soon", "size": "256x256"})
     assert early.status_code == 503
     assert early.json()["error"]["code"] == "model_not_ready"
+    assert server.settings.model not in early.text, "a client never sees a server path"
     assert "retry-after" in early.headers
     server.wait_ready()
     assert httpx.get(f"{server.url}/healthz/startup").status_code == 200
@@ -176,3 +177,7 @@ def test_a_model_that_cannot_load_fails_liveness_with_the_reason(
     assert live.json()["phase"] == "failed"
     assert "model_index.json is missing" in live.json()["detail"]
     assert httpx.get(f"{server.url}/healthz/ready").status_code == 503
+    refused = _post(server, {"prompt": "anyway", "size": "256x256"})
+    assert refused.status_code == 503
+    assert refused.json()["error"]["code"] == "model_failed"
+    assert str(tmp_path) not in refused.text, "a client never sees a server path"

@@ -1,0 +1,80 @@
+"""The published OpenAPI document: FastAPI's, made true to what this server does.
+
+FastAPI documents a 422 for every route with a body (this server answers bad input with 400),
+and knows nothing of limits the settings set. Here the error statuses each route answers are
+listed with the OpenAI error shape, and the request schemas carry the settings' limits, so
+that a client (or schemathesis, in the tests) reading the document finds what the server does.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
+
+from .config import SIZE_MULTIPLE, Settings
+from .protocol import VISIBLE, ErrorResponse
+
+
+def errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    descriptions = {
+        400: "Bad input: the message names the parameter and the fix",
+        401: "No API key, or not one of the server's keys",
+        404: "A model that is not served here",
+        413: "The request body is over the server's limit",
+        429: "The queue is full; retry after Retry-After seconds",
+        503: "Not ready yet, shutting down, or too many open connections; retry",
+        504: "The request did not finish within the server's timeout",
+    }
+    return {status: {"model": ErrorResponse, "description": descriptions[status]} for status in statuses}
+
+
+IMAGE_ERRORS = errors(400, 401, 404, 413, 429, 503, 504)
+PROBE_RESPONSES: dict[int | str, dict[str, Any]] = {
+    503: {
+        "description": "Not passing; the body says why",
+        "content": {"application/json": {"schema": {"type": "object"}}},
+    }
+}
+
+
+def _nullable(schema: dict[str, Any]) -> dict[str, Any]:
+    return {"anyOf": [schema, {"type": "null"}]}
+
+
+def _publish_limits(properties: dict[str, Any], settings: Settings, max_n: int) -> None:
+    """The limits this server's settings set, written into the request's schema, so that what
+    the document admits is what the server admits (ImageService.params checks the same)."""
+    sides = "|".join(str(side) for side in range(settings.min_size, settings.max_size + 1, SIZE_MULTIPLE))
+    properties["prompt"].update(maxLength=settings.max_prompt_chars, pattern=VISIBLE)
+    properties["n"].update(minimum=1, maximum=max_n)
+    properties["size"] = _nullable(
+        {
+            "type": "string",
+            "pattern": f"^(auto|({sides})x({sides}))$",
+            "description": properties["size"].get("description", ""),
+        }
+    )
+    steps = {"type": "integer", "minimum": 1, "maximum": settings.max_steps}
+    properties["num_inference_steps"] = _nullable({**steps, "description": "Denoising steps"})
+    properties["response_format"] = _nullable({"type": "string", "enum": ["b64_json"]})
+
+
+def openapi_document(app: FastAPI) -> dict[str, Any]:
+    """FastAPI's document with this server's limits, less what it never answers: bad input is
+    400 in the error shape (errors.py), never FastAPI's 422."""
+    if app.openapi_schema is None:
+        document = get_openapi(
+            title=app.title, version=app.version, description=app.description, routes=app.routes
+        )
+        for operations in document["paths"].values():
+            for operation in operations.values():
+                operation["responses"].pop("422", None)
+        schemas = document.get("components", {}).get("schemas", {})
+        for unused in ("HTTPValidationError", "ValidationError"):
+            schemas.pop(unused, None)
+        for name, most in (("ImageGenerationRequest", app.state.settings.max_n), ("SingleImageRequest", 1)):
+            _publish_limits(schemas[name]["properties"], app.state.settings, most)
+        app.openapi_schema = document
+    return app.openapi_schema

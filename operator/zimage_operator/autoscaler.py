@@ -54,8 +54,7 @@ class Autoscaler:
     ) -> bool:
         """One pass over the service ``namespace/name`` whose uid is ``uid``; False once that
         service is gone (deleted, or replaced by another of the same name)."""
-        loop = asyncio.get_running_loop()
-        body = await loop.run_in_executor(None, self.kube.get_service, namespace, name)
+        body = await asyncio.to_thread(self.kube.get_service, namespace, name)
         if body is None or body["metadata"].get("uid") != uid:
             return False
         meta = body["metadata"]
@@ -68,16 +67,16 @@ class Autoscaler:
         if spec.autoscaling.mode != "builtin":
             return True
         owner = Owner(meta["name"], meta["namespace"], meta["uid"])
-        deployment = await loop.run_in_executor(
-            None, self.kube.get, "apps/v1", "Deployment", owner.namespace, owner.name
+        deployment = await asyncio.to_thread(
+            self.kube.get, "apps/v1", "Deployment", owner.namespace, owner.name
         )
         if deployment is None:
             return True
         current = int((deployment.get("spec") or {}).get("replicas") or 0)
         if current == 0 and spec.needs_cache:
             return True  # waiting for the model cache; the reconciler owns this
-        pods = await loop.run_in_executor(
-            None, self.kube.list_objects, "v1", "Pod", owner.namespace, builders.selector_string(owner)
+        pods = await asyncio.to_thread(
+            self.kube.list_objects, "v1", "Pod", owner.namespace, builders.selector_string(owner)
         )
         loads = await asyncio.gather(*(self._read(http, pod) for pod in ready_pods(pods)))
         decision = decide(
@@ -122,10 +121,7 @@ class Autoscaler:
             "unreachablePods": list(decision.unreachable),
             "lastScaleTime": now_rfc3339() if scaled else previous.get("lastScaleTime"),
         }
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(
-            None, self.kube.patch_status, owner.namespace, owner.name, {"autoscaling": record}
-        )
+        await asyncio.to_thread(self.kube.patch_status, owner.namespace, owner.name, {"autoscaling": record})
         history.written = summary
         if scaled:
             verb = "ScaledUp" if decision.desired > current else "ScaledDown"
@@ -134,4 +130,4 @@ class Autoscaler:
             self.post_event(
                 body, "Normal", verb, f"{current} -> {decision.desired} replicas: {decision.reason}"
             )
-            await loop.run_in_executor(None, self.reconciler.reconcile, owner.namespace, owner.name)
+            await asyncio.to_thread(self.reconciler.reconcile, owner.namespace, owner.name)

@@ -20,6 +20,7 @@ import asyncio
 import dataclasses
 import logging
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -53,6 +54,7 @@ BASE_BACKOFF_SECONDS = 2.0
 # While the API server is unreachable: retried this often, so that a service is reconciled
 # within seconds of its return.
 OUTAGE_RETRY_SECONDS = 2.0
+WORKER_THREADS = 16
 
 
 def backoff_seconds(retry: int) -> float:
@@ -87,7 +89,13 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     )
     settings.posting.level = logging.WARNING  # Kopf's own messages; ours go through post_event
     settings.posting.reporting_component = FIELD_MANAGER
-    settings.execution.max_workers = 16
+    settings.execution.max_workers = WORKER_THREADS
+    # The daemons' blocking calls (asyncio.to_thread, which carries the context Kopf's event
+    # helpers need) run on the loop's default executor: as many threads as Kopf's own, not
+    # asyncio's default of a few per core.
+    asyncio.get_running_loop().set_default_executor(
+        ThreadPoolExecutor(WORKER_THREADS, thread_name_prefix="zimage-operator")
+    )
     settings.watching.server_timeout = 300
     settings.networking.request_timeout = 60
     # Kopf's own API calls (watches, events, finalizers) retry without end while the API server
@@ -187,14 +195,14 @@ async def service_loop(
         logger.info("%s/%s is gone; its daemon ends", namespace, name)
 
     async def alive() -> bool:
-        found = await loop.run_in_executor(None, reconciler.kube.get_service, namespace, name)
+        found = await asyncio.to_thread(reconciler.kube.get_service, namespace, name)
         return found is not None and found["metadata"].get("uid") == uid
 
     async def resync() -> bool:
         try:
             if not await alive():
                 return False
-            await loop.run_in_executor(None, reconciler.reconcile, namespace, name)
+            await asyncio.to_thread(reconciler.reconcile, namespace, name)
         except TemporaryFailureError as exc:
             state.failures += 1
             raise retry_later(exc, state.failures - 1) from exc

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import itertools
 import logging
 import time
@@ -75,6 +76,7 @@ class PipelineRunner:
         self.device = pick_device(settings.device)
         self.dtype = pick_dtype(settings.dtype, self.device)
         self.pipe: Any = None
+        self.admission_tokenizer: Any = None
         self.model_path: Path | None = None
         self.compile = settings.compile if settings.compile is not None else self.device.type == "cuda"
         self.tuning: acceleration.AccelerationReport | None = None
@@ -124,6 +126,10 @@ class PipelineRunner:
         self.graphs = self._install_cuda_graphs(pipe)
         self.tuning.cuda_graphs = sorted(self.graphs)
         self.startup_seconds["tune"] = time.perf_counter() - started
+        # A fast tokenizer is not safe to share between threads (a call that sets padding or
+        # truncation while another encodes raises "Already borrowed"): admission checks on
+        # the event loop get their own copy, the GPU worker keeps the pipeline's.
+        self.admission_tokenizer = copy.deepcopy(pipe.tokenizer)
         self.pipe = pipe
 
     def _install_cuda_graphs(self, pipe: Any) -> dict[str, cuda_graphs.ShapeGraphs]:
@@ -174,10 +180,10 @@ class PipelineRunner:
     def check_prompt(self, prompt: str) -> None:
         """Raise ``ValueError`` if the pipeline's tokenizer cannot encode ``prompt``: refused at
         admission, it can never fail the batch it would have joined."""
-        if self.pipe is None:
+        if self.admission_tokenizer is None:
             return
         try:
-            prompt_tokens(self.pipe.tokenizer, [prompt])
+            prompt_tokens(self.admission_tokenizer, [prompt])
         except Exception as exc:
             raise ValueError(
                 f"the prompt cannot be tokenized ({type(exc).__name__}); send plain text"

@@ -224,7 +224,7 @@ def test_every_admitted_spec_makes_admitted_children_and_a_server_that_starts(
     refused: list[str] = []
 
     @settings(
-        max_examples=300,
+        max_examples=400,
         deadline=None,
         derandomize=True,
         suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],

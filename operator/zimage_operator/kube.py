@@ -176,6 +176,10 @@ class OutageLog:
 
 
 def _first_line(exc: BaseException) -> str:
+    # What failed, not the request that met it first: the outage is the API server's, not
+    # any one service's.
+    if isinstance(exc, urllib3.exceptions.MaxRetryError) and exc.reason is not None:
+        exc = exc.reason
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
 
@@ -186,6 +190,17 @@ OUTAGE = OutageLog()
 def is_temporary(exc: ApiException) -> bool:
     """Worth retrying: conflicts, throttling, server trouble. Other 4xx need a spec change."""
     return exc.status in (409, 429) or exc.status is None or exc.status >= 500
+
+
+def namespace_terminating(exc: ApiException) -> bool:
+    """The API server refused to create something because its namespace is being deleted."""
+    if exc.status != 403:
+        return False
+    try:
+        causes = (json.loads(exc.body or "{}").get("details") or {}).get("causes") or []
+    except ValueError:
+        return False
+    return any(cause.get("reason") == "NamespaceTerminating" for cause in causes)
 
 
 def api_message(exc: ApiException) -> str:

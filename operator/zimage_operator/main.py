@@ -20,7 +20,8 @@ class QuietRetries(logging.Filter):
     """Keeps retries from flooding the log: each problem is logged once where it is handled.
 
     Drops Kopf's line per retried handler (the reconciler has said what failed) and its line per
-    retried event post (a post that finally fails is still a warning); folds its line per
+    retried event post (a post that finally fails is still a warning, unless an outage or the
+    deletion of its namespace explains it); folds its line per
     retried request into the one outage warning when the API server is unreachable or an outage
     is going on. Other retried requests (a watch refused for good, say) stay visible."""
 
@@ -30,14 +31,25 @@ class QuietRetries(logging.Filter):
         message = record.getMessage()
         if "failed temporarily" in message:
             return False
+        if record.name.startswith("kopf._core.engines.posting"):
+            return self._keep_post_failure(message)
         if not (message.startswith("Request attempt") and "will retry" in message):
             return True
-        if record.name.startswith("kopf._core.engines.posting"):
-            return False
         if any(word in message for word in _UNREACHABLE_WORDS):
             OUTAGE.failed(ConnectionError(message))
             return False
         return not OUTAGE.active
+
+    @staticmethod
+    def _keep_post_failure(message: str) -> bool:
+        """Events are best effort. Their retries are dropped; a post that finally fails stays
+        a warning, unless the outage warning already covers it or its namespace is going."""
+        if message.startswith("Request attempt"):
+            return False
+        if not message.startswith("Failed to post an event"):
+            return True
+        going = "NamespaceTerminating" in message or ('namespaces "' in message and "not found" in message)
+        return not (OUTAGE.active or going)
 
 
 def main(argv: list[str] | None = None) -> int:

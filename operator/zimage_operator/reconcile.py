@@ -21,7 +21,7 @@ from . import builders
 from .builders import Manifest, Owner
 from .config import OperatorSettings
 from .drift import contains, foreign_changes
-from .kube import OUTAGE, Kube, api_message, is_temporary
+from .kube import OUTAGE, Kube, api_message, is_temporary, namespace_terminating
 from .metrics import ERRORS, RECONCILES
 from .spec import InvalidSpecError, ZImageServiceSpec, parse_spec
 from .status import (
@@ -88,7 +88,10 @@ class Reconciler:
                 ERRORS.labels("api" if isinstance(exc, ApiException) else "internal").inc()
                 try:
                     self._report_failure(namespace, name, exc)
-                except Exception as report:  # the status cannot be written either: log it once
+                except Exception as report:
+                    if OUTAGE.covers(report):  # the API server went away meanwhile
+                        RECONCILES.labels("retry").inc()
+                        raise TemporaryFailureError(f"the API server is unreachable: {report}") from report
                     self._log_once(namespace, name, f"cannot report a failure in the status: {report}")
                 if isinstance(exc, ApiException) and is_temporary(exc):
                     RECONCILES.labels("retry").inc()
@@ -191,6 +194,9 @@ class Reconciler:
             except ApiException as exc:
                 if OUTAGE.covers(exc):
                     raise
+                if namespace_terminating(exc):  # it all goes with the namespace: nothing to do
+                    logger.debug("%s/%s: its namespace is being deleted", owner.namespace, owner.name)
+                    return True
                 # Refused (4xx) or failed (5xx) for this child alone: said in the status; a
                 # failure worth retrying is retried with backoff once the status is written.
                 retry = retry or is_temporary(exc)

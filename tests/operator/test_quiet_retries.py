@@ -41,3 +41,23 @@ def test_retried_handlers_and_event_posts_are_dropped_final_failures_kept() -> N
     final = "Failed to post an event. Ignoring and continuing."
     assert quiet.filter(_record("kopf._core.engines.posting", final)) is True
     assert quiet.filter(_record("zimage_operator.reconcile", "ml/posters: cannot apply ...")) is True
+
+
+def test_event_posts_that_fail_for_an_outage_or_a_namespace_going_are_dropped() -> None:
+    quiet = QuietRetries()
+    escalating = (
+        "Request attempt #2/2 failed; escalating: POST /api/v1/namespaces/ml/events -> APIForbiddenError()"
+    )
+    assert quiet.filter(_record("kopf._core.engines.posting", escalating)) is False
+    going = (
+        "Failed to post an event. Ignoring and continuing. Code: 403. Message: events is forbidden: "
+        "namespace ml is being terminated. Details: {'causes': [{'reason': 'NamespaceTerminating'}]}"
+    )
+    assert quiet.filter(_record("kopf._core.engines.posting", going)) is False
+    gone = 'Failed to post an event. Ignoring and continuing. Code: 404. Message: namespaces "ml" not found.'
+    assert quiet.filter(_record("kopf._core.engines.posting", gone)) is False
+    plain = "Failed to post an event. Ignoring and continuing. Event: type='Normal', reason='RollingOut'"
+    assert quiet.filter(_record("kopf._core.engines.posting", plain)) is True
+    OUTAGE.failed(ConnectionError("refused"))
+    assert quiet.filter(_record("kopf._core.engines.posting", plain)) is False  # the outage's warning says it
+    OUTAGE.succeeded()

@@ -16,7 +16,11 @@ from zimage_operator.handlers import OUTAGE_RETRY_SECONDS, backoff_seconds, retr
 from zimage_operator.kube import OUTAGE, OutageLog
 from zimage_operator.reconcile import TemporaryFailureError
 
-REFUSED = urllib3.exceptions.MaxRetryError(None, "/apis", "Connection refused")  # type: ignore[arg-type]
+REFUSED = urllib3.exceptions.MaxRetryError(
+    None,  # type: ignore[arg-type]
+    "/apis/zimage.dev/v1alpha1/namespaces/ml/zimageservices/posters",
+    urllib3.exceptions.NewConnectionError(None, "Failed to establish a new connection: Connection refused"),  # type: ignore[arg-type]
+)
 
 
 def test_backoff_doubles_up_to_a_minute() -> None:
@@ -50,6 +54,8 @@ def test_an_outage_that_flickers_is_one_warning(caplog: pytest.LogCaptureFixture
         outage.succeeded()
     warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
     assert [r.getMessage().split(" (")[0] for r in warnings] == ["the API server is unreachable"]
+    assert "Connection refused" in warnings[0].getMessage()
+    assert "/apis" not in warnings[0].getMessage(), "the cause, not the request that met it"
     assert not outage.active
 
 
@@ -71,3 +77,20 @@ def test_the_service_daemon_puts_no_finalizer_on_services() -> None:
     spawning = registry._spawning.get_all_handlers()
     assert [handler.id for handler in spawning] == ["loop"]
     assert [handler.requires_finalizer for handler in spawning] == [False]
+
+
+def test_a_namespace_being_deleted_is_told_apart_from_a_refusal() -> None:
+    from kubernetes.client.rest import ApiException
+
+    from zimage_operator.kube import namespace_terminating
+
+    going = ApiException(status=403)
+    going.body = (
+        '{"kind": "Status", "reason": "Forbidden", "message": "unable to create new content in namespace ml '
+        'because it is being terminated", "details": {"causes": [{"reason": "NamespaceTerminating"}]}}'
+    )
+    refused = ApiException(status=403)
+    refused.body = '{"kind": "Status", "reason": "Forbidden", "message": "deployments.apps is forbidden"}'
+    assert namespace_terminating(going)
+    assert not namespace_terminating(refused)
+    assert not namespace_terminating(ApiException(status=500))

@@ -12,21 +12,26 @@ def stop_process(proc: subprocess.Popen[Any], grace: float = 30.0) -> int:
     """Ask ``proc`` to stop, kill it if it is still running after ``grace`` seconds; its exit code."""
     if proc.poll() is None:
         proc.terminate()
-        try:
-            proc.wait(timeout=grace)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-    return int(proc.returncode)
+    return _reap(proc, grace)
 
 
 def stop_processes(procs: list[subprocess.Popen[Any]], grace: float = 30.0) -> None:
-    """``stop_process`` for several at once: all are asked first, so their grace periods overlap."""
+    """``stop_process`` for several at once: all are asked first, so their grace periods overlap.
+    Each is asked once: a second SIGTERM tells the server to stop without draining."""
     for proc in procs:
         if proc.poll() is None:
             proc.terminate()
     for proc in procs:
-        stop_process(proc, grace)
+        _reap(proc, grace)
+
+
+def _reap(proc: subprocess.Popen[Any], grace: float) -> int:
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    return int(proc.returncode)
 
 
 def free_port(host: str = "127.0.0.1") -> int:

@@ -61,6 +61,12 @@ def test_an_api_server_outage_is_one_warning_and_recovery_takes_seconds(
     assert len(loud) <= 2, loud
     assert "the API server is reachable again" in text
 
+    # The controller manager's watches come back more slowly than the operator's (its
+    # ReplicaSet controller waits for a cache as new as its last write): the tests after this
+    # one start once a new service runs again.
+    apply(cluster, namespace, zis("after", autoscaling={"mode": "none"}, replicas=1))
+    wait_ready(api, namespace, "after", timeout=300)
+
 
 def test_the_operator_reports_its_work_as_metrics(
     operator: LocalPodRunner, cluster: LocalCluster, api: client.ApiClient, namespace: str

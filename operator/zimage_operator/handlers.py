@@ -131,8 +131,7 @@ def _reconcile_now(memo: kopf.Memo, namespace: str, name: str) -> None:
     try:
         memo.reconciler.reconcile(namespace, name)
     except TemporaryFailureError as exc:
-        if OUTAGE.covers(exc.__cause__ or exc):
-            OUTAGE.failed(exc.__cause__ or exc)
+        OUTAGE.record(exc.__cause__ or exc)
     else:
         OUTAGE.succeeded()
 
@@ -162,8 +161,7 @@ def retry_later(exc: TemporaryFailureError, failures: int) -> kopf.TemporaryErro
     """What Kopf is asked to do after a failed reconcile: try again every few seconds while the
     API server is unreachable, else after a backoff that grows with ``failures``."""
     cause = exc.__cause__ or exc
-    if OUTAGE.covers(cause):
-        OUTAGE.failed(cause)
+    if OUTAGE.record(cause):
         return kopf.TemporaryError(str(exc), delay=OUTAGE_RETRY_SECONDS)
     return kopf.TemporaryError(str(exc), delay=backoff_seconds(failures))
 
@@ -207,8 +205,7 @@ async def service_loop(
             state.failures += 1
             raise retry_later(exc, state.failures - 1) from exc
         except Exception as exc:  # the check for the service itself failed
-            if OUTAGE.covers(exc):
-                OUTAGE.failed(exc)
+            if OUTAGE.record(exc):
                 raise kopf.TemporaryError(str(exc), delay=OUTAGE_RETRY_SECONDS) from exc
             state.failures += 1
             problem = f"{type(exc).__name__}: {exc}"
@@ -240,8 +237,7 @@ async def service_loop(
                 if not await autoscaler.scale(http, namespace, name, key, state.history):
                     break
             except Exception as exc:
-                if OUTAGE.covers(exc):
-                    OUTAGE.failed(exc)
+                if OUTAGE.record(exc):
                     continue
                 problem = f"{type(exc).__name__}: {exc}"
                 if problem != last_problem:  # once per distinct problem

@@ -148,6 +148,13 @@ class OutageLog:
         """Whether ``exc`` belongs to an outage: it is one, or one is going on."""
         return unreachable(exc) or self.active
 
+    def record(self, exc: BaseException) -> bool:
+        """``failed(exc)`` if ``exc`` belongs to an outage; whether it did."""
+        if not self.covers(exc):
+            return False
+        self.failed(exc)
+        return True
+
     def failed(self, exc: BaseException) -> None:
         ERRORS.labels("unreachable").inc()
         with self._lock:

@@ -74,8 +74,14 @@ def test_the_operator_reports_its_work_as_metrics(
     apply(cluster, namespace, zis("counted"))
     wait_ready(api, namespace, "counted")
     (pod,) = client.CoreV1Api(api).list_namespaced_pod("zimage-system").items
-    text = httpx.get(f"http://{pod.status.pod_ip}:8080/metrics", timeout=5).text
-    samples = dict(line.rsplit(" ", 1) for line in text.splitlines() if line.startswith("zimage_operator_"))
+
+    def read() -> dict[str, str]:
+        text = httpx.get(f"http://{pod.status.pod_ip}:8080/metrics", timeout=5).text
+        return dict(line.rsplit(" ", 1) for line in text.splitlines() if line.startswith("zimage_operator_"))
+
+    hold = 'zimage_operator_autoscaler_decisions_total{direction="hold"}'
+    # The service's first autoscaler pass comes one autoscale interval (2 s) after its daemon starts.
+    samples = wait_for(lambda: (found := read()).get(hold) and found, 30, "an autoscaler decision")
     assert float(samples['zimage_operator_reconciles_total{outcome="ok"}']) > 0
     assert float(samples['zimage_operator_writes_total{kind="Deployment",verb="apply"}']) > 0
     assert float(samples['zimage_operator_autoscaler_decisions_total{direction="hold"}']) > 0

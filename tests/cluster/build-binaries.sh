@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Builds the local test cluster's programs from Go modules into a cache keyed by version:
-# kube-apiserver, kube-controller-manager, kube-scheduler, kubectl, etcd, kwok and helm.
+# kube-apiserver, kube-controller-manager, kube-scheduler, kubectl, kubelet, kube-proxy, etcd, kwok,
+# helm, crictl and the pod sandboxes' pause program.
 # Each program's version comes from the go.mod of its module under tools/; a program already
 # in the cache is not built again. Prints the folder that holds the binaries.
 set -euo pipefail
@@ -18,7 +19,8 @@ k8s=$(module_version kubernetes k8s.io/kubernetes)
 etcd=$(module_version etcd go.etcd.io/etcd/server/v3)
 kwok=$(module_version kwok sigs.k8s.io/kwok)
 helm=$(module_version helm helm.sh/helm/v3)
-key="k8s-$k8s-etcd-$etcd-kwok-$kwok-helm-$helm-$go_version"
+crictl=$(module_version cri-tools sigs.k8s.io/cri-tools)
+key="k8s-$k8s-etcd-$etcd-kwok-$kwok-helm-$helm-crictl-$crictl-$go_version"
 bin="$cache/$key"
 mkdir -p "$bin"
 
@@ -41,7 +43,7 @@ k8s_stamp+=" -X k8s.io/component-base/version.buildDate=1970-01-01T00:00:00Z"
 k8s_stamp+=" -X k8s.io/client-go/pkg/version.gitVersion=$k8s -X k8s.io/client-go/pkg/version.gitMajor=1"
 k8s_stamp+=" -X k8s.io/client-go/pkg/version.gitMinor=$k8s_minor"
 
-for component in kube-apiserver kube-controller-manager kube-scheduler kubectl; do
+for component in kube-apiserver kube-controller-manager kube-scheduler kubectl kubelet kube-proxy; do
 	build "$component" kubernetes "k8s.io/kubernetes/cmd/$component" "$k8s_stamp"
 done
 build etcd etcd go.etcd.io/etcd/server/v3 "-X go.etcd.io/etcd/api/v3/version.GitSHA=module-$etcd"
@@ -50,5 +52,8 @@ helm_stamp="-X helm.sh/helm/v3/internal/version.version=$helm -X helm.sh/helm/v3
 helm_stamp+=" -X helm.sh/helm/v3/pkg/chartutil.k8sVersionMajor=1 -X helm.sh/helm/v3/pkg/chartutil.k8sVersionMinor=$k8s_minor"
 helm_stamp+=" -X helm.sh/helm/v3/pkg/lint/rules.k8sVersionMajor=1 -X helm.sh/helm/v3/pkg/lint/rules.k8sVersionMinor=$k8s_minor"
 build helm helm helm.sh/helm/v3/cmd/helm "$helm_stamp"
+
+build crictl cri-tools sigs.k8s.io/cri-tools/cmd/crictl "-X sigs.k8s.io/cri-tools/pkg/version.Version=$crictl"
+build pause pause . ""
 
 echo "$bin"

@@ -36,6 +36,20 @@ def cluster(tmp_path_factory: pytest.TempPathFactory, cluster_binaries: Path) ->
 
 
 @pytest.fixture(scope="session")
+def node_cluster(tmp_path_factory: pytest.TempPathFactory, cluster_binaries: Path) -> Iterator[LocalCluster]:
+    """A second local cluster, beside ``cluster``: one simulated GPU node and one real kubelet
+    node, all in a network namespace of its own (see node_host.py)."""
+    workdir = tmp_path_factory.mktemp("node-cluster")
+    local = LocalCluster(workdir=workdir, binaries=cluster_binaries, gpu_nodes=1, kubelet_nodes=1)
+    local.up()
+    try:
+        yield local
+    finally:
+        local.down()
+        assert local.leftovers() == [], "the kubelet cluster left things behind"
+
+
+@pytest.fixture(scope="session")
 def api(cluster: LocalCluster) -> client.ApiClient:
     return config.new_client_from_config(config_file=str(cluster.kubeconfig))
 

@@ -5,6 +5,11 @@ built from Go modules by ``build-binaries.sh``. kwok simulates GPU nodes and giv
 addresses in 127.128.0.0/16; Service ClusterIPs come from 127.96.0.0/16. Every address the
 cluster hands out is on loopback, so nothing a test does can reach another machine.
 
+With ``kubelet_nodes=1`` the cluster also has a real node (``node_host.py``: containerd, runc, a
+kubelet and kube-proxy). Then the whole cluster runs inside a network namespace of its own, the
+only place where the node's, the pods' and the Services' addresses exist, and the API server is
+reached from the host through a relay on host loopback, on the same port.
+
     python -m tests.cluster.local_cluster up [--dir .cluster]     # start, write state, return
     python -m tests.cluster.local_cluster down [--dir .cluster]   # stop every process by PID
 """
@@ -13,10 +18,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import ipaddress
 import json
 import os
+import shutil
 import signal
+import socket
 import ssl
 import subprocess
 import sys
@@ -31,6 +39,7 @@ import yaml
 
 from zimage_server.processes import free_port
 
+from . import node_host
 from .certs import Pki, make_pki
 
 HERE = Path(__file__).resolve().parent
@@ -66,6 +75,7 @@ class LocalCluster:
     binaries: Path
     gpu_nodes: int = 2
     gpus_per_node: int = 8
+    kubelet_nodes: int = 0
     components: list[Component] = field(default_factory=list)
     ports: dict[str, int] = field(default_factory=dict)
     started_seconds: float = 0.0
@@ -88,19 +98,49 @@ class LocalCluster:
     def binary(self, name: str) -> str:
         return str(self.binaries / name)
 
+    @property
+    def netns(self) -> node_host.NetworkNamespace | None:
+        """The cluster's network namespace (only when it has kubelet nodes)."""
+        if not self.kubelet_nodes:
+            return None
+        digest = hashlib.sha1(str(self.workdir).encode()).hexdigest()[:10]
+        return node_host.NetworkNamespace(f"zimage-{digest}")
+
+    @property
+    def service_cidr(self) -> str:
+        return node_host.SERVICE_CIDR if self.kubelet_nodes else SERVICE_CIDR
+
+    @property
+    def kubelet_node_names(self) -> list[str]:
+        return [f"node-{i}" for i in range(self.kubelet_nodes)]
+
+    def kubelet_node(self, name: str) -> node_host.KubeletNode:
+        digest = hashlib.sha1(str(self.workdir).encode()).hexdigest()[:10]
+        return node_host.KubeletNode(name, self.workdir / "nodes" / name, f"/zimage-{digest}-{name}")
+
     # -- lifecycle -------------------------------------------------------------------------
 
     def up(self, timeout: float = 120) -> None:
         started = time.monotonic()
+        if self.kubelet_nodes > 1:
+            raise ValueError("one kubelet node per cluster: its namespace has one bridge and one node IP")
+        if self.kubelet_nodes and (missing := node_host.missing_packages()):
+            raise RuntimeError(f"a kubelet node needs the Debian packages {' '.join(missing)}: apt-get install them")
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.ports = {
-            name: free_port() for name in ("etcd", "etcd_peer", "apiserver", "kcm", "scheduler", "kwok")
-        }
-        pki = self._pki = make_pki(self.workdir / "pki")
+        names = ["etcd", "etcd_peer", "apiserver", "kcm", "scheduler", "kwok"]
+        if self.kubelet_nodes:
+            names += ["kubelet", "kubelet_healthz", "proxy_healthz", "proxy_metrics"]
+        self.ports = {name: free_port() for name in names}
+        extra_ips = [node_host.NODE_IP, node_host.KUBERNETES_SERVICE_IP] if self.kubelet_nodes else []
+        pki = self._pki = make_pki(self.workdir / "pki", extra_ips=extra_ips)
         self._write_kubeconfig(pki)
         try:
+            if self.netns is not None:
+                self.netns.create()
+                self._start_relay("apiserver-relay", self.ports["apiserver"], f"127.0.0.1:{self.ports['apiserver']}")
             self._start_etcd()
-            self._wait_http(f"http://127.0.0.1:{self.ports['etcd']}/health", timeout, "etcd")
+            if self.netns is None:  # else etcd is not reachable from here: the API server waits for it
+                self._wait_http(f"http://127.0.0.1:{self.ports['etcd']}/health", timeout, "etcd")
             self._start_apiserver(pki)
             self._wait_apiserver(pki, timeout)
             self._start_controller_manager(pki)
@@ -108,6 +148,8 @@ class LocalCluster:
             self._start_kwok()
             self._write_state()
             self._create_gpu_nodes()
+            for name in self.kubelet_node_names:
+                self._start_kubelet_node(name, timeout)
             self._wait_ready(timeout - (time.monotonic() - started))
         except BaseException:
             self.down()
@@ -115,12 +157,32 @@ class LocalCluster:
         self.started_seconds = time.monotonic() - started
 
     def down(self, grace: float = 10) -> None:
-        """Stop every component by PID (its whole process group), newest first."""
+        """Stop every component by PID (its whole process group), newest first. A kubelet node
+        goes first: its pods' sandboxes, its containers' processes, mounts and cgroups."""
+        for name in self.kubelet_node_names:
+            self._stop_kubelet_node(name, grace)
         for component in reversed(self.components):
             _stop_group(component.pid, grace)
         self.components = []
+        if self.netns is not None:
+            self.netns.delete()
         with contextlib.suppress(FileNotFoundError):
             self.state_file.unlink()
+
+    def leftovers(self) -> list[str]:
+        """What a stopped cluster left behind: processes, mounts, cgroups, its network namespace.
+        Empty after ``down()``."""
+        found = [f"process {pid}" for pid in processes_under(str(self.workdir))]
+        found += [f"mount {point}" for point in node_host.mounts_under(str(self.workdir))]
+        for name in self.kubelet_node_names:
+            node = self.kubelet_node(name)
+            found += [f"cgroup {folder}" for folder in node.cgroup_folders()]
+            found += [f"folder {node.socket_dir}"] if node.socket_dir.exists() else []
+            found += [f"process {pid}" for pid in processes_under(str(node.socket_dir))]
+            found += [f"mount {point}" for point in node_host.mounts_under(str(node.socket_dir))]
+        if self.netns is not None and self.netns.path.exists():
+            found.append(f"network namespace {self.netns.name}")
+        return found
 
     def restart_apiserver(self, down_seconds: float, timeout: float = 60) -> None:
         """An API server outage: stop it, wait ``down_seconds``, start it again on the same port
@@ -139,19 +201,53 @@ class LocalCluster:
 
     # -- components ------------------------------------------------------------------------
 
-    def _spawn(self, name: str, args: Sequence[str]) -> None:
+    def _spawn(self, name: str, args: Sequence[str], pass_fds: Sequence[int] = ()) -> None:
+        """Start a component; in the cluster's network namespace when it has one."""
         log = self.workdir / f"{name}.log"
+        command = list(args) if self.netns is None else self.netns.exec_args(list(args))
         with log.open("ab") as out:
             proc = subprocess.Popen(
-                list(args),
+                command,
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 cwd=self.workdir,
+                pass_fds=pass_fds,
                 start_new_session=True,  # its own process group, so down() stops its children too
             )
         self.components.append(Component(name, proc.pid, log))
         self._write_state()
+
+    def _start_relay(self, name: str, host_port: int, target: str) -> None:
+        """Listen on host loopback ``host_port``; dial ``target`` inside the namespace."""
+        listener = socket.create_server(("127.0.0.1", host_port), backlog=128)
+        try:
+            self._spawn(
+                name,
+                [sys.executable, str(HERE / "relay.py"), "--fd", str(listener.fileno()), "--target", target],
+                pass_fds=[listener.fileno()],
+            )
+        finally:
+            listener.close()
+
+    def relay(self, name: str, target: str) -> int:
+        """A relay from a new port on host loopback to ``target`` (a Service's ClusterIP:port,
+        say) inside the cluster's namespace; returns the port. It stops with the cluster."""
+        if self.netns is None:
+            raise RuntimeError("a cluster without kubelet nodes has no network namespace to relay into")
+        port = free_port()
+        self._start_relay(f"relay-{name}", port, target)
+        self._wait_tcp(port, 10)
+        return port
+
+    def _wait_tcp(self, port: int, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"nothing listens on 127.0.0.1:{port}")
+            time.sleep(0.05)
 
     def _start_etcd(self) -> None:
         client = f"http://127.0.0.1:{self.ports['etcd']}"
@@ -179,8 +275,9 @@ class LocalCluster:
             [
                 self.binary("kube-apiserver"),
                 f"--etcd-servers=http://127.0.0.1:{self.ports['etcd']}",
-                "--bind-address=127.0.0.1",
-                "--advertise-address=127.0.0.1",
+                # With kubelet nodes, inside the namespace: pods reach it at the node's address.
+                f"--bind-address={'0.0.0.0' if self.kubelet_nodes else '127.0.0.1'}",
+                f"--advertise-address={node_host.NODE_IP if self.kubelet_nodes else '127.0.0.1'}",
                 f"--secure-port={self.ports['apiserver']}",
                 f"--tls-cert-file={pki.serving_cert}",
                 f"--tls-private-key-file={pki.serving_key}",
@@ -188,7 +285,7 @@ class LocalCluster:
                 f"--service-account-issuer=https://127.0.0.1:{self.ports['apiserver']}",
                 f"--service-account-key-file={pki.sa_public}",
                 f"--service-account-signing-key-file={pki.sa_private}",
-                f"--service-cluster-ip-range={SERVICE_CIDR}",
+                f"--service-cluster-ip-range={self.service_cidr}",
                 "--authorization-mode=RBAC",
                 "--allow-privileged=true",
                 "--enable-priority-and-fairness=false",
@@ -211,7 +308,7 @@ class LocalCluster:
                 "--leader-elect=false",
                 f"--service-account-private-key-file={pki.sa_private}",
                 f"--root-ca-file={pki.ca_cert}",
-                f"--service-cluster-ip-range={SERVICE_CIDR}",
+                f"--service-cluster-ip-range={self.service_cidr}",
                 "--controllers=*",
                 "--v=1",
             ],
@@ -248,6 +345,97 @@ class LocalCluster:
             ],
         )
 
+    # -- kubelet nodes ---------------------------------------------------------------------
+
+    def ctr(self, node: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+        """containerd's ``ctr`` against a kubelet node's containerd, in the images' namespace."""
+        sock = self.kubelet_node(node).socket
+        return subprocess.run(
+            ["ctr", f"--address={sock}", "--namespace=k8s.io", *args],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=timeout,
+        )
+
+    def crictl(self, node: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        endpoint = f"unix://{self.kubelet_node(node).socket}"
+        return subprocess.run(
+            [self.binary("crictl"), f"--runtime-endpoint={endpoint}", f"--image-endpoint={endpoint}", *args],
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=timeout,
+        )
+
+    def import_image(self, node: str, archive: Path) -> None:
+        """Load a docker-archive or OCI tar into a kubelet node's containerd (no registry here)."""
+        self.ctr(node, "images", "import", "--no-unpack", str(archive))
+
+    def _start_kubelet_node(self, name: str, timeout: float) -> None:
+        node = self.kubelet_node(name)
+        node.write_cni_config()
+        containerd_config = node.write_containerd_config()
+        node.create_cgroups()
+        self._spawn(f"containerd-{name}", ["containerd", f"--config={containerd_config}"])
+        deadline = time.monotonic() + timeout
+        while subprocess.run(["ctr", f"--address={node.socket}", "version"], capture_output=True).returncode:
+            self._check_alive()
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"containerd of {name} did not answer on {node.socket}")
+            time.sleep(0.1)
+        archive = node_host.pause_image_archive(self.binaries / "pause", node.workdir / "pause.tar")
+        self.import_image(name, archive)
+        kubelet_config = node.write_kubelet_config(self.ports)
+        self._spawn(f"kubelet-{name}", node.kubelet_args(self.binary("kubelet"), self.kubeconfig, kubelet_config))
+        proxy_config = node.write_kube_proxy_config(self.kubeconfig, self.ports, node_host.NODE_SUBNET)
+        self._spawn(f"kube-proxy-{name}", [self.binary("kube-proxy"), f"--config={proxy_config}", "--v=1"])
+        while self.kubectl("get", "node", name, check=False).returncode:
+            self._check_alive()
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the kubelet of {name} did not register its node")
+            time.sleep(0.2)
+        # GPUs as a node-level extended resource: patched into the status' capacity, the
+        # documented way; the kubelet keeps it and mirrors it into allocatable.
+        gpu = {"op": "add", "path": "/status/capacity/nvidia.com~1gpu", "value": str(self.gpus_per_node)}
+        self.kubectl("patch", "node", name, "--subresource=status", "--type=json", "-p", json.dumps([gpu]))
+        self.kubectl(
+            "label",
+            "node",
+            name,
+            "nvidia.com/gpu.present=true",
+            f"nvidia.com/gpu.product={GPU_PRODUCT}",
+            f"nvidia.com/gpu.count={self.gpus_per_node}",
+        )
+        while True:
+            allocatable = json.loads(self.kubectl("get", "node", name, "-o", "json").stdout)["status"]["allocatable"]
+            if allocatable.get("nvidia.com/gpu") == str(self.gpus_per_node):
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the kubelet of {name} did not take up the node's GPUs")
+            time.sleep(0.2)
+
+    def _stop_kubelet_node(self, name: str, grace: float) -> None:
+        node = self.kubelet_node(name)
+        for component in [c for c in self.components if c.name in (f"kubelet-{name}", f"kube-proxy-{name}")]:
+            _stop_group(component.pid, grace)
+            self.components.remove(component)
+        containerd = [c for c in self.components if c.name == f"containerd-{name}"]
+        if containerd and _alive(containerd[0].pid):
+            # Each pod's sandbox: its containers stopped, its network (CNI) and namespace removed.
+            self.crictl(name, "rmp", "--all", "--force")
+        for component in containerd:
+            _stop_group(component.pid, grace)
+            self.components.remove(component)
+        # What outlives containerd by design: the shims and their containers' processes.
+        node.kill_cgroup_tasks()
+        for pid in processes_under(str(node.workdir)) + processes_under(str(node.socket_dir)):
+            _stop_group_or_pid(pid)
+        node_host.unmount_all(str(node.workdir), str(node.socket_dir))
+        node.remove_cgroups()
+        shutil.rmtree(node.socket_dir, ignore_errors=True)
+        node_host.remove_runtime_dirs()
+
     # -- setup -----------------------------------------------------------------------------
 
     def _write_kubeconfig(self, pki: Pki) -> None:
@@ -278,6 +466,7 @@ class LocalCluster:
             "server": self.server,
             "binaries": str(self.binaries),
             "ports": self.ports,
+            "kubelet_nodes": self.kubelet_nodes,
             "components": [{"name": c.name, "pid": c.pid, "log": str(c.log)} for c in self.components],
         }
         self.state_file.write_text(json.dumps(state, indent=2))
@@ -285,7 +474,7 @@ class LocalCluster:
     @classmethod
     def from_state(cls, workdir: Path) -> LocalCluster:
         state = json.loads((workdir / "state.json").read_text())
-        cluster = cls(workdir=workdir, binaries=Path(state["binaries"]))
+        cluster = cls(workdir=workdir, binaries=Path(state["binaries"]), kubelet_nodes=state.get("kubelet_nodes", 0))
         cluster.ports = state["ports"]
         cluster.components = [Component(c["name"], c["pid"], Path(c["log"])) for c in state["components"]]
         return cluster
@@ -388,10 +577,10 @@ class LocalCluster:
             if nodes.returncode == 0 and sa.returncode == 0:
                 items = json.loads(nodes.stdout)["items"]
                 ready = [n for n in items if _condition(n, "Ready") == "True"]
-                if len(ready) == self.gpu_nodes:
+                if len(ready) == self.gpu_nodes + self.kubelet_nodes:
                     return
             if time.monotonic() > deadline:
-                raise TimeoutError("the simulated nodes did not become Ready")
+                raise TimeoutError("the nodes did not become Ready")
             time.sleep(0.2)
 
 
@@ -432,6 +621,14 @@ def _stop_group(pid: int, grace: float) -> None:
             time.sleep(0.05)
 
 
+def _stop_group_or_pid(pid: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 5
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
 def processes_under(marker: str) -> list[int]:
     """PIDs of live processes whose command line mentions ``marker`` (a folder, say)."""
     found = []
@@ -461,6 +658,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tests.cluster.local_cluster")
     parser.add_argument("command", choices=["up", "down", "build"])
     parser.add_argument("--dir", default=".cluster", help="working folder (certificates, logs, state)")
+    parser.add_argument("--gpu-nodes", type=int, default=2, help="simulated (kwok) GPU nodes")
+    parser.add_argument(
+        "--kubelet-nodes", type=int, choices=[0, 1], default=1, help="real kubelet nodes (containerd, runc)"
+    )
     args = parser.parse_args(argv)
     workdir = Path(args.dir).resolve()
     if args.command == "build":
@@ -470,15 +671,23 @@ def main(argv: list[str] | None = None) -> int:
         if not (workdir / "state.json").is_file():
             print(f"no cluster state in {workdir}")
             return 0
-        LocalCluster.from_state(workdir).down()
+        cluster = LocalCluster.from_state(workdir)
+        cluster.down()
+        if left := cluster.leftovers():
+            print("left behind: " + ", ".join(left), file=sys.stderr)
+            return 1
         print("stopped")
         return 0
     if (workdir / "state.json").is_file():
         print(f"a cluster is already recorded in {workdir}; run `down` first", file=sys.stderr)
         return 1
-    cluster = LocalCluster(workdir=workdir, binaries=build_binaries())
+    cluster = LocalCluster(
+        workdir=workdir, binaries=build_binaries(), gpu_nodes=args.gpu_nodes, kubelet_nodes=args.kubelet_nodes
+    )
     cluster.up()
     print(f"cluster up in {cluster.started_seconds:.1f}s: {cluster.server}")
+    if cluster.netns is not None:
+        print(f"network namespace {cluster.netns.name}: nsenter --net={cluster.netns.path} reaches pods and Services")
     print(f"export KUBECONFIG={cluster.kubeconfig}")
     print(f"export PATH={cluster.binaries}:$PATH   # kubectl, helm")
     return 0

@@ -17,6 +17,7 @@ import yaml
 from kubernetes import client
 from kubernetes.client.rest import ApiException
 
+from . import node_host
 from .local_cluster import GPU_PRODUCT, POD_CIDR, SERVICE_CIDR, LocalCluster, processes_under
 from .pod_runner import LocalPodRunner, wait_until
 
@@ -311,11 +312,14 @@ def test_the_pod_runner_serves_behind_simulated_pods(
         assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2]
 
 
-def test_cluster_up_and_down_start_quickly_and_leave_no_process_behind(tmp_path: Path) -> None:
-    """`make cluster-up` / `make cluster-down`: the processes outlive `up` and `down` stops them all."""
+@pytest.mark.kubelet
+def test_cluster_up_and_down_start_quickly_and_leave_nothing_behind(tmp_path: Path) -> None:
+    """`make cluster-up` / `make cluster-down`: the processes outlive `up`, a pod runs on the
+    kubelet node, and `down` leaves no process, mount, cgroup, namespace or runtime state."""
     workdir = tmp_path / "second"
     command = [sys.executable, "-m", "tests.cluster.local_cluster"]
     root = Path(__file__).resolve().parents[2]
+    runtime_dir_before = Path("/run/containerd").exists()
     up = subprocess.run(
         [*command, "up", "--dir", str(workdir)], capture_output=True, text=True, timeout=180, cwd=root
     )
@@ -326,7 +330,17 @@ def test_cluster_up_and_down_start_quickly_and_leave_no_process_behind(tmp_path:
         assert seconds < 30
         state = json.loads((workdir / "state.json").read_text())
         names = sorted(c["name"] for c in state["components"])
-        assert names == ["etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok"]
+        assert names == [
+            "apiserver-relay",
+            "containerd-node-0",
+            "etcd",
+            "kube-apiserver",
+            "kube-controller-manager",
+            "kube-proxy-node-0",
+            "kube-scheduler",
+            "kubelet-node-0",
+            "kwok",
+        ]
         pids = [c["pid"] for c in state["components"]]
         assert all(Path(f"/proc/{pid}").exists() for pid in pids), "the cluster outlives the `up` command"
         kubeconfig = workdir / "admin.kubeconfig"
@@ -343,7 +357,12 @@ def test_cluster_up_and_down_start_quickly_and_leave_no_process_behind(tmp_path:
             text=True,
             timeout=30,
         )
-        assert nodes.stdout.split() == ["node/gpu-node-0", "node/gpu-node-1"]
+        assert nodes.stdout.split() == ["node/gpu-node-0", "node/gpu-node-1", "node/node-0"]
+        cluster = LocalCluster.from_state(workdir)
+        cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump(node_host.pause_pod("p")))
+        cluster.kubectl("wait", "--for=condition=Ready", "pod/p", "--timeout=60s")
+        assert cluster.crictl("node-0", "pods", "-q").stdout.split(), "the pod has a sandbox on the node"
+        assert node_host.mounts_under(str(workdir)), "its container's root file system is mounted"
     finally:
         down = subprocess.run(
             [*command, "down", "--dir", str(workdir)], capture_output=True, text=True, timeout=60, cwd=root
@@ -351,3 +370,7 @@ def test_cluster_up_and_down_start_quickly_and_leave_no_process_behind(tmp_path:
     assert down.returncode == 0, down.stderr
     assert processes_under(str(workdir)) == []
     assert not (workdir / "state.json").exists()
+    left = LocalCluster(workdir=workdir, binaries=Path(), kubelet_nodes=1)
+    assert left.leftovers() == []
+    if not runtime_dir_before:
+        assert not Path("/run/containerd").exists(), list(Path("/run/containerd").rglob("*"))

@@ -43,7 +43,7 @@ fmt: install ## Format and auto-fix with ruff
 	$(VENV)/bin/ruff check --fix .
 
 .PHONY: test
-test: lint cluster-binaries ## Lint, build the cluster binaries, run every test that can run here (no GPU)
+test: lint cluster-binaries node-packages ## Lint, build the cluster binaries, run every test that can run here (no GPU)
 	$(VENV)/bin/pytest -m "not gpu" $(PYTEST_ARGS)
 
 .PHONY: test-gpu
@@ -73,15 +73,25 @@ bench-gpu: install ## On a GPU machine: every benchmark at full size; rewrites d
 	$(PY) bench/performance.py --stages report --work $(BENCH_WORK) --doc docs/performance.md
 
 .PHONY: cluster-binaries
-cluster-binaries: ## Build kube-apiserver, kube-controller-manager, kube-scheduler, kubectl, etcd, kwok and helm (cached)
+cluster-binaries: ## Build the Kubernetes programs (control plane, kubelet, kube-proxy, kubectl), etcd, kwok, helm, crictl (cached)
 	bash tests/cluster/build-binaries.sh
 
+NODE_PACKAGES := containerd runc containernetworking-plugins iptables conntrack
+.PHONY: node-packages
+node-packages: ## apt-get install what the local cluster's kubelet node needs, where missing (root)
+	@missing=$$(for p in $(NODE_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'install ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  echo "installing $$missing"; \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing >/dev/null \
+	    || { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing >/dev/null; }; \
+	fi
+
 .PHONY: cluster-up
-cluster-up: install ## Start a local control plane with two simulated GPU nodes in .cluster/
+cluster-up: install cluster-binaries node-packages ## Start a local cluster in .cluster/: two simulated GPU nodes and a real kubelet node
 	$(PY) -m tests.cluster.local_cluster up --dir .cluster
 
 .PHONY: cluster-down
-cluster-down: install ## Stop the local control plane started by cluster-up
+cluster-down: install ## Stop the local cluster started by cluster-up; fails if it left anything behind
 	$(PY) -m tests.cluster.local_cluster down --dir .cluster
 
 .PHONY: constraints

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import itertools
 import re
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from kubernetes import client, config
@@ -94,3 +96,52 @@ def operator(cluster: LocalCluster, tmp_path_factory: pytest.TempPathFactory) ->
         yield runner
     finally:
         runner.stop()
+
+
+# -- a failing test's report carries what the harness's processes printed ---------------------
+
+LOG_TAIL_BYTES = 6000
+_STARTED = pytest.StashKey[float]()
+
+
+def _log_folders(value: Any) -> list[Path]:
+    if isinstance(value, LocalCluster):
+        return [value.workdir]
+    if isinstance(value, LocalPodRunner):
+        return [value.workdir]
+    return []
+
+
+def _tail(path: Path) -> str:
+    with path.open("rb") as log:
+        size = log.seek(0, 2)
+        log.seek(max(0, size - LOG_TAIL_BYTES))
+        text = log.read().decode(errors="replace")
+    return text if size <= LOG_TAIL_BYTES else f"[... {size - LOG_TAIL_BYTES} bytes before]\n{text}"
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    item.stash[_STARTED] = time.time()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    """On failure, attach the end of every log that a cluster, pod runner or operator fixture of
+    the test wrote to while it ran: the control plane's components, the kubelet node's
+    containerd and kubelet, and each process the pod runners started."""
+    outcome = yield
+    report = outcome.get_result()  # type: ignore[attr-defined]
+    if not report.failed:
+        return
+    started = item.stash.get(_STARTED, 0.0)
+    funcargs = getattr(item, "funcargs", {})
+    folders = {folder for value in funcargs.values() for folder in _log_folders(value)}
+    for folder in sorted(folders):
+        for log in sorted(folder.rglob("*.log")):
+            try:
+                if log.stat().st_mtime < started:
+                    continue
+                report.sections.append((f"{report.when} log {log.relative_to(folder)}", _tail(log)))
+            except OSError:
+                continue

@@ -2,7 +2,8 @@
 
 etcd, kube-apiserver, kube-controller-manager, kube-scheduler and kwok run as child processes,
 built from Go modules by ``build-binaries.sh``. kwok simulates GPU nodes and gives their pods
-addresses in 127.128.0.0/16; Service ClusterIPs come from 127.96.0.0/16. Every address the
+addresses in a /16 of 127.128.0.0/10 that the cluster claims (so that clusters side by side
+differ); Service ClusterIPs come from 127.96.0.0/16. Every address the
 cluster hands out is on loopback, so nothing a test does can reach another machine.
 
 With ``kubelet_nodes=1`` the cluster also has a real node (``node_host.py``: containerd, runc, a
@@ -43,8 +44,10 @@ from . import node_host
 from .certs import Pki, make_pki
 
 HERE = Path(__file__).resolve().parent
-POD_CIDR = "127.128.0.0/16"
-SERVICE_CIDR = "127.96.0.0/16"
+POD_CIDRS = "127.128.0.0/10"  # each running cluster claims one /16 of it, so clusters side by side
+SERVICE_CIDR = "127.96.0.0/16"  # differ in the addresses their simulated pods listen on
+CLAIMS = Path("/tmp/zimage-local-clusters")
+STALE_CLAIM_SECONDS = 600
 KWOK_NODE_ANNOTATION = "kwok.x-k8s.io/node"
 GPU_PRODUCT = "NVIDIA-H100-80GB-HBM3"
 
@@ -57,9 +60,48 @@ def build_binaries() -> Path:
     return Path(out.stdout.strip().splitlines()[-1])
 
 
-def node_pod_cidr(index: int) -> str:
-    network = ipaddress.ip_network(POD_CIDR)
+def node_pod_cidr(pod_cidr: str, index: int) -> str:
+    network = ipaddress.ip_network(pod_cidr)
     return str(list(network.subnets(new_prefix=24))[index])
+
+
+def claim_pod_cidr(workdir: Path) -> str:
+    """Claim a /16 of ``POD_CIDRS`` for the cluster in ``workdir`` (a file per /16, made with
+    O_EXCL; a claim whose cluster has gone is taken over)."""
+    CLAIMS.mkdir(parents=True, exist_ok=True)
+    for index, network in enumerate(ipaddress.ip_network(POD_CIDRS).subnets(new_prefix=16)):
+        claim = CLAIMS / f"pod-cidr-{index}"
+        for _ in range(2):
+            try:
+                fd = os.open(claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                if not _claim_is_stale(claim, workdir):
+                    break
+                with contextlib.suppress(FileNotFoundError):
+                    claim.unlink()
+                continue
+            with os.fdopen(fd, "w") as out:
+                out.write(str(workdir))
+            return str(network)
+    raise RuntimeError(f"every /16 of {POD_CIDRS} is claimed by a running local cluster (see {CLAIMS})")
+
+
+def _claim_is_stale(claim: Path, workdir: Path) -> bool:
+    try:
+        owner = Path(claim.read_text())
+        age = time.time() - claim.stat().st_mtime
+    except (FileNotFoundError, ValueError):
+        return True
+    if owner == workdir or not owner.is_dir():
+        return True
+    return not (owner / "state.json").exists() and age > STALE_CLAIM_SECONDS
+
+
+def release_pod_cidr(workdir: Path) -> None:
+    for claim in CLAIMS.glob("pod-cidr-*"):
+        with contextlib.suppress(OSError):
+            if Path(claim.read_text()) == workdir:
+                claim.unlink()
 
 
 @dataclass
@@ -76,6 +118,7 @@ class LocalCluster:
     gpu_nodes: int = 2
     gpus_per_node: int = 8
     kubelet_nodes: int = 0
+    pod_cidr: str = ""  # claimed by up()
     components: list[Component] = field(default_factory=list)
     ports: dict[str, int] = field(default_factory=dict)
     started_seconds: float = 0.0
@@ -125,8 +168,11 @@ class LocalCluster:
         if self.kubelet_nodes > 1:
             raise ValueError("one kubelet node per cluster: its namespace has one bridge and one node IP")
         if self.kubelet_nodes and (missing := node_host.missing_packages()):
-            raise RuntimeError(f"a kubelet node needs the Debian packages {' '.join(missing)}: apt-get install them")
+            raise RuntimeError(
+                f"a kubelet node needs the Debian packages {' '.join(missing)}: apt-get install them"
+            )
         self.workdir.mkdir(parents=True, exist_ok=True)
+        self.pod_cidr = claim_pod_cidr(self.workdir)
         names = ["etcd", "etcd_peer", "apiserver", "kcm", "scheduler", "kwok"]
         if self.kubelet_nodes:
             names += ["kubelet", "kubelet_healthz", "proxy_healthz", "proxy_metrics"]
@@ -137,7 +183,9 @@ class LocalCluster:
         try:
             if self.netns is not None:
                 self.netns.create()
-                self._start_relay("apiserver-relay", self.ports["apiserver"], f"127.0.0.1:{self.ports['apiserver']}")
+                self._start_relay(
+                    "apiserver-relay", self.ports["apiserver"], f"127.0.0.1:{self.ports['apiserver']}"
+                )
             self._start_etcd()
             if self.netns is None:  # else etcd is not reachable from here: the API server waits for it
                 self._wait_http(f"http://127.0.0.1:{self.ports['etcd']}/health", timeout, "etcd")
@@ -168,6 +216,7 @@ class LocalCluster:
             self.netns.delete()
         with contextlib.suppress(FileNotFoundError):
             self.state_file.unlink()
+        release_pod_cidr(self.workdir)
 
     def leftovers(self) -> list[str]:
         """What a stopped cluster left behind: processes, mounts, cgroups, its network namespace.
@@ -338,7 +387,7 @@ class LocalCluster:
                 f"--config={HERE / 'kwok-stages.yaml'}",
                 "--manage-all-nodes=false",
                 f"--manage-nodes-with-annotation-selector={KWOK_NODE_ANNOTATION}=fake",
-                f"--cidr={POD_CIDR}",
+                f"--cidr={self.pod_cidr}",
                 "--node-ip=127.0.0.1",
                 f"--server-address=127.0.0.1:{self.ports['kwok']}",
                 "--node-lease-duration-seconds=40",
@@ -387,7 +436,9 @@ class LocalCluster:
         archive = node_host.pause_image_archive(self.binaries / "pause", node.workdir / "pause.tar")
         self.import_image(name, archive)
         kubelet_config = node.write_kubelet_config(self.ports)
-        self._spawn(f"kubelet-{name}", node.kubelet_args(self.binary("kubelet"), self.kubeconfig, kubelet_config))
+        self._spawn(
+            f"kubelet-{name}", node.kubelet_args(self.binary("kubelet"), self.kubeconfig, kubelet_config)
+        )
         proxy_config = node.write_kube_proxy_config(self.kubeconfig, self.ports, node_host.NODE_SUBNET)
         self._spawn(f"kube-proxy-{name}", [self.binary("kube-proxy"), f"--config={proxy_config}", "--v=1"])
         while self.kubectl("get", "node", name, check=False).returncode:
@@ -408,7 +459,9 @@ class LocalCluster:
             f"nvidia.com/gpu.count={self.gpus_per_node}",
         )
         while True:
-            allocatable = json.loads(self.kubectl("get", "node", name, "-o", "json").stdout)["status"]["allocatable"]
+            allocatable = json.loads(self.kubectl("get", "node", name, "-o", "json").stdout)["status"][
+                "allocatable"
+            ]
             if allocatable.get("nvidia.com/gpu") == str(self.gpus_per_node):
                 return
             if time.monotonic() > deadline:
@@ -466,6 +519,7 @@ class LocalCluster:
             "server": self.server,
             "binaries": str(self.binaries),
             "ports": self.ports,
+            "pod_cidr": self.pod_cidr,
             "kubelet_nodes": self.kubelet_nodes,
             "components": [{"name": c.name, "pid": c.pid, "log": str(c.log)} for c in self.components],
         }
@@ -474,13 +528,17 @@ class LocalCluster:
     @classmethod
     def from_state(cls, workdir: Path) -> LocalCluster:
         state = json.loads((workdir / "state.json").read_text())
-        cluster = cls(workdir=workdir, binaries=Path(state["binaries"]), kubelet_nodes=state.get("kubelet_nodes", 0))
+        cluster = cls(
+            workdir=workdir, binaries=Path(state["binaries"]), kubelet_nodes=state.get("kubelet_nodes", 0)
+        )
         cluster.ports = state["ports"]
+        cluster.pod_cidr = state["pod_cidr"]
         cluster.components = [Component(c["name"], c["pid"], Path(c["log"])) for c in state["components"]]
         return cluster
 
     def node_manifest(self, index: int) -> dict[str, Any]:
         name = f"gpu-node-{index}"
+        pod_cidr = node_pod_cidr(self.pod_cidr, index)
         resources = {"cpu": "64", "memory": "512Gi", "pods": "110", "nvidia.com/gpu": str(self.gpus_per_node)}
         return {
             "apiVersion": "v1",
@@ -500,12 +558,12 @@ class LocalCluster:
             },
             # Each node has its own slice of the pod CIDR (kwok hands out pod IPs from it) and
             # its own loopback address.
-            "spec": {"podCIDR": node_pod_cidr(index), "podCIDRs": [node_pod_cidr(index)]},
+            "spec": {"podCIDR": pod_cidr, "podCIDRs": [pod_cidr]},
             "status": {
                 "capacity": resources,
                 "allocatable": resources,
                 "addresses": [
-                    {"type": "InternalIP", "address": f"127.64.0.{index + 1}"},
+                    {"type": "InternalIP", "address": f"127.64.{self.pod_cidr.split('.')[1]}.{index + 1}"},
                     {"type": "Hostname", "address": name},
                 ],
             },
@@ -687,7 +745,10 @@ def main(argv: list[str] | None = None) -> int:
     cluster.up()
     print(f"cluster up in {cluster.started_seconds:.1f}s: {cluster.server}")
     if cluster.netns is not None:
-        print(f"network namespace {cluster.netns.name}: nsenter --net={cluster.netns.path} reaches pods and Services")
+        print(
+            f"network namespace {cluster.netns.name}: "
+            f"nsenter --net={cluster.netns.path} reaches pods and Services"
+        )
     print(f"export KUBECONFIG={cluster.kubeconfig}")
     print(f"export PATH={cluster.binaries}:$PATH   # kubectl, helm")
     return 0

@@ -85,7 +85,9 @@ class NetworkNamespace:
             subprocess.run(self.exec_args(command), check=True, capture_output=True)
 
     def routes(self) -> list[str]:
-        out = subprocess.run(self.exec_args(["ip", "-o", "route", "show", "table", "all"]), capture_output=True, text=True)
+        out = subprocess.run(
+            self.exec_args(["ip", "-o", "route", "show", "table", "all"]), capture_output=True, text=True
+        )
         return out.stdout.splitlines()
 
     def delete(self) -> None:
@@ -209,7 +211,11 @@ class KubeletNode:
             "serializeImagePulls": False,
             "imageGCHighThresholdPercent": 100,
             "imageGCLowThresholdPercent": 99,
-            "evictionHard": {"memory.available": "100Mi", "nodefs.available": "1%", "imagefs.available": "1%"},
+            "evictionHard": {
+                "memory.available": "100Mi",
+                "nodefs.available": "1%",
+                "imagefs.available": "1%",
+            },
             "localStorageCapacityIsolation": False,
             "maxPods": 30,
             "nodeStatusUpdateFrequency": "4s",
@@ -232,7 +238,7 @@ class KubeletNode:
             f"--cert-dir={self.workdir / 'kubelet-pki'}",
             f"--hostname-override={self.name}",
             f"--node-ip={NODE_IP}",
-            f"--node-labels=type=kubelet,zimage.dev/node-kind=kubelet",
+            "--node-labels=type=kubelet,zimage.dev/node-kind=kubelet",
             "--v=1",
         ]
 
@@ -248,7 +254,12 @@ class KubeletNode:
             "metricsBindAddress": f"127.0.0.1:{ports['proxy_metrics']}",
             "clusterCIDR": pod_cidr,
             # No sysctl writes outside the namespace's own: leave conntrack's limits as they are.
-            "conntrack": {"maxPerCore": 0, "min": 0, "tcpEstablishedTimeout": "0s", "tcpCloseWaitTimeout": "0s"},
+            "conntrack": {
+                "maxPerCore": 0,
+                "min": 0,
+                "tcpEstablishedTimeout": "0s",
+                "tcpCloseWaitTimeout": "0s",
+            },
             "iptables": {"masqueradeAll": False, "syncPeriod": "5s", "minSyncPeriod": "0s"},
         }
         path = self.workdir / "kube-proxy-config.yaml"

@@ -18,7 +18,10 @@ pytestmark = [pytest.mark.cluster, pytest.mark.kubelet]
 
 
 def _pod(cluster: LocalCluster, namespace: str, name: str) -> dict[str, Any]:
-    return json.loads(cluster.kubectl("get", "pod", name, "-n", namespace, "-o", "json").stdout)
+    pod: dict[str, Any] = json.loads(
+        cluster.kubectl("get", "pod", name, "-n", namespace, "-o", "json").stdout
+    )
+    return pod
 
 
 def _create_namespace(cluster: LocalCluster, name: str) -> None:
@@ -39,13 +42,16 @@ def test_the_namespace_has_no_route_out(node_cluster: LocalCluster) -> None:
     assert node_cluster.netns is not None
     routes = node_cluster.netns.routes()
     assert not [r for r in routes if r.startswith("default")], routes
-    subnet = ipaddress.ip_network(node_host.NODE_SUBNET)
+    subnet = ipaddress.IPv4Network(node_host.NODE_SUBNET)
     for route in routes:
         target = route.split()[0]
-        if target in ("local", "broadcast", "multicast", "unreachable", "fe80::/64", "ff00::/8"):
+        if target in ("local", "broadcast", "multicast", "anycast", "unreachable", "fe80::/64", "ff00::/8"):
             continue
         network = ipaddress.ip_network(target, strict=False)
-        assert network.subnet_of(subnet) if network.version == 4 else network.is_link_local, route
+        if isinstance(network, ipaddress.IPv4Network):
+            assert network.subnet_of(subnet), route
+        else:
+            assert network.is_link_local, route
 
 
 def test_a_gpu_pod_runs_in_a_container_with_an_address_on_the_bridge(node_cluster: LocalCluster) -> None:
@@ -85,11 +91,15 @@ def test_a_failing_readiness_probe_keeps_the_pod_unready(node_cluster: LocalClus
     node_cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump(pod))
 
     def running() -> bool:
-        return _pod(node_cluster, "readiness", "unready")["status"].get("phase") == "Running"
+        return bool(_pod(node_cluster, "readiness", "unready")["status"].get("phase") == "Running")
 
     wait_until(running, 60, "the container to run")
-    wait_until(lambda: _events_mention(node_cluster, "readiness", "Readiness probe failed"), 30, "a failed probe")
-    conditions = {c["type"]: c["status"] for c in _pod(node_cluster, "readiness", "unready")["status"]["conditions"]}
+    wait_until(
+        lambda: _events_mention(node_cluster, "readiness", "Readiness probe failed"), 30, "a failed probe"
+    )
+    conditions = {
+        c["type"]: c["status"] for c in _pod(node_cluster, "readiness", "unready")["status"]["conditions"]
+    }
     assert conditions["ContainersReady"] == "False"
     assert conditions["Ready"] == "False"
     node_cluster.kubectl("delete", "namespace", "readiness", "--wait=false")
@@ -97,4 +107,4 @@ def test_a_failing_readiness_probe_keeps_the_pod_unready(node_cluster: LocalClus
 
 def _events_mention(cluster: LocalCluster, namespace: str, text: str) -> bool:
     events = json.loads(cluster.kubectl("get", "events", "-n", namespace, "-o", "json").stdout)["items"]
-    return any(text in e["message"] for e in events)
+    return any(text in str(e["message"]) for e in events)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -17,8 +18,8 @@ import yaml
 from kubernetes import client
 from kubernetes.client.rest import ApiException
 
-from . import node_host
-from .local_cluster import GPU_PRODUCT, POD_CIDR, SERVICE_CIDR, LocalCluster, processes_under
+from . import local_cluster, node_host
+from .local_cluster import GPU_PRODUCT, SERVICE_CIDR, LocalCluster, processes_under
 from .pod_runner import LocalPodRunner, wait_until
 
 pytestmark = pytest.mark.cluster
@@ -85,14 +86,14 @@ def test_simulated_nodes_offer_gpus(api: client.ApiClient) -> None:
 
 
 def test_a_gpu_deployment_gets_running_ready_pods_with_loopback_ips(
-    api: client.ApiClient, namespace: str
+    api: client.ApiClient, namespace: str, cluster: LocalCluster
 ) -> None:
     client.AppsV1Api(api).create_namespaced_deployment(namespace, _deployment("gpu"))
     core = client.CoreV1Api(api)
     pods = _wait_for(lambda: _ready_pods(core, namespace, "gpu", 2), 60, "two Ready pods")
     for pod in pods:
         assert pod.spec.node_name.startswith("gpu-node-")
-        assert ipaddress.ip_address(pod.status.pod_ip) in ipaddress.ip_network(POD_CIDR)
+        assert ipaddress.ip_address(pod.status.pod_ip) in ipaddress.ip_network(cluster.pod_cidr)
         assert ipaddress.ip_address(pod.status.host_ip).is_loopback
     assert len({pod.status.pod_ip for pod in pods}) == 2
 
@@ -313,6 +314,24 @@ def test_the_pod_runner_serves_behind_simulated_pods(
 
 
 @pytest.mark.kubelet
+def test_clusters_side_by_side_claim_different_pod_addresses(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(local_cluster, "CLAIMS", tmp_path / "claims")
+    first, second, third = (tmp_path / name for name in ("a", "b", "c"))
+    for folder in (first, second, third):
+        folder.mkdir()
+        (folder / "state.json").write_text("{}")
+    a, b = local_cluster.claim_pod_cidr(first), local_cluster.claim_pod_cidr(second)
+    assert a != b
+    assert ipaddress.ip_network(a).subnet_of(ipaddress.ip_network(local_cluster.POD_CIDRS))  # type: ignore[arg-type]
+    local_cluster.release_pod_cidr(first)
+    assert local_cluster.claim_pod_cidr(third) == a, "a released /16 is claimed again"
+    # A claim whose cluster folder is gone is taken over.
+    shutil.rmtree(second)
+    assert local_cluster.claim_pod_cidr(first) == b
+
+
 def test_cluster_up_and_down_start_quickly_and_leave_nothing_behind(tmp_path: Path) -> None:
     """`make cluster-up` / `make cluster-down`: the processes outlive `up`, a pod runs on the
     kubelet node, and `down` leaves no process, mount, cgroup, namespace or runtime state."""

@@ -25,6 +25,7 @@ from .runner import PipelineRunner
 from .service import ImageService
 from .state import Phase, ServerState, write_termination_log
 from .vram import (
+    FileSource,
     MemorySource,
     NvmlSource,
     Sample,
@@ -115,7 +116,8 @@ def key_ring(settings: Settings) -> KeyRing:
 
 
 def make_vram_sampler(settings: Settings, metrics: Metrics, source: MemorySource | None) -> VramSampler:
-    source = source if source is not None else NvmlSource()
+    if source is None:
+        source = FileSource(settings.vram_source_file) if settings.vram_source == "file" else NvmlSource()
     policy = None
     if settings.vram_limit is not None:
         scope = settings.vram_scope

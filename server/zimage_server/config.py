@@ -173,6 +173,14 @@ class Settings(BaseSettings):
         None,
         description="Liveness fails above this GPU memory: bytes ('70Gi') or percent of the device ('90%')",
     )
+    vram_source: Literal["nvml", "file"] = Field(
+        "nvml",
+        description="Where GPU memory figures come from: NVML, or a JSON file (vram_source_file) "
+        "written by hand, to drill the restart loop without a GPU",
+    )
+    vram_source_file: str = Field(
+        "/tmp/zimage-vram.json", description='The figures for vram_source=file: {"process_bytes": N}'
+    )
     vram_scope: Literal["process", "device"] = Field(
         "process", description="Count this process's GPU memory, or all of it on the device"
     )

@@ -2,11 +2,15 @@
 over its limit, and the liveness probe reports that decision so the kubelet restarts the pod.
 
 The sampler reads through a narrow ``MemorySource`` interface. ``NvmlSource`` is the real one
-(NVML via ``pynvml``); tests feed the policy from a fake source where there is no GPU.
+(NVML via ``pynvml``); ``FileSource`` (setting ``vram_source=file``) reads figures that someone
+writes into a file, to drill the restart loop where there is no GPU (the local cluster's kubelet
+node, a staging cluster): the probe, the kubelet's restart, the termination message, the
+operator's event. Unit tests feed the policy from a fake source.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -311,6 +315,43 @@ def release_torch_cache() -> None:
 
 
 # -- the sampler ----------------------------------------------------------------------------------
+
+
+class FileSource:
+    """GPU memory figures read from a JSON file at each sample: ``{"process_bytes": N}``, with
+    optional ``device_bytes`` (default: the process figure) and ``total_bytes`` (default
+    80 GiB). No file means nothing is used yet; a file that does not parse is logged and
+    measures nothing (liveness then passes, as without a GPU)."""
+
+    DEFAULT_TOTAL = 80 * 2**30
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._complained = False
+
+    @property
+    def unavailable_reason(self) -> str | None:
+        return None
+
+    def read(self) -> Sample | None:
+        try:
+            with open(self.path, encoding="utf-8") as figures:
+                data = json.load(figures)
+            process = int(data.get("process_bytes", 0))
+            device = int(data.get("device_bytes", process))
+            total = int(data.get("total_bytes", self.DEFAULT_TOTAL))
+            if min(process, device) < 0 or total <= 0:
+                raise ValueError("figures must not be negative")
+        except FileNotFoundError:
+            process = device = 0
+            total = self.DEFAULT_TOTAL
+        except (OSError, ValueError, TypeError, AttributeError) as exc:
+            if not self._complained:
+                logger.warning("VRAM file %s does not hold figures (%s); nothing is measured", self.path, exc)
+                self._complained = True
+            return None
+        self._complained = False
+        return Sample(process, device, total, "file", time.time())
 
 
 class VramSampler:

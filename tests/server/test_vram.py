@@ -11,6 +11,7 @@ import httpx
 import pytest
 
 from zimage_server.vram import (
+    FileSource,
     NvmlSource,
     Sample,
     Verdict,
@@ -263,3 +264,58 @@ def test_without_a_gpu_liveness_does_not_fail(server: Any) -> None:
     live = httpx.get(f"{server.url}/healthz/live")
     assert live.status_code == 200
     assert live.json()["vram"]["available"] is False
+
+
+def test_the_file_source_drills_the_restart_loop_without_a_gpu(serve: ServerFactory, tmp_path: Path) -> None:
+    """`vram_source=file`: figures written into a file push use over the limit; liveness fails
+    and the termination message names the limit, as with NVML; back under, it passes again."""
+    figures = tmp_path / "vram.json"
+    server = serve(
+        vram_source="file",
+        vram_source_file=str(figures),
+        vram_limit="1Gi",
+        vram_consecutive=2,
+        vram_sample_period_s=0.05,
+        termination_log_path=str(tmp_path / "termination-log"),
+    )
+    live = httpx.get(f"{server.url}/healthz/live")
+    assert live.status_code == 200, "no file yet: nothing is used"
+    assert live.json()["vram"]["available"] is True
+
+    figures.write_text('{"process_bytes": 2147483648}')
+    server.wait_metric("zimage_vram_over_limit", lambda v: v == 1, timeout=5)
+    live = httpx.get(f"{server.url}/healthz/live")
+    assert live.status_code == 503
+    assert (live.json()["vram"]["used_bytes"], live.json()["vram"]["limit_bytes"]) == (2 * GIB, GIB)
+    assert "VRAM limit exceeded (process)" in (tmp_path / "termination-log").read_text()
+
+    figures.write_text("not json")  # a broken file measures nothing: no crash, no verdict change
+    time.sleep(0.3)
+    figures.write_text('{"process_bytes": 0}')
+    server.wait_metric("zimage_vram_over_limit", lambda v: v == 0, timeout=5)
+    assert httpx.get(f"{server.url}/healthz/live").status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        ('{"process_bytes": 5}', (5, 5, 80 * GIB)),
+        ('{"process_bytes": 5, "device_bytes": 7, "total_bytes": 9}', (5, 7, 9)),
+        (None, (0, 0, 80 * GIB)),
+        ("[1, 2]", None),
+        ('{"process_bytes": -1}', None),
+        ('{"process_bytes": "lots"}', None),
+    ],
+)
+def test_the_file_source_reads_figures_or_nothing(
+    tmp_path: Path, content: str | None, expected: tuple[int, int, int] | None
+) -> None:
+    path = tmp_path / "vram.json"
+    if content is not None:
+        path.write_text(content)
+    got = FileSource(str(path)).read()
+    if expected is None:
+        assert got is None
+    else:
+        assert got is not None
+        assert (got.process_bytes, got.device_bytes, got.total_bytes, got.source) == (*expected, "file")

@@ -1,30 +1,64 @@
-# syntax=docker/dockerfile:1
 # Two images from one file:
 #   docker build --target server   -t REGISTRY/zimage-server:TAG .
 #   docker build --target operator -t REGISTRY/zimage-operator:TAG .
 # PyTorch comes from PyPI with its CUDA libraries; the node's NVIDIA driver is mounted into the
 # container by the NVIDIA container toolkit, so no CUDA base image is needed.
+# BASE_IMAGE: any Debian bookworm image with Python 3.11 as `python` and its venv module; the
+# local cluster builds one with debootstrap where the official image cannot be pulled
+# (tests/cluster/images.py). No `# syntax=` line: BuildKit's built-in Dockerfile frontend
+# builds it without pulling a frontend image.
 
-FROM python:3.11.11-slim-bookworm AS python-base
+ARG BASE_IMAGE=python:3.11.11-slim-bookworm
+FROM ${BASE_IMAGE} AS python-base
+# The images run as 10001; programs that look their user up (getpass.getuser(): PyTorch's
+# compile cache, Kopf) find it in the password database.
+RUN groupadd --gid 10001 zimage \
+    && useradd --uid 10001 --gid 10001 --home-dir /tmp --no-create-home --shell /usr/sbin/nologin zimage
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
 # -- build stages: virtual environments with the project installed --------------------------
-FROM python-base AS sources
+# The dependencies go in a layer of their own, before the code is copied: a change to the code
+# does not download them again. Where HTTPS goes through a proxy with its own CA, pass its
+# bundle as a build secret (`--secret id=pip-ca,src=ca.crt`); it is not kept in the image.
+FROM python-base AS requirements
 WORKDIR /src
-COPY pyproject.toml constraints.txt README.md ./
+COPY pyproject.toml constraints.txt ./
+SHELL ["/bin/sh", "-eu", "-c"]
+RUN printf '%s\n' \
+      'import shlex, sys, tomllib' \
+      'config = tomllib.load(open("pyproject.toml", "rb"))' \
+      'project, extras = config["project"], config["project"]["optional-dependencies"]' \
+      'wanted = config["build-system"]["requires"] + project["dependencies"]' \
+      'print(shlex.join(wanted + [d for e in sys.argv[1:] for d in extras[e]]))' \
+      > /usr/local/bin/requirements-of \
+    && python -m venv /opt/venv
+
+FROM requirements AS build-server
+# The requirements are shell words, quoted by shlex: eval splits them.
+# hadolint ignore=SC2046
+RUN --mount=type=secret,id=pip-ca \
+    if [ -f /run/secrets/pip-ca ]; then export PIP_CERT=/run/secrets/pip-ca; fi; \
+    eval /opt/venv/bin/pip install -c constraints.txt \
+      $(python /usr/local/bin/requirements-of server fp8)
+COPY README.md ./
 COPY server ./server
 COPY operator ./operator
+RUN /opt/venv/bin/pip install --no-deps --no-build-isolation ".[server,fp8]"
 
-FROM sources AS build-server
-RUN python -m venv /opt/venv \
-    && /opt/venv/bin/pip install -c constraints.txt ".[server,fp8]"
-
-FROM sources AS build-operator
-RUN python -m venv /opt/venv \
-    && /opt/venv/bin/pip install -c constraints.txt ".[operator]"
+FROM requirements AS build-operator
+# The requirements are shell words, quoted by shlex: eval splits them.
+# hadolint ignore=SC2046
+RUN --mount=type=secret,id=pip-ca \
+    if [ -f /run/secrets/pip-ca ]; then export PIP_CERT=/run/secrets/pip-ca; fi; \
+    eval /opt/venv/bin/pip install -c constraints.txt \
+      $(python /usr/local/bin/requirements-of operator)
+COPY README.md ./
+COPY server ./server
+COPY operator ./operator
+RUN /opt/venv/bin/pip install --no-deps --no-build-isolation ".[operator]"
 
 # -- the inference server ---------------------------------------------------------------------
 FROM python-base AS server

@@ -76,9 +76,9 @@ bench-gpu: install ## On a GPU machine: every benchmark at full size; rewrites d
 cluster-binaries: ## Build the Kubernetes programs (control plane, kubelet, kube-proxy, kubectl), etcd, kwok, helm, crictl (cached)
 	bash tests/cluster/build-binaries.sh
 
-NODE_PACKAGES := containerd runc containernetworking-plugins iptables conntrack
+NODE_PACKAGES := containerd runc containernetworking-plugins iptables conntrack debootstrap
 .PHONY: node-packages
-node-packages: ## apt-get install what the local cluster's kubelet node needs, where missing (root)
+node-packages: ## apt-get install what the kubelet node and its image builds need, where missing (root)
 	@missing=$$(for p in $(NODE_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'install ok installed' || echo $$p; done); \
 	if [ -n "$$missing" ]; then \
 	  echo "installing $$missing"; \

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import socket
 import sys
+from typing import Any, cast
 
 import kopf
 from pydantic import ValidationError
@@ -74,6 +76,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger(__name__).info("watching %s", scope)
     kopf.run(
         standalone=True,
+        # Kopf would name itself after the user from the password database, which has no entry
+        # for an arbitrary runAsUser (KeyError at start-up).
+        # (Kopf's Identity type is a NewType of str it does not export.)
+        identity=cast(Any, f"zimage-operator@{socket.gethostname()}"),
         clusterwide=not settings.namespaces,
         namespaces=settings.namespaces,
         memo=kopf.Memo(settings=settings),

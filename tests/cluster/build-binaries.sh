@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds the local test cluster's programs from Go modules into a cache keyed by version:
 # kube-apiserver, kube-controller-manager, kube-scheduler, kubectl, kubelet, kube-proxy, etcd, kwok,
-# helm, crictl and the pod sandboxes' pause program.
+# helm, crictl, the pod sandboxes' pause program, and buildkitd and buildctl.
 # Each program's version comes from the go.mod of its module under tools/; a program already
 # in the cache is not built again. Prints the folder that holds the binaries.
 set -euo pipefail
@@ -20,7 +20,8 @@ etcd=$(module_version etcd go.etcd.io/etcd/server/v3)
 kwok=$(module_version kwok sigs.k8s.io/kwok)
 helm=$(module_version helm helm.sh/helm/v3)
 crictl=$(module_version cri-tools sigs.k8s.io/cri-tools)
-key="k8s-$k8s-etcd-$etcd-kwok-$kwok-helm-$helm-crictl-$crictl-$go_version"
+buildkit=$(module_version buildkit github.com/moby/buildkit)
+key="k8s-$k8s-etcd-$etcd-kwok-$kwok-helm-$helm-crictl-$crictl-buildkit-$buildkit-$go_version"
 bin="$cache/$key"
 mkdir -p "$bin"
 
@@ -55,5 +56,8 @@ build helm helm helm.sh/helm/v3/cmd/helm "$helm_stamp"
 
 build crictl cri-tools sigs.k8s.io/cri-tools/cmd/crictl "-X sigs.k8s.io/cri-tools/pkg/version.Version=$crictl"
 build pause pause . ""
+buildkit_stamp="-X github.com/moby/buildkit/version.Version=$buildkit"
+build buildkitd buildkit github.com/moby/buildkit/cmd/buildkitd "$buildkit_stamp"
+build buildctl buildkit github.com/moby/buildkit/cmd/buildctl "$buildkit_stamp"
 
 echo "$bin"

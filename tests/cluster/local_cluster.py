@@ -339,6 +339,8 @@ class LocalCluster:
                 "--allow-privileged=true",
                 "--enable-priority-and-fairness=false",
                 f"--cert-dir={self.workdir / 'apiserver-certs'}",
+                # Reach kubelets by address: a node name would go to the host's DNS server.
+                "--kubelet-preferred-address-types=InternalIP",
                 "--v=1",
             ],
         )

@@ -180,6 +180,9 @@ class KubeletNode:
                     "ipam": {
                         "type": "host-local",
                         "ranges": [[{"subnet": NODE_SUBNET, "gateway": NODE_IP}]],
+                        # Pods route everything through the bridge: Service addresses reach
+                        # kube-proxy's rules; the namespace itself has no route further.
+                        "routes": [{"dst": "0.0.0.0/0"}],
                         "dataDir": str(self.workdir / "cni-ipam"),
                     },
                 },
@@ -223,6 +226,7 @@ class KubeletNode:
             "fileCheckFrequency": "10s",
             "registerNode": True,
             "shutdownGracePeriod": "0s",
+            "podLogsDir": str(self.workdir / "pod-logs"),  # not /var/log/pods: nothing outside
         }
         self.kubelet_dir.mkdir(parents=True, exist_ok=True)
         path = self.workdir / "kubelet-config.yaml"

@@ -1,0 +1,168 @@
+"""The Dockerfile's images, built here with BuildKit for the local cluster's kubelet node.
+
+No registry is reachable and no Docker engine runs, so:
+- the base image (``BASE_IMAGE`` in the Dockerfile) is a Debian bookworm file system made with
+  debootstrap, with Python 3.11 as ``python`` and its venv module; BuildKit takes it as a named
+  build context (``context:debian-base=local:...``), so the Dockerfile stays as it is;
+- buildkitd (built from its Go module by ``build-binaries.sh``) runs with the runc worker and the
+  host network for the ``RUN pip install`` steps; its state, and so its layer cache, lives in
+  ``~/.cache/zimage/buildkit``, and the base file system in ``~/.cache/zimage/images``;
+- the result is a docker-archive tar that ``LocalCluster.import_image`` loads into containerd.
+
+    python -m tests.cluster.images [server] [operator]   # prints the archives' paths
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from .local_cluster import build_binaries
+
+ROOT = Path(__file__).resolve().parents[2]
+CACHE = Path(os.environ.get("ZIMAGE_IMAGE_CACHE", Path.home() / ".cache" / "zimage"))
+SUITE = "bookworm"
+BASE_PACKAGES = ("python3", "python3-venv", "python-is-python3", "ca-certificates")
+IMAGE_PREFIX = "zimage.local"
+TAG = "dev"
+# Where this machine's HTTPS goes through a proxy with its own CA, pip in the build needs the
+# bundle; it is passed as a build secret, not kept in the image.
+CA_BUNDLE = Path(os.environ.get("PIP_CERT") or "/etc/ssl/certs/ca-certificates.crt")
+
+
+def image_name(target: str) -> str:
+    return f"{IMAGE_PREFIX}/zimage-{target}:{TAG}"
+
+
+def base_rootfs() -> Path:
+    """The Debian base's file system (debootstrap, once per package list), cached."""
+    key = hashlib.sha256(" ".join((SUITE, *BASE_PACKAGES)).encode()).hexdigest()[:12]
+    rootfs = CACHE / "images" / f"debian-{SUITE}-{key}"
+    if (rootfs / "usr" / "bin" / "python").exists():
+        return rootfs
+    if shutil.which("debootstrap") is None:
+        raise RuntimeError("building the base image needs debootstrap: run `make node-packages`")
+    partial = rootfs.with_suffix(".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.parent.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    subprocess.run(
+        ["debootstrap", "--variant=minbase", f"--include={','.join(BASE_PACKAGES)}", SUITE, str(partial)],
+        check=True,
+        capture_output=True,
+        timeout=1800,
+    )
+    # Nothing of the host's apt state or caches in the image.
+    for folder in ("var/cache/apt/archives", "var/lib/apt/lists"):
+        for entry in (partial / folder).glob("*"):
+            if entry.is_file():
+                entry.unlink()
+    partial.rename(rootfs)
+    print(f"debootstrap {SUITE} in {time.monotonic() - started:.0f}s", file=sys.stderr)
+    return rootfs
+
+
+@contextlib.contextmanager
+def buildkitd(binaries: Path) -> Iterator[str]:
+    """A buildkitd for one build session; yields its address."""
+    state = CACHE / "buildkit"
+    state.mkdir(parents=True, exist_ok=True)
+    address = f"unix:///run/zimage-buildkit-{os.getpid()}.sock"
+    log = (state / "buildkitd.log").open("ab")
+    process = subprocess.Popen(
+        [
+            str(binaries / "buildkitd"),
+            f"--root={state / 'root'}",
+            f"--addr={address}",
+            "--oci-worker=true",
+            "--containerd-worker=false",
+            "--oci-worker-binary=runc",
+            "--oci-worker-net=host",
+            "--oci-worker-snapshotter=overlayfs",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while subprocess.run(
+            [str(binaries / "buildctl"), f"--addr={address}", "debug", "workers"], capture_output=True
+        ).returncode:
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"buildkitd did not start; see {state / 'buildkitd.log'}")
+            time.sleep(0.2)
+        yield address
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(10)
+        log.close()
+        with contextlib.suppress(FileNotFoundError):
+            Path(address.removeprefix("unix://")).unlink()
+
+
+def build(targets: list[str], out: Path | None = None) -> dict[str, Path]:
+    """Build each Dockerfile target; return its docker-archive tar (named ``image_name``)."""
+    binaries = build_binaries()
+    rootfs = base_rootfs()
+    out = out or CACHE / "images"
+    out.mkdir(parents=True, exist_ok=True)
+    archives = {}
+    with buildkitd(binaries) as address:
+        for target in targets:
+            archive = out / f"zimage-{target}.tar"
+            partial = archive.with_suffix(".partial")
+            command = [
+                str(binaries / "buildctl"),
+                f"--addr={address}",
+                "build",
+                "--progress=plain",
+                "--frontend=dockerfile.v0",
+                f"--local=context={ROOT}",
+                f"--local=dockerfile={ROOT}",
+                f"--opt=target={target}",
+                "--opt=build-arg:BASE_IMAGE=debian-base",
+                "--opt=context:debian-base=local:debian-base",
+                f"--local=debian-base={rootfs}",
+                f"--output=type=docker,name={image_name(target)},dest={partial}",
+            ]
+            if CA_BUNDLE.is_file():
+                command.append(f"--secret=id=pip-ca,src={CA_BUNDLE}")
+            started = time.monotonic()
+            run = subprocess.run(command, capture_output=True, text=True, timeout=3600)
+            if run.returncode:
+                raise RuntimeError(f"building the {target} image failed:\n{run.stderr[-6000:]}")
+            partial.rename(archive)
+            print(
+                f"built {image_name(target)} in {time.monotonic() - started:.0f}s: {archive}", file=sys.stderr
+            )
+            archives[target] = archive
+    return archives
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tests.cluster.images")
+    parser.add_argument("targets", nargs="*", default=["operator", "server"], choices=["operator", "server"])
+    args = parser.parse_args(argv)
+    for target, archive in build(args.targets).items():
+        print(f"{image_name(target)} {archive}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -86,6 +86,10 @@ node-packages: ## apt-get install what the kubelet node and its image builds nee
 	    || { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing >/dev/null; }; \
 	fi
 
+.PHONY: images
+images: install cluster-binaries node-packages ## Build the Dockerfile's server and operator images with BuildKit into ~/.cache/zimage/images
+	$(PY) -m tests.cluster.images
+
 .PHONY: cluster-up
 cluster-up: install cluster-binaries node-packages ## Start a local cluster in .cluster/: two simulated GPU nodes and a real kubelet node
 	$(PY) -m tests.cluster.local_cluster up --dir .cluster

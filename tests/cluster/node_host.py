@@ -20,7 +20,9 @@ import contextlib
 import hashlib
 import io
 import json
+import os
 import shutil
+import signal
 import subprocess
 import tarfile
 import time
@@ -316,9 +318,6 @@ class KubeletNode:
 
 
 def _kill_tasks(folder: Path) -> None:
-    import os
-    import signal
-
     with contextlib.suppress(OSError):
         for line in (folder / "tasks").read_text().split():
             with contextlib.suppress(ProcessLookupError, ValueError):

@@ -142,12 +142,16 @@ class LocalCluster:
         return str(self.binaries / name)
 
     @property
+    def _id(self) -> str:
+        """A short name for this cluster's folder: its namespace and cgroup roots carry it."""
+        return hashlib.sha1(str(self.workdir).encode()).hexdigest()[:10]
+
+    @property
     def netns(self) -> node_host.NetworkNamespace | None:
         """The cluster's network namespace (only when it has kubelet nodes)."""
         if not self.kubelet_nodes:
             return None
-        digest = hashlib.sha1(str(self.workdir).encode()).hexdigest()[:10]
-        return node_host.NetworkNamespace(f"zimage-{digest}")
+        return node_host.NetworkNamespace(f"zimage-{self._id}")
 
     @property
     def service_cidr(self) -> str:
@@ -158,8 +162,7 @@ class LocalCluster:
         return [f"node-{i}" for i in range(self.kubelet_nodes)]
 
     def kubelet_node(self, name: str) -> node_host.KubeletNode:
-        digest = hashlib.sha1(str(self.workdir).encode()).hexdigest()[:10]
-        return node_host.KubeletNode(name, self.workdir / "nodes" / name, f"/zimage-{digest}-{name}")
+        return node_host.KubeletNode(name, self.workdir / "nodes" / name, f"/zimage-{self._id}-{name}")
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -485,7 +488,7 @@ class LocalCluster:
         # What outlives containerd by design: the shims and their containers' processes.
         node.kill_cgroup_tasks()
         for pid in processes_under(str(node.workdir)) + processes_under(str(node.socket_dir)):
-            _stop_group_or_pid(pid)
+            _kill(pid)
         node_host.unmount_all(str(node.workdir), str(node.socket_dir))
         node.remove_cgroups()
         shutil.rmtree(node.socket_dir, ignore_errors=True)
@@ -681,7 +684,7 @@ def _stop_group(pid: int, grace: float) -> None:
             time.sleep(0.05)
 
 
-def _stop_group_or_pid(pid: int) -> None:
+def _kill(pid: int) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.kill(pid, signal.SIGKILL)
     deadline = time.monotonic() + 5

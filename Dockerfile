@@ -21,41 +21,47 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 
 # -- build stages: virtual environments with the project installed --------------------------
 # The dependencies go in a layer of their own, before the code is copied: a change to the code
-# does not download them again. Where HTTPS goes through a proxy with its own CA, pass its
-# bundle as a build secret (`--secret id=pip-ca,src=ca.crt`); it is not kept in the image.
+# does not download them again. Their list is read from pyproject.toml into a file first, and
+# only that file goes into the layer, so an edit elsewhere in pyproject.toml does not either.
+# Where HTTPS goes through a proxy with its own CA, pass its bundle as a build secret
+# (`--secret id=pip-ca,src=ca.crt`); it is not kept in the image.
 FROM python-base AS requirements
 WORKDIR /src
-COPY pyproject.toml constraints.txt ./
-SHELL ["/bin/sh", "-eu", "-c"]
-RUN printf '%s\n' \
-      'import shlex, sys, tomllib' \
+COPY pyproject.toml ./
+RUN mkdir /requirements \
+    && printf '%s\n' \
+      'import tomllib' \
       'config = tomllib.load(open("pyproject.toml", "rb"))' \
       'project, extras = config["project"], config["project"]["optional-dependencies"]' \
-      'wanted = config["build-system"]["requires"] + project["dependencies"]' \
-      'print(shlex.join(wanted + [d for e in sys.argv[1:] for d in extras[e]]))' \
-      > /usr/local/bin/requirements-of \
-    && python -m venv /opt/venv
+      'for name, wanted in (("server", ["server", "fp8"]), ("operator", ["operator"])):' \
+      '    lines = config["build-system"]["requires"] + project["dependencies"]' \
+      '    lines += [dep for extra in wanted for dep in extras[extra]]' \
+      '    open(f"/requirements/{name}.txt", "w").write("\n".join(lines) + "\n")' \
+      > /tmp/requirements.py \
+    && python /tmp/requirements.py
 
-FROM requirements AS build-server
-# The requirements are shell words, quoted by shlex: eval splits them.
-# hadolint ignore=SC2046
+FROM python-base AS venv
+RUN python -m venv /opt/venv
+WORKDIR /src
+
+FROM venv AS build-server
+COPY constraints.txt ./
+COPY --from=requirements /requirements/server.txt ./requirements.txt
 RUN --mount=type=secret,id=pip-ca \
     if [ -f /run/secrets/pip-ca ]; then export PIP_CERT=/run/secrets/pip-ca; fi; \
-    eval /opt/venv/bin/pip install -c constraints.txt \
-      $(python /usr/local/bin/requirements-of server fp8)
-COPY README.md ./
+    /opt/venv/bin/pip install -c constraints.txt -r requirements.txt
+COPY pyproject.toml README.md ./
 COPY server ./server
 COPY operator ./operator
 RUN /opt/venv/bin/pip install --no-deps --no-build-isolation ".[server,fp8]"
 
-FROM requirements AS build-operator
-# The requirements are shell words, quoted by shlex: eval splits them.
-# hadolint ignore=SC2046
+FROM venv AS build-operator
+COPY constraints.txt ./
+COPY --from=requirements /requirements/operator.txt ./requirements.txt
 RUN --mount=type=secret,id=pip-ca \
     if [ -f /run/secrets/pip-ca ]; then export PIP_CERT=/run/secrets/pip-ca; fi; \
-    eval /opt/venv/bin/pip install -c constraints.txt \
-      $(python /usr/local/bin/requirements-of operator)
-COPY README.md ./
+    /opt/venv/bin/pip install -c constraints.txt -r requirements.txt
+COPY pyproject.toml README.md ./
 COPY server ./server
 COPY operator ./operator
 RUN /opt/venv/bin/pip install --no-deps --no-build-isolation ".[operator]"

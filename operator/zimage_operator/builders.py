@@ -162,7 +162,8 @@ def server_env(spec: ZImageServiceSpec) -> list[Manifest]:
         "ZIMAGE_HOST": "0.0.0.0",
         "ZIMAGE_PORT": str(SERVER_PORT),
         "ZIMAGE_HEALTH_PORT": str(HEALTH_PORT),
-        "ZIMAGE_DEVICE": "cuda",
+        # An explicit cuda: a GPU replica that finds no GPU fails at start, never crawls on the CPU.
+        "ZIMAGE_DEVICE": "cpu" if spec.on_cpu else "cuda",
         "ZIMAGE_LOG_LEVEL": runtime.log_level,
         "ZIMAGE_MAX_BATCH_SIZE": str(runtime.max_batch_size),
         "ZIMAGE_BATCH_WAIT_MS": str(runtime.batch_wait_ms),
@@ -177,6 +178,7 @@ def server_env(spec: ZImageServiceSpec) -> list[Manifest]:
         "ZIMAGE_CUDA_GRAPH_PARTS": ",".join(runtime.cuda_graphs),
         "ZIMAGE_VRAM_LIMIT": vram.limit,
         "ZIMAGE_VRAM_SCOPE": vram.scope,
+        "ZIMAGE_VRAM_SOURCE": vram.source,
         "ZIMAGE_CACHE_DIR": "/tmp/zimage",
         # /tmp is an emptyDir: it outlives container restarts, so a restarted server skips the compile.
         "ZIMAGE_COMPILE_CACHE_DIR": "/tmp/zimage/compile",
@@ -263,7 +265,7 @@ def build_deployment(
     """``replicas`` None leaves the count to another owner (a HorizontalPodAutoscaler)."""
     image = server_image(spec, settings)
     volumes, mounts = _volumes(owner, spec)
-    gpu = {spec.resources.gpu_resource_name: str(spec.resources.gpus)}
+    gpu = {} if spec.on_cpu else {spec.resources.gpu_resource_name: str(spec.resources.gpus)}
     container: Manifest = {
         "name": "server",
         "image": image,

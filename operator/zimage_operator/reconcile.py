@@ -208,7 +208,7 @@ class Reconciler:
         self._prune(owner, spec, job_name)
 
         pods = self.kube.list_objects("v1", "Pod", owner.namespace, builders.selector_string(owner))
-        self._report_vram_restarts(body, pods)
+        vram_restart = self._report_vram_restarts(body, pods)
         self._write_status(
             body,
             owner,
@@ -220,6 +220,7 @@ class Reconciler:
             pods=pods,
             model=model,
             blocked=None if keda_missing is None else ("KedaNotInstalled", keda_missing),
+            vram_restart=vram_restart,
         )
         if retry:
             raise TemporaryFailureError(apply_error or "a write failed")
@@ -290,6 +291,7 @@ class Reconciler:
         pods: list[dict[str, Any]] | None = None,
         model: ModelState | None = None,
         blocked: tuple[str, str] | None = None,
+        vram_restart: dict[str, Any] | None = None,
     ) -> None:
         previous = body.get("status") or {}
         conditions = compute_conditions(
@@ -313,6 +315,8 @@ class Reconciler:
         }
         if spec is not None:
             status["endpoint"] = builders.endpoint(owner, spec)
+        if vram_restart is not None:  # kept (a merge patch) once its pod is gone
+            status["lastVramRestart"] = vram_restart
         if _same(previous, status):
             return
         self.kube.patch_status(owner.namespace, owner.name, status)
@@ -325,23 +329,34 @@ class Reconciler:
                 f"{condition['type']}={condition['status']}: {condition['message']}",
             )
 
-    def _report_vram_restarts(self, body: dict[str, Any], pods: list[dict[str, Any]]) -> None:
-        """An Event for each container restart whose termination message blames VRAM."""
+    def _report_vram_restarts(
+        self, body: dict[str, Any], pods: list[dict[str, Any]]
+    ) -> dict[str, Any] | None:
+        """An Event for each container restart whose termination message blames VRAM; returns
+        the latest such restart among ``pods`` for the status, or None."""
+        latest: dict[str, Any] | None = None
         for pod in pods:
             for status in (pod.get("status") or {}).get("containerStatuses") or []:
-                message = ((status.get("lastState") or {}).get("terminated") or {}).get("message") or ""
+                terminated = (status.get("lastState") or {}).get("terminated") or {}
+                message = terminated.get("message") or ""
                 if VRAM_MARKER not in message:
                     continue
-                key = (pod["metadata"]["uid"], status.get("name", ""), int(status.get("restartCount") or 0))
+                restart = {
+                    "pod": pod["metadata"]["name"],
+                    "container": status.get("name", ""),
+                    "restartCount": int(status.get("restartCount") or 0),
+                    "finishedAt": str(terminated.get("finishedAt") or ""),
+                    "message": message.strip(),
+                }
+                if latest is None or restart["finishedAt"] > latest["finishedAt"]:
+                    latest = restart
+                key = (pod["metadata"]["uid"], restart["container"], restart["restartCount"])
                 if key in self._seen_restarts:
                     continue
                 self._seen_restarts.add(key)
-                self.post_event(
-                    body,
-                    "Warning",
-                    "VramLimitRestart",
-                    f"pod {pod['metadata']['name']} was restarted: {message.strip()}",
-                )
+                message = f"pod {restart['pod']} was restarted: {restart['message']}"
+                self.post_event(body, "Warning", "VramLimitRestart", message)
+        return latest
 
 
 def _owned_by(obj: dict[str, Any], owner: Owner) -> bool:

@@ -80,6 +80,7 @@ class VramSpec(_Model):
     scope: Literal["process", "device"] = "process"
     period_seconds: int = Field(10, alias="periodSeconds")
     failure_threshold: int = Field(3, alias="failureThreshold")
+    source: Literal["nvml", "file"] = "nvml"
 
 
 class AutoscalingSpec(_Model):
@@ -131,6 +132,11 @@ class ZImageServiceSpec(_Model):
     def needs_cache(self) -> bool:
         return self.model.scheme == "hf" and self.model.cache is not None
 
+    @property
+    def on_cpu(self) -> bool:
+        """``resources.gpus: 0``: a replica without a GPU, for tiny models in demos and tests."""
+        return self.resources.gpus == 0
+
 
 # The sides the server accepts by default (its min_size and max_size), in multiples of 16.
 MIN_SIDE, MAX_SIDE = 256, 2048
@@ -165,8 +171,13 @@ def parse_spec(raw: dict[str, Any] | None) -> ZImageServiceSpec:
             )
     if "/../" in f"{spec.model.source}/":
         raise InvalidSpecError("spec.model.source: a path must not contain '..'")
-    if spec.resources.gpus != 1:
-        raise InvalidSpecError("spec.resources.gpus: the server uses exactly one GPU per replica")
+    if spec.resources.gpus not in (0, 1):
+        raise InvalidSpecError("spec.resources.gpus: the server uses one GPU per replica, or none (0)")
+    if spec.on_cpu and (spec.runtime.compile or spec.runtime.precision != "bf16"):
+        raise InvalidSpecError(
+            "spec.resources.gpus: 0 runs the server on the CPU, which needs runtime.compile false "
+            "and runtime.precision bf16"
+        )
     if spec.autoscaling.min_replicas > spec.autoscaling.max_replicas:
         raise InvalidSpecError("spec.autoscaling: minReplicas must not exceed maxReplicas")
     return spec

@@ -321,12 +321,16 @@ class FileSource:
     """GPU memory figures read from a JSON file at each sample: ``{"process_bytes": N}``, with
     optional ``device_bytes`` (default: the process figure) and ``total_bytes`` (default
     80 GiB). No file means nothing is used yet; a file that does not parse is logged and
-    measures nothing (liveness then passes, as without a GPU)."""
+    measures nothing (liveness then passes, as without a GPU). Only a file written after this
+    source was made counts: the container that a drill's file got restarted finds it still
+    there (the folder outlives the container) and must not fail again for it."""
 
     DEFAULT_TOTAL = 80 * 2**30
+    CLOCK_SLACK_S = 1.0
 
     def __init__(self, path: str) -> None:
         self.path = path
+        self.since = time.time()
         self._complained = False
 
     @property
@@ -336,6 +340,9 @@ class FileSource:
     def read(self) -> Sample | None:
         try:
             with open(self.path, encoding="utf-8") as figures:
+                # From before this server: ignored. The slack covers the file system's coarse clock.
+                if os.fstat(figures.fileno()).st_mtime < self.since - self.CLOCK_SLACK_S:
+                    raise FileNotFoundError(self.path)
                 data = json.load(figures)
             process = int(data.get("process_bytes", 0))
             device = int(data.get("device_bytes", process))

@@ -21,12 +21,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 from kubernetes import client, config
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 DEFAULT_PORT = 8000
 
@@ -362,9 +363,11 @@ class LocalPodRunner:
         return None
 
 
-def wait_until(predicate: Callable[[], bool], timeout: float, what: str, interval: float = 0.1) -> None:
+def wait_until(predicate: Callable[[], T], timeout: float, what: str, interval: float = 0.1) -> T:
+    """Call ``predicate`` until it returns something true, and return that."""
     deadline = time.monotonic() + timeout
-    while not predicate():
+    while not (result := predicate()):
         if time.monotonic() > deadline:
             raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
         time.sleep(interval)
+    return result

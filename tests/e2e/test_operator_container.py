@@ -4,64 +4,23 @@ the `kubernetes` Service (kube-proxy), and it reconciles."""
 
 from __future__ import annotations
 
-import json
-from collections.abc import Iterator
-from pathlib import Path
-from typing import Any
-
 import pytest
 import yaml
 
-from tests.cluster import images
 from tests.cluster.local_cluster import LocalCluster
 from tests.cluster.pod_runner import wait_until
 
+from .support import OPERATOR_NAMESPACE, kube_json
+
 pytestmark = [pytest.mark.cluster, pytest.mark.kubelet, pytest.mark.slow]
 
-ROOT = Path(__file__).resolve().parents[2]
-CHART = ROOT / "charts" / "zimage-operator"
-NAMESPACE = "zimage-system"
+NAMESPACE = OPERATOR_NAMESPACE
 
 
-@pytest.fixture(scope="session")
-def operator_image(node_cluster: LocalCluster) -> str:
-    """The operator image built from the Dockerfile and loaded into the kubelet node."""
-    (archive,) = images.build(["operator"]).values()
-    node_cluster.import_image("node-0", archive)
-    return images.image_name("operator")
-
-
-@pytest.fixture
-def installed(node_cluster: LocalCluster, operator_image: str, tmp_path: Path) -> Iterator[LocalCluster]:
-    repository, tag = operator_image.rsplit(":", 1)
-    values = {
-        "image": {"repository": repository, "tag": tag, "pullPolicy": "Never"},
-        "nodeSelector": {"zimage.dev/node-kind": "kubelet"},
-    }
-    (tmp_path / "values.yaml").write_text(yaml.safe_dump(values))
-    helm = node_cluster.helm(
-        tmp_path,
-        "install",
-        "zimage",
-        str(CHART),
-        "--create-namespace",
-        "-f",
-        str(tmp_path / "values.yaml"),
-        namespace=NAMESPACE,
-    )
-    assert helm.returncode == 0, helm.stderr
-    try:
-        yield node_cluster
-    finally:
-        node_cluster.helm(tmp_path, "uninstall", "zimage", "--wait", "--timeout", "120s", namespace=NAMESPACE)
-
-
-def _json(cluster: LocalCluster, *args: str) -> Any:
-    return json.loads(cluster.kubectl(*args, "-o", "json").stdout)
-
-
-def test_the_chart_runs_the_operator_image_in_a_container_and_it_reconciles(installed: LocalCluster) -> None:
-    cluster = installed
+def test_the_chart_runs_the_operator_image_in_a_container_and_it_reconciles(
+    operator_release: LocalCluster,
+) -> None:
+    cluster = operator_release
     rollout = cluster.kubectl(
         "rollout",
         "status",
@@ -74,7 +33,7 @@ def test_the_chart_runs_the_operator_image_in_a_container_and_it_reconciles(inst
     assert rollout.returncode == 0, rollout.stdout + rollout.stderr
     (pod,) = [
         p
-        for p in _json(
+        for p in kube_json(
             cluster, "get", "pods", "-n", NAMESPACE, "-l", "app.kubernetes.io/name=zimage-operator"
         )["items"]
         if not p["metadata"].get("deletionTimestamp")
@@ -99,7 +58,7 @@ def test_the_chart_runs_the_operator_image_in_a_container_and_it_reconciles(inst
     cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump(service))
 
     def ready() -> bool:
-        status = _json(cluster, "get", "zimageservice", "tiny", "-n", "e2e-apps").get("status", {})
+        status = kube_json(cluster, "get", "zimageservice", "tiny", "-n", "e2e-apps").get("status", {})
         return any(c["type"] == "Ready" and c["status"] == "True" for c in status.get("conditions", []))
 
     wait_until(ready, 120, "the operator in its container to make the service Ready")

@@ -103,6 +103,21 @@ def test_vram_settings_reach_the_server() -> None:
     assert (values["ZIMAGE_VRAM_LIMIT"], values["ZIMAGE_VRAM_SCOPE"]) == ("70Gi", "device")
 
 
+def test_vram_drills_read_the_file_source() -> None:
+    assert env()["ZIMAGE_VRAM_SOURCE"] == "nvml"
+    assert env({"vram": {"source": "file"}})["ZIMAGE_VRAM_SOURCE"] == "file"
+
+
+def test_a_cpu_replica_asks_for_no_gpu_and_runs_the_server_on_the_cpu() -> None:
+    spec = {"resources": {"gpus": 0}, "runtime": {"compile": False}}
+    assert container(spec)["resources"] == {
+        "requests": {"cpu": "8", "memory": "48Gi"},
+        "limits": {"memory": "48Gi"},
+    }
+    assert env(spec)["ZIMAGE_DEVICE"] == "cpu"
+    assert env()["ZIMAGE_DEVICE"] == "cuda"
+
+
 def test_gpus_are_limited_under_the_configured_resource_name() -> None:
     resources = container({"resources": {"gpus": 1, "gpuResourceName": "amd.com/gpu"}})["resources"]
     assert resources["limits"]["amd.com/gpu"] == "1"

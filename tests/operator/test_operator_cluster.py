@@ -154,7 +154,13 @@ INVALID: list[tuple[str, dict[str, Any], str]] = [
     ),
     ("vram-not-a-size", {"vram": {"limit": "lots"}}, "spec.vram.limit: Invalid value"),
     ("vram-over-100", {"vram": {"limit": "150%"}}, "at most 100%"),
-    ("no-gpu", {"resources": {"gpus": 0}}, "gpus must be at least 1"),
+    ("negative-gpus", {"resources": {"gpus": -1}}, "gpus must not be negative"),
+    ("cpu-compiling", {"resources": {"gpus": 0}}, "set runtime.compile to false"),
+    (
+        "cpu-fp8",
+        {"resources": {"gpus": 0}, "runtime": {"compile": False, "precision": "fp8"}},
+        "runs the server on the CPU",
+    ),
     ("bad-scheme", {"model": {"source": "s3://bucket/z"}}, "must be hf://OWNER/NAME[@REVISION]"),
     (
         "cache-on-builtin",
@@ -529,7 +535,7 @@ def test_a_namespace_scoped_operator_serves_only_its_namespaces(
         cluster.kubectl("delete", "namespace", other, "--wait=false")
 
 
-def test_a_vram_restart_is_recorded_as_an_event(
+def test_a_vram_restart_is_recorded_as_an_event_and_in_the_status(
     operator: LocalPodRunner, cluster: LocalCluster, api: client.ApiClient, namespace: str
 ) -> None:
     apply(cluster, namespace, zis("hungry"))
@@ -547,7 +553,14 @@ def test_a_vram_restart_is_recorded_as_an_event(
                 "ready": True,
                 "restartCount": 1,
                 "state": {"running": {"startedAt": "2026-01-01T00:00:00Z"}},
-                "lastState": {"terminated": {"exitCode": 137, "reason": "Error", "message": message}},
+                "lastState": {
+                    "terminated": {
+                        "exitCode": 137,
+                        "reason": "Error",
+                        "message": message,
+                        "finishedAt": "2026-01-01T00:00:00Z",
+                    }
+                },
             }
         ]
     }
@@ -560,6 +573,14 @@ def test_a_vram_restart_is_recorded_as_an_event(
     (event,) = wait_for(recorded, 30, "a VramLimitRestart event")
     assert event.type == "Warning"
     assert message in event.message
+    last = get(api, namespace, "hungry")["status"]["lastVramRestart"]
+    assert last == {
+        "pod": pod.metadata.name,
+        "container": "server",
+        "restartCount": 1,
+        "finishedAt": "2026-01-01T00:00:00Z",
+        "message": message,
+    }
 
 
 def test_hpa_mode_makes_an_hpa_and_switching_away_removes_it(

@@ -61,7 +61,9 @@ def test_the_spec_takes_the_crd_defaults() -> None:
         ({"runtime": {"warmupSizes": ["1000x1000"]}}, "multiple of 16 from 256 to 2048"),
         ({"runtime": {"warmupSizes": ["16x16"]}}, "multiple of 16 from 256 to 2048"),
         ({"model": {"source": "pvc://claim/../../etc"}}, "must not contain '..'"),
-        ({"resources": {"gpus": 2}}, "exactly one GPU"),
+        ({"resources": {"gpus": 2}}, "one GPU per replica"),
+        ({"resources": {"gpus": 0}}, "needs runtime.compile false"),
+        ({"resources": {"gpus": 0}, "runtime": {"compile": False, "precision": "fp8"}}, "precision bf16"),
     ],
 )
 def test_specs_the_operator_cannot_serve_are_explained(raw: dict[str, Any], words: str) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -311,11 +312,28 @@ def test_the_file_source_reads_figures_or_nothing(
     tmp_path: Path, content: str | None, expected: tuple[int, int, int] | None
 ) -> None:
     path = tmp_path / "vram.json"
+    source = FileSource(str(path))
     if content is not None:
         path.write_text(content)
-    got = FileSource(str(path)).read()
+    got = source.read()
     if expected is None:
         assert got is None
     else:
         assert got is not None
         assert (got.process_bytes, got.device_bytes, got.total_bytes, got.source) == (*expected, "file")
+
+
+def test_the_file_source_ignores_figures_from_before_the_server_started(tmp_path: Path) -> None:
+    """The drill's file outlives the container it got restarted (it sits in an emptyDir): the
+    restarted server must not fail for it again, only for figures written after it started."""
+    path = tmp_path / "vram.json"
+    path.write_text('{"process_bytes": 5}')
+    os.utime(path, (time.time() - 30, time.time() - 30))
+    source = FileSource(str(path))
+    got = source.read()
+    assert got is not None
+    assert got.process_bytes == 0
+    path.write_text('{"process_bytes": 7}')
+    got = source.read()
+    assert got is not None
+    assert got.process_bytes == 7

@@ -1,0 +1,274 @@
+"""The server from the Dockerfile's image, run by the operator (itself in its container) on the
+local cluster's kubelet node, in a namespace that enforces the restricted Pod Security
+Standard. Everything here is Kubernetes' own: the kubelet runs the startup, readiness and
+liveness probes, restarts the container, writes its termination message, runs the preStop
+hook and sends SIGTERM; kube-proxy routes the Service. The tiny model runs on the CPU
+(``resources.gpus: 0``); the VRAM figures come from the file source (``vram.source: file``),
+the one part that stands in for a GPU."""
+
+from __future__ import annotations
+
+import base64
+import secrets
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import openai
+import pytest
+import yaml
+
+from tests.cluster.local_cluster import LocalCluster
+from tests.cluster.pod_runner import wait_until
+
+from .support import KUBELET_NODE, kube_json
+
+pytestmark = [pytest.mark.cluster, pytest.mark.kubelet, pytest.mark.slow]
+
+NAMESPACE = "e2e-restricted"
+NAME = "tiny"
+API_KEY = f"sk-e2e-{secrets.token_hex(12)}"
+SELECTOR = f"app.kubernetes.io/instance={NAME}"
+VRAM_FILE = "/tmp/zimage-vram.json"
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _service_manifest(image: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "zimage.dev/v1alpha1",
+        "kind": "ZImageService",
+        "metadata": {"name": NAME, "namespace": NAMESPACE},
+        "spec": {
+            "model": {"source": "builtin://tiny"},
+            "runtime": {
+                "image": image,
+                "imagePullPolicy": "Never",
+                "compile": False,
+                "warmupSizes": ["256x256"],
+                "maxBatchSize": 2,
+                "requestTimeoutSeconds": 90,
+            },
+            "resources": {"gpus": 0, "cpu": "500m", "memory": "3Gi"},
+            "vram": {"source": "file", "limit": "1Gi", "periodSeconds": 2, "failureThreshold": 1},
+            "autoscaling": {"mode": "none"},
+            "replicas": 1,
+            "scheduling": {"nodeSelector": KUBELET_NODE},
+            "auth": {"apiKeySecretRef": {"name": "api-keys"}},
+        },
+    }
+
+
+def _ready(obj: dict[str, Any]) -> bool:
+    conditions = (obj.get("status") or {}).get("conditions") or []
+    return any(c["type"] == "Ready" and c["status"] == "True" for c in conditions)
+
+
+def _pods(cluster: LocalCluster) -> list[dict[str, Any]]:
+    pods = kube_json(cluster, "get", "pods", "-n", NAMESPACE, "-l", SELECTOR)["items"]
+    return [pod for pod in pods if not pod["metadata"].get("deletionTimestamp")]
+
+
+def _server_status(pod: dict[str, Any]) -> dict[str, Any]:
+    (status,) = (pod.get("status") or {}).get("containerStatuses") or [{}]
+    result: dict[str, Any] = status
+    return result
+
+
+def _service(cluster: LocalCluster) -> dict[str, Any]:
+    result: dict[str, Any] = kube_json(cluster, "get", "zimageservice", NAME, "-n", NAMESPACE)
+    return result
+
+
+@pytest.fixture(scope="module")
+def restricted(operator_release: LocalCluster, server_image: str) -> Iterator[LocalCluster]:
+    """The namespace (restricted Pod Security, enforced), the API key Secret, and the
+    ZImageService applied; the first test watches it come up."""
+    cluster = operator_release
+    namespace = {
+        "apiVersion": "v1",
+        "kind": "Namespace",
+        "metadata": {
+            "name": NAMESPACE,
+            "labels": {
+                "pod-security.kubernetes.io/enforce": "restricted",
+                "pod-security.kubernetes.io/enforce-version": "latest",
+            },
+        },
+    }
+    secret = {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {"name": "api-keys", "namespace": NAMESPACE},
+        "stringData": {"keys": f"{API_KEY}\n"},
+    }
+    cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump_all([namespace, secret]))
+    cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump(_service_manifest(server_image)))
+    try:
+        yield cluster
+    finally:
+        cluster.kubectl("delete", "namespace", NAMESPACE, "--timeout=180s", check=False)
+
+
+@pytest.fixture(scope="module")
+def endpoint(restricted: LocalCluster) -> str:
+    """The ZImageService's Service, reached from host loopback through a relay to its ClusterIP."""
+    service = kube_json(restricted, "get", "service", NAME, "-n", NAMESPACE)
+    address = f"{service['spec']['clusterIP']}:{service['spec']['ports'][0]['port']}"
+    port = restricted.relay(f"{NAMESPACE}-{NAME}", address)
+    return f"http://127.0.0.1:{port}"
+
+
+def test_the_service_is_ready_only_once_the_kubelet_probes_pass(restricted: LocalCluster) -> None:
+    cluster = restricted
+    running_unready = 0
+    deadline = time.monotonic() + 600
+    while True:
+        service = _service(cluster)  # read before the pods: a Ready read here must hold below
+        pods = _pods(cluster)
+        if _ready(service):
+            break
+        for pod in pods:
+            status = _server_status(pod)
+            if "running" in (status.get("state") or {}) and not status.get("ready"):
+                running_unready += 1
+        assert time.monotonic() < deadline, f"not Ready within 600 s: {service.get('status')}"
+        time.sleep(0.5)
+    (pod,) = pods
+    status = _server_status(pod)
+    assert (status.get("started"), status.get("ready")) == (True, True), "Ready before the probes passed"
+    assert status["restartCount"] == 0
+    assert status["containerID"].startswith("containerd://")
+    assert pod["spec"]["nodeName"] == "node-0"
+    assert running_unready >= 2, "the server's container never ran unready: no probe held the service back"
+    assert "nvidia.com/gpu" not in pod["spec"]["containers"][0]["resources"]["requests"]
+
+    # The restricted profile is enforced here: the operator's pod passed it, a privileged one does not.
+    privileged = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "privileged", "namespace": NAMESPACE},
+        "spec": {"containers": [{"name": "c", "image": "pause", "securityContext": {"privileged": True}}]},
+    }
+    refused = cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump(privileged), check=False)
+    assert refused.returncode != 0
+    assert 'violates PodSecurity "restricted:latest"' in refused.stderr
+
+
+def test_api_keys_come_from_the_mounted_secret(restricted: LocalCluster, endpoint: str) -> None:
+    wait_until(lambda: _ready(_service(restricted)), 600, "the service to be Ready", interval=1)
+    body = {"prompt": "a red cube", "size": "256x256", "response_format": "b64_json"}
+    anonymous = httpx.post(f"{endpoint}/v1/images/generations", json=body, timeout=60)
+    assert anonymous.status_code == 401, anonymous.text
+    assert anonymous.json()["error"]["message"]
+    wrong = httpx.post(
+        f"{endpoint}/v1/images/generations", json=body, headers={"Authorization": "Bearer sk-no"}, timeout=60
+    )
+    assert wrong.status_code == 401
+
+    images = openai.OpenAI(base_url=f"{endpoint}/v1", api_key=API_KEY, max_retries=0).images.generate(
+        prompt="a red cube", size="256x256", response_format="b64_json"
+    )
+    assert images.data is not None
+    assert base64.b64decode(images.data[0].b64_json or "").startswith(PNG_MAGIC)
+
+
+def test_vram_over_the_limit_restarts_the_container_and_the_operator_says_so(
+    restricted: LocalCluster,
+) -> None:
+    cluster = restricted
+    wait_until(lambda: _ready(_service(cluster)), 600, "the service to be Ready", interval=1)
+    (pod,) = _pods(cluster)
+    name = pod["metadata"]["name"]
+    before = _server_status(pod)["restartCount"]
+    figures = '{"process_bytes": 2147483648}'  # 2 GiB against the 1Gi limit
+    write = f"echo '{figures}' > {VRAM_FILE}"
+    cluster.kubectl("exec", "-n", NAMESPACE, name, "-c", "server", "--", "sh", "-c", write)
+
+    def restarted() -> dict[str, Any]:
+        (current,) = _pods(cluster)
+        status = _server_status(current)
+        return status if status.get("restartCount", 0) > before else {}
+
+    status = wait_until(restarted, 180, "the kubelet to restart the server's container", interval=1)
+    assert status["restartCount"] == before + 1
+    terminated = status["lastState"]["terminated"]
+    assert "zimage: VRAM limit exceeded (process)" in terminated["message"], terminated
+    assert "limit 1.00 GiB" in terminated["message"], terminated
+
+    def event() -> dict[str, Any]:
+        events = kube_json(
+            cluster,
+            "get",
+            "events",
+            "-n",
+            NAMESPACE,
+            "--field-selector",
+            f"involvedObject.name={NAME},reason=VramLimitRestart",
+        )["items"]
+        return events[0] if events else {}
+
+    recorded = wait_until(event, 90, "the operator's VramLimitRestart event", interval=1)
+    assert recorded["type"] == "Warning"
+    assert name in recorded["message"]
+    assert "VRAM limit exceeded" in recorded["message"]
+    last = _service(cluster)["status"]["lastVramRestart"]
+    assert (last["pod"], last["container"], last["restartCount"]) == (name, "server", before + 1)
+    assert "VRAM limit exceeded" in last["message"]
+
+    # The restarted server ignores the file it was restarted for (written before it started).
+    wait_until(lambda: _ready(_service(cluster)), 300, "the service to be Ready again", interval=1)
+    time.sleep(6)  # three liveness periods
+    (pod,) = _pods(cluster)
+    assert pod["metadata"]["name"] == name, "the kubelet restarted the container, not a new pod"
+    assert _server_status(pod)["restartCount"] == before + 1
+    assert _server_status(pod)["ready"] is True
+
+
+def _queued(endpoint: str) -> float:
+    text = httpx.get(f"{endpoint}/metrics", timeout=10).text
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(("zimage_queue_depth ", "zimage_in_flight_requests ")):
+            total += float(line.split()[1])
+    return total
+
+
+def test_deleting_a_pod_answers_every_request_it_accepted(restricted: LocalCluster, endpoint: str) -> None:
+    cluster = restricted
+    wait_until(lambda: _ready(_service(cluster)), 600, "the service to be Ready", interval=1)
+    (pod,) = _pods(cluster)
+    images = openai.OpenAI(base_url=f"{endpoint}/v1", api_key=API_KEY, max_retries=0, timeout=120).images
+    results: list[Any] = []
+
+    def generate(seed: int) -> None:
+        try:
+            results.append(
+                images.generate(
+                    prompt=f"a lighthouse {seed}",
+                    size="512x512",
+                    response_format="b64_json",
+                    extra_body={"seed": seed, "num_inference_steps": 40},
+                )
+            )
+        except Exception as exc:  # the assertion below reports it
+            results.append(exc)
+
+    clients = [threading.Thread(target=generate, args=(seed,)) for seed in range(4)]
+    for thread in clients:
+        thread.start()
+    wait_until(lambda: _queued(endpoint) >= 4, 60, "the server to accept all four requests", interval=1)
+    started = time.monotonic()
+    cluster.kubectl("delete", "pod", "-n", NAMESPACE, pod["metadata"]["name"], "--wait=false")
+    for thread in clients:
+        thread.join(180)
+    failures = [r for r in results if isinstance(r, Exception)]
+    assert not failures, failures
+    assert len(results) == 4
+    for result in results:
+        assert base64.b64decode(result.data[0].b64_json).startswith(PNG_MAGIC)
+    assert time.monotonic() - started > 5, "answered after the preStop pause, while the pod drained"
+    wait_until(lambda: _ready(_service(cluster)), 600, "a new pod to serve", interval=1)
+    (replacement,) = _pods(cluster)
+    assert replacement["metadata"]["name"] != pod["metadata"]["name"]

@@ -19,9 +19,9 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
-# -- build stages: virtual environments with the project installed --------------------------
-# The dependencies go in a layer of their own, before the code is copied: a change to the code
-# does not download them again. Their list is read from pyproject.toml into a file first, and
+# -- build stages: the dependencies' virtual environments, and the project's source ------------
+# The dependencies go in a layer of their own, below the code: a change to the code does not
+# download them again. Their list is read from pyproject.toml into a file first, and
 # only that file goes into the layer, so an edit elsewhere in pyproject.toml does not either.
 # Where HTTPS goes through a proxy with its own CA, pass its bundle as a build secret
 # (`--secret id=pip-ca,src=ca.crt`); it is not kept in the image.
@@ -44,31 +44,34 @@ FROM python-base AS venv
 RUN python -m venv /opt/venv
 WORKDIR /src
 
-FROM venv AS build-server
+# What the images install of this project, and nothing else of the build context.
+FROM scratch AS source
+COPY pyproject.toml README.md /
+COPY server /server
+COPY operator /operator
+
+FROM venv AS server-deps
 COPY constraints.txt ./
 COPY --from=requirements /requirements/server.txt ./requirements.txt
 RUN --mount=type=secret,id=pip-ca \
     if [ -f /run/secrets/pip-ca ]; then export PIP_CERT=/run/secrets/pip-ca; fi; \
     /opt/venv/bin/pip install -c constraints.txt -r requirements.txt
-COPY pyproject.toml README.md ./
-COPY server ./server
-COPY operator ./operator
-RUN /opt/venv/bin/pip install --no-deps --no-build-isolation ".[server,fp8]"
 
-FROM venv AS build-operator
+FROM venv AS operator-deps
 COPY constraints.txt ./
 COPY --from=requirements /requirements/operator.txt ./requirements.txt
 RUN --mount=type=secret,id=pip-ca \
     if [ -f /run/secrets/pip-ca ]; then export PIP_CERT=/run/secrets/pip-ca; fi; \
     /opt/venv/bin/pip install -c constraints.txt -r requirements.txt
-COPY pyproject.toml README.md ./
-COPY server ./server
-COPY operator ./operator
-RUN /opt/venv/bin/pip install --no-deps --no-build-isolation ".[operator]"
 
 # -- the inference server ---------------------------------------------------------------------
+# The project goes in a small layer of its own above the dependencies' (gigabytes, with
+# PyTorch's CUDA libraries), so a change to the code rebuilds and ships only that layer. The
+# source is bind-mounted for the install, not copied into the image.
 FROM python-base AS server
-COPY --from=build-server /opt/venv /opt/venv
+COPY --from=server-deps /opt/venv /opt/venv
+RUN --mount=type=bind,from=source,target=/src,rw \
+    /opt/venv/bin/pip install --no-deps --no-build-isolation "/src[server,fp8]"
 # Writable paths, and only these: the model and Hub caches, the compile cache and /tmp.
 RUN mkdir -p /models /var/cache/zimage \
     && chown -R 10001:10001 /models /var/cache/zimage
@@ -87,7 +90,9 @@ CMD ["serve"]
 
 # -- the operator (no torch) --------------------------------------------------------------------
 FROM python-base AS operator
-COPY --from=build-operator /opt/venv /opt/venv
+COPY --from=operator-deps /opt/venv /opt/venv
+RUN --mount=type=bind,from=source,target=/src,rw \
+    /opt/venv/bin/pip install --no-deps --no-build-isolation "/src[operator]"
 ENV PATH=/opt/venv/bin:$PATH \
     HOME=/tmp
 USER 10001:10001

@@ -43,7 +43,7 @@ fmt: install ## Format and auto-fix with ruff
 	$(VENV)/bin/ruff check --fix .
 
 .PHONY: test
-test: lint cluster-binaries node-packages ## Lint, build the cluster binaries, run every test that can run here (no GPU)
+test: lint cluster-binaries node-packages images ## Lint, build the cluster binaries and images, run every test that can run here (no GPU)
 	$(VENV)/bin/pytest -m "not gpu" $(PYTEST_ARGS)
 
 .PHONY: test-gpu

@@ -118,8 +118,9 @@ def buildkitd(binaries: Path) -> Iterator[str]:
 
 # What the Dockerfile copies from the build context (its `source` stage, constraints.txt).
 CONTEXT_INPUTS = ("Dockerfile", "pyproject.toml", "constraints.txt", "README.md", "server", "operator")
-# The layer cache kept after a build: the server image's dependencies take about 8 GB of it.
-KEEP_STORAGE_MB = 15000
+# The layer cache kept after a build. The server image needs about 20 GB of it: its
+# dependencies' layer (8 GB), its copy in the image and that copy compressed.
+KEEP_STORAGE_MB = 30000
 
 
 def inputs_key(target: str, rootfs: Path, binaries: Path) -> str:

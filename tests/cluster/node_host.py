@@ -82,6 +82,9 @@ class NetworkNamespace:
             ["ip", "link", "add", BRIDGE, "type", "bridge"],
             ["ip", "addr", "add", f"{NODE_IP}/{prefix}", "dev", BRIDGE],
             ["ip", "link", "set", BRIDGE, "up"],
+            # Service addresses onto the bridge, where kube-proxy's rules turn them into pods'
+            # (a relay reaches a ClusterIP from the namespace itself); nothing answers there else.
+            ["ip", "route", "add", SERVICE_CIDR, "dev", BRIDGE],
             ["sysctl", "-q", "-w", "net.ipv4.ip_forward=1"],
         ):
             subprocess.run(self.exec_args(command), check=True, capture_output=True)

@@ -1,12 +1,12 @@
 """A TCP relay from a socket on host loopback to an address inside the cluster's network namespace.
 
 The harness opens the listening socket in its own network namespace and starts this program
-inside the cluster's namespace (``ip netns exec``) with that socket inherited: each accepted
+inside the cluster's namespace (``nsenter --net``) with that socket inherited: each accepted
 connection is joined to a new connection to ``--target``, dialled from inside the namespace. So a
 test on the host reaches the API server (or a Service) and no packet leaves either namespace's
 loopback or bridge.
 
-    ip netns exec NS python -m tests.cluster.relay --fd 3 --target 127.0.0.1:6443
+    nsenter --net=/run/netns/NS python -m tests.cluster.relay --fd 3 --target 127.0.0.1:6443
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import signal
 import socket
+import sys
 
 
 async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -34,8 +35,10 @@ async def _join(
 ) -> None:
     try:
         target_reader, target_writer = await asyncio.wait_for(asyncio.open_connection(host, port), 10)
-    except (OSError, TimeoutError):
-        client_writer.close()  # the target is down: the client sees its connection closed
+    except (OSError, TimeoutError) as exc:
+        # The target is down: the client sees its connection closed, the log says why.
+        print(f"relay: cannot reach {host}:{port}: {exc!r}", file=sys.stderr, flush=True)
+        client_writer.close()
         return
     try:
         await asyncio.gather(_pipe(client_reader, target_writer), _pipe(target_reader, client_writer))

@@ -42,14 +42,14 @@ def test_the_namespace_has_no_route_out(node_cluster: LocalCluster) -> None:
     assert node_cluster.netns is not None
     routes = node_cluster.netns.routes()
     assert not [r for r in routes if r.startswith("default")], routes
-    subnet = ipaddress.IPv4Network(node_host.NODE_SUBNET)
+    inside = [ipaddress.IPv4Network(node_host.NODE_SUBNET), ipaddress.IPv4Network(node_host.SERVICE_CIDR)]
     for route in routes:
         target = route.split()[0]
         if target in ("local", "broadcast", "multicast", "anycast", "unreachable", "fe80::/64", "ff00::/8"):
             continue
         network = ipaddress.ip_network(target, strict=False)
         if isinstance(network, ipaddress.IPv4Network):
-            assert network.subnet_of(subnet), route
+            assert any(network.subnet_of(net) for net in inside), route
         else:
             assert network.is_link_local, route
 

@@ -51,7 +51,10 @@ def _service_manifest(image: str) -> dict[str, Any]:
                 "requestTimeoutSeconds": 90,
             },
             "resources": {"gpus": 0, "cpu": "500m", "memory": "3Gi"},
-            "vram": {"source": "file", "limit": "1Gi", "periodSeconds": 2, "failureThreshold": 1},
+            # Two failures in a row, not one: the kubelet was seen probing a container it had
+            # just restarted before its startup probe passed, and a threshold of one restarted
+            # it again for that single refused connection.
+            "vram": {"source": "file", "limit": "1Gi", "periodSeconds": 2, "failureThreshold": 2},
             "autoscaling": {"mode": "none"},
             "replicas": 1,
             "scheduling": {"nodeSelector": KUBELET_NODE},
@@ -108,7 +111,7 @@ def restricted(operator_release: LocalCluster, server_image: str) -> Iterator[Lo
     try:
         yield cluster
     finally:
-        cluster.kubectl("delete", "namespace", NAMESPACE, "--timeout=180s", check=False)
+        cluster.kubectl("delete", "namespace", NAMESPACE, "--wait=false", check=False)
 
 
 @pytest.fixture(scope="module")
@@ -218,8 +221,12 @@ def test_vram_over_the_limit_restarts_the_container_and_the_operator_says_so(
     assert "VRAM limit exceeded" in last["message"]
 
     # The restarted server ignores the file it was restarted for (written before it started).
-    wait_until(lambda: _ready(_service(cluster)), 300, "the service to be Ready again", interval=1)
-    time.sleep(6)  # three liveness periods
+    def ready_again() -> bool:
+        (current,) = _pods(cluster)
+        return _server_status(current).get("ready") is True and _ready(_service(cluster))
+
+    wait_until(ready_again, 300, "the restarted container and the service to be Ready again", interval=1)
+    time.sleep(10)  # five liveness periods
     (pod,) = _pods(cluster)
     assert pod["metadata"]["name"] == name, "the kubelet restarted the container, not a new pod"
     assert _server_status(pod)["restartCount"] == before + 1
@@ -236,39 +243,41 @@ def _queued(endpoint: str) -> float:
 
 
 def test_deleting_a_pod_answers_every_request_it_accepted(restricted: LocalCluster, endpoint: str) -> None:
+    """preStop, SIGTERM and the grace period as the operator renders them, run by the kubelet:
+    the pod leaves the Service's endpoints, and what it accepted is still answered."""
     cluster = restricted
     wait_until(lambda: _ready(_service(cluster)), 600, "the service to be Ready", interval=1)
     (pod,) = _pods(cluster)
     images = openai.OpenAI(base_url=f"{endpoint}/v1", api_key=API_KEY, max_retries=0, timeout=120).images
-    results: list[Any] = []
+    results: dict[int, Any] = {}
+    finished: dict[int, float] = {}
 
     def generate(seed: int) -> None:
         try:
-            results.append(
-                images.generate(
-                    prompt=f"a lighthouse {seed}",
-                    size="512x512",
-                    response_format="b64_json",
-                    extra_body={"seed": seed, "num_inference_steps": 40},
-                )
+            results[seed] = images.generate(
+                prompt=f"a lighthouse {seed}",
+                size="1024x1024",
+                response_format="b64_json",
+                extra_body={"seed": seed, "num_inference_steps": 50},
             )
         except Exception as exc:  # the assertion below reports it
-            results.append(exc)
+            results[seed] = exc
+        finished[seed] = time.monotonic()
 
     clients = [threading.Thread(target=generate, args=(seed,)) for seed in range(4)]
     for thread in clients:
         thread.start()
-    wait_until(lambda: _queued(endpoint) >= 4, 60, "the server to accept all four requests", interval=1)
-    started = time.monotonic()
+    wait_until(lambda: _queued(endpoint) >= 3, 60, "the server to accept the requests", interval=0.2)
+    deleted = time.monotonic()
     cluster.kubectl("delete", "pod", "-n", NAMESPACE, pod["metadata"]["name"], "--wait=false")
     for thread in clients:
         thread.join(180)
-    failures = [r for r in results if isinstance(r, Exception)]
+    failures = {seed: r for seed, r in results.items() if isinstance(r, Exception)}
     assert not failures, failures
-    assert len(results) == 4
-    for result in results:
+    assert sorted(results) == [0, 1, 2, 3]
+    for result in results.values():
         assert base64.b64decode(result.data[0].b64_json).startswith(PNG_MAGIC)
-    assert time.monotonic() - started > 5, "answered after the preStop pause, while the pod drained"
+    assert max(finished.values()) > deleted, "no request was still in flight when the pod was deleted"
     wait_until(lambda: _ready(_service(cluster)), 600, "a new pod to serve", interval=1)
     (replacement,) = _pods(cluster)
     assert replacement["metadata"]["name"] != pod["metadata"]["name"]

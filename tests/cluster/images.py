@@ -120,7 +120,7 @@ def buildkitd(binaries: Path) -> Iterator[str]:
 CONTEXT_INPUTS = ("Dockerfile", "pyproject.toml", "constraints.txt", "README.md", "server", "operator")
 # The layer cache kept after a build. The server image needs about 20 GB of it: its
 # dependencies' layer (8 GB), its copy in the image and that copy compressed.
-KEEP_STORAGE_MB = 30000
+KEEP_STORAGE_MB = 20000
 
 
 def inputs_key(target: str, rootfs: Path, binaries: Path) -> str:
@@ -181,6 +181,7 @@ def build(targets: list[str], out: Path | None = None) -> dict[str, Path]:
                 raise RuntimeError(f"building the {target} image failed:\n{run.stderr[-6000:]}")
             partial.rename(archive)
             stamp.write_text(key)
+            archive.with_suffix(".log").write_text(run.stderr)  # BuildKit's steps, with their times
             print(
                 f"built {image_name(target)} in {time.monotonic() - started:.0f}s: {archive}", file=sys.stderr
             )

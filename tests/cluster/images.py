@@ -197,11 +197,12 @@ def build(targets: list[str], out: Path | None = None) -> dict[str, Path]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tests.cluster.images")
-    parser.add_argument("targets", nargs="*", default=["operator", "server"], choices=["operator", "server"])
+    # No default list: argparse would check it against the choices as one value.
+    parser.add_argument("targets", nargs="*", choices=["operator", "server"], help="default: both")
     args = parser.parse_args(argv)
     # A SIGTERM still stops buildkitd: the exit runs the clean-up of build()'s context manager.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    for target, archive in build(args.targets).items():
+    for target, archive in build(args.targets or ["operator", "server"]).items():
         print(f"{image_name(target)} {archive}")
     return 0
 

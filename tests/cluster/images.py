@@ -197,9 +197,12 @@ def build(targets: list[str], out: Path | None = None) -> dict[str, Path]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tests.cluster.images")
-    # No default list: argparse would check it against the choices as one value.
-    parser.add_argument("targets", nargs="*", choices=["operator", "server"], help="default: both")
+    # Checked here, not with choices=: argparse checks an empty or default list as one value.
+    parser.add_argument("targets", nargs="*", help="operator, server (default: both)")
     args = parser.parse_args(argv)
+    unknown = sorted(set(args.targets) - {"operator", "server"})
+    if unknown:
+        parser.error(f"unknown target(s) {', '.join(unknown)}: choose from operator, server")
     # A SIGTERM still stops buildkitd: the exit runs the clean-up of build()'s context manager.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     for target, archive in build(args.targets or ["operator", "server"]).items():

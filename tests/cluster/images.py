@@ -120,7 +120,7 @@ def buildkitd(binaries: Path) -> Iterator[str]:
 CONTEXT_INPUTS = ("Dockerfile", "pyproject.toml", "constraints.txt", "README.md", "server", "operator")
 # The layer cache kept after a build. The server image needs about 20 GB of it: its
 # dependencies' layer (8 GB), its copy in the image and that copy compressed.
-KEEP_STORAGE_MB = 20000
+KEEP_STORAGE_MB = 30000
 
 
 def inputs_key(target: str, rootfs: Path, binaries: Path) -> str:

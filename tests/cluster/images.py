@@ -143,11 +143,11 @@ def build(targets: list[str], out: Path | None = None) -> dict[str, Path]:
     out = out or CACHE / "images"
     out.mkdir(parents=True, exist_ok=True)
     archives = {}
+    keys = {target: inputs_key(target, rootfs, binaries) for target in targets}
     for target in targets:
         archive = out / f"zimage-{target}.tar"
         stamp = archive.with_suffix(".inputs")
-        key = inputs_key(target, rootfs, binaries)
-        if archive.is_file() and stamp.is_file() and stamp.read_text() == key:
+        if archive.is_file() and stamp.is_file() and stamp.read_text() == keys[target]:
             archives[target] = archive
     wanted = [target for target in targets if target not in archives]
     if not wanted:
@@ -156,7 +156,6 @@ def build(targets: list[str], out: Path | None = None) -> dict[str, Path]:
         for target in wanted:
             archive = out / f"zimage-{target}.tar"
             stamp = archive.with_suffix(".inputs")
-            key = inputs_key(target, rootfs, binaries)
             stamp.unlink(missing_ok=True)
             partial = archive.with_suffix(".partial")
             command = [
@@ -180,7 +179,7 @@ def build(targets: list[str], out: Path | None = None) -> dict[str, Path]:
             if run.returncode:
                 raise RuntimeError(f"building the {target} image failed:\n{run.stderr[-6000:]}")
             partial.rename(archive)
-            stamp.write_text(key)
+            stamp.write_text(keys[target])
             archive.with_suffix(".log").write_text(run.stderr)  # BuildKit's steps, with their times
             print(
                 f"built {image_name(target)} in {time.monotonic() - started:.0f}s: {archive}", file=sys.stderr

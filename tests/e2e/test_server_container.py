@@ -19,8 +19,10 @@ import httpx
 import openai
 import pytest
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.cluster.local_cluster import LocalCluster
+from tests.cluster.node_host import pause_pod
 from tests.cluster.pod_runner import wait_until
 
 from .support import KUBELET_NODE, kube_json
@@ -51,10 +53,11 @@ def _service_manifest(image: str) -> dict[str, Any]:
                 "requestTimeoutSeconds": 90,
             },
             "resources": {"gpus": 0, "cpu": "500m", "memory": "3Gi"},
-            # Two failures in a row, not one: the kubelet was seen probing a container it had
-            # just restarted before its startup probe passed, and a threshold of one restarted
-            # it again for that single refused connection.
-            "vram": {"source": "file", "limit": "1Gi", "periodSeconds": 2, "failureThreshold": 2},
+            # 15 s of failures before a restart: the kubelet probes liveness on a container it has
+            # just restarted while its startup probe still runs, and the refused connections
+            # before the server listens (several seconds here) restarted it a second time with
+            # 2 s x 2.
+            "vram": {"source": "file", "limit": "1Gi", "periodSeconds": 3, "failureThreshold": 5},
             "autoscaling": {"mode": "none"},
             "replicas": 1,
             "scheduling": {"nodeSelector": KUBELET_NODE},
@@ -148,12 +151,7 @@ def test_the_service_is_ready_only_once_the_kubelet_probes_pass(restricted: Loca
     assert "nvidia.com/gpu" not in pod["spec"]["containers"][0]["resources"]["requests"]
 
     # The restricted profile is enforced here: the operator's pod passed it, a privileged one does not.
-    privileged = {
-        "apiVersion": "v1",
-        "kind": "Pod",
-        "metadata": {"name": "privileged", "namespace": NAMESPACE},
-        "spec": {"containers": [{"name": "c", "image": "pause", "securityContext": {"privileged": True}}]},
-    }
+    privileged = pause_pod("privileged", NAMESPACE, securityContext={"privileged": True})
     refused = cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump(privileged), check=False)
     assert refused.returncode != 0
     assert 'violates PodSecurity "restricted:latest"' in refused.stderr
@@ -226,7 +224,7 @@ def test_vram_over_the_limit_restarts_the_container_and_the_operator_says_so(
         return _server_status(current).get("ready") is True and _ready(_service(cluster))
 
     wait_until(ready_again, 300, "the restarted container and the service to be Ready again", interval=1)
-    time.sleep(10)  # five liveness periods
+    time.sleep(18)  # longer than liveness takes to restart (3 s x 5)
     (pod,) = _pods(cluster)
     assert pod["metadata"]["name"] == name, "the kubelet restarted the container, not a new pod"
     assert _server_status(pod)["restartCount"] == before + 1
@@ -234,12 +232,10 @@ def test_vram_over_the_limit_restarts_the_container_and_the_operator_says_so(
 
 
 def _queued(endpoint: str) -> float:
-    text = httpx.get(f"{endpoint}/metrics", timeout=10).text
-    total = 0.0
-    for line in text.splitlines():
-        if line.startswith(("zimage_queue_depth ", "zimage_in_flight_requests ")):
-            total += float(line.split()[1])
-    return total
+    """Requests the server holds: waiting for the GPU or on it."""
+    families = text_string_to_metric_families(httpx.get(f"{endpoint}/metrics", timeout=10).text)
+    wanted = {"zimage_queue_depth", "zimage_in_flight_requests"}
+    return sum(sample.value for family in families for sample in family.samples if sample.name in wanted)
 
 
 def test_deleting_a_pod_answers_every_request_it_accepted(restricted: LocalCluster, endpoint: str) -> None:

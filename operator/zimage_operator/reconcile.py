@@ -354,8 +354,8 @@ class Reconciler:
                 if key in self._seen_restarts:
                     continue
                 self._seen_restarts.add(key)
-                message = f"pod {restart['pod']} was restarted: {restart['message']}"
-                self.post_event(body, "Warning", "VramLimitRestart", message)
+                event = f"pod {restart['pod']} was restarted: {restart['message']}"
+                self.post_event(body, "Warning", "VramLimitRestart", event)
         return latest
 
 

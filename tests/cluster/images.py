@@ -2,8 +2,9 @@
 
 No registry is reachable and no Docker engine runs, so:
 - the base image (``BASE_IMAGE`` in the Dockerfile) is a Debian bookworm file system made with
-  debootstrap, with Python 3.11 as ``python`` and its venv module; BuildKit takes it as a named
-  build context (``context:debian-base=local:...``), so the Dockerfile stays as it is;
+  debootstrap, with Python 3.11 as ``python`` and its venv module, written as an OCI image
+  layout; BuildKit takes it as a named build context
+  (``context:debian-base=oci-layout://...@sha256:...``), so the Dockerfile stays as it is;
 - buildkitd (built from its Go module by ``build-binaries.sh``) runs with the runc worker and the
   host network for the ``RUN pip install`` steps; its state, and so its layer cache, lives in
   ``~/.cache/zimage/buildkit``, and the base file system in ``~/.cache/zimage/images``;
@@ -17,7 +18,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
+import json
 import os
+import platform
 import shutil
 import signal
 import subprocess
@@ -25,6 +28,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from .local_cluster import build_binaries
 
@@ -43,32 +47,91 @@ def image_name(target: str) -> str:
     return f"{IMAGE_PREFIX}/zimage-{target}:{TAG}"
 
 
-def base_rootfs() -> Path:
-    """The Debian base's file system (debootstrap, once per package list), cached."""
+def base_layout() -> tuple[Path, str]:
+    """The Debian base as an OCI image layout (debootstrap, once per package list), cached;
+    returns the layout's folder and its manifest's digest.
+
+    BuildKit takes it as a named context by that digest (``oci-layout://...@sha256:...``): a
+    content-addressed image, so the cache of every step above it holds from one build to the
+    next. A local folder as the base did not: its first step ran again on every build."""
     key = hashlib.sha256(" ".join((SUITE, *BASE_PACKAGES)).encode()).hexdigest()[:12]
-    rootfs = CACHE / "images" / f"debian-{SUITE}-{key}"
-    if (rootfs / "usr" / "bin" / "python").exists():
-        return rootfs
+    layout = CACHE / "images" / f"debian-{SUITE}-{key}.oci"
+    index = layout / "index.json"
+    if index.is_file():
+        return layout, json.loads(index.read_text())["manifests"][0]["digest"]
     if shutil.which("debootstrap") is None:
         raise RuntimeError("building the base image needs debootstrap: run `make node-packages`")
-    partial = rootfs.with_suffix(".partial")
+    partial = layout.with_suffix(".partial")
     shutil.rmtree(partial, ignore_errors=True)
-    partial.parent.mkdir(parents=True, exist_ok=True)
+    rootfs = partial / "rootfs"
+    rootfs.mkdir(parents=True)
     started = time.monotonic()
+    debootstrap = ["debootstrap", "--variant=minbase", f"--include={','.join(BASE_PACKAGES)}", SUITE]
     subprocess.run(
-        ["debootstrap", "--variant=minbase", f"--include={','.join(BASE_PACKAGES)}", SUITE, str(partial)],
+        [*debootstrap, str(rootfs)],
         check=True,
         capture_output=True,
         timeout=1800,
     )
     # Nothing of the host's apt state or caches in the image.
     for folder in ("var/cache/apt/archives", "var/lib/apt/lists"):
-        for entry in (partial / folder).glob("*"):
+        for entry in (rootfs / folder).glob("*"):
             if entry.is_file():
                 entry.unlink()
-    partial.rename(rootfs)
+    blobs = partial / "blobs" / "sha256"
+    blobs.mkdir(parents=True)
+    layer = partial / "layer.tar"
+    subprocess.run(
+        ["tar", "--numeric-owner", "--xattrs", "--sort=name", "-C", str(rootfs), "-cf", str(layer), "."],
+        check=True,
+        capture_output=True,
+    )
+    shutil.rmtree(rootfs)
+    layer_digest = _file_digest(layer)
+    layer_size = layer.stat().st_size
+    layer.rename(blobs / layer_digest)
+    config = {
+        "architecture": GO_ARCH.get(platform.machine(), platform.machine()),
+        "os": "linux",
+        "config": {"Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"]},
+        "rootfs": {"type": "layers", "diff_ids": [f"sha256:{layer_digest}"]},
+        "history": [{"created_by": " ".join(debootstrap)}],
+    }
+    config_descriptor = _blob(blobs, "application/vnd.oci.image.config.v1+json", config)
+    manifest = {
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": config_descriptor,
+        "layers": [{"mediaType": LAYER_TYPE, "digest": f"sha256:{layer_digest}", "size": layer_size}],
+    }
+    manifest_descriptor = _blob(blobs, "application/vnd.oci.image.manifest.v1+json", manifest)
+    manifest_descriptor["annotations"] = {"org.opencontainers.image.ref.name": SUITE}
+    (partial / "oci-layout").write_text(json.dumps({"imageLayoutVersion": "1.0.0"}))
+    (partial / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": [manifest_descriptor]}))
+    partial.rename(layout)
     print(f"debootstrap {SUITE} in {time.monotonic() - started:.0f}s", file=sys.stderr)
-    return rootfs
+    return layout, manifest_descriptor["digest"]
+
+
+LAYER_TYPE = "application/vnd.oci.image.layer.v1.tar"
+# Go's names for the machine's architecture, as OCI image configs use them.
+GO_ARCH = {"x86_64": "amd64", "aarch64": "arm64"}
+
+
+def _file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as file:
+        for chunk in iter(lambda: file.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _blob(blobs: Path, media_type: str, document: dict[str, Any]) -> dict[str, Any]:
+    """Write a JSON document into the layout's blobs; return its descriptor."""
+    data = json.dumps(document, sort_keys=True).encode()
+    digest = hashlib.sha256(data).hexdigest()
+    (blobs / digest).write_bytes(data)
+    return {"mediaType": media_type, "digest": f"sha256:{digest}", "size": len(data)}
 
 
 @contextlib.contextmanager
@@ -123,11 +186,11 @@ CONTEXT_INPUTS = ("Dockerfile", "pyproject.toml", "constraints.txt", "README.md"
 KEEP_STORAGE_MB = 30000
 
 
-def inputs_key(target: str, rootfs: Path, binaries: Path) -> str:
+def inputs_key(target: str, base: str, binaries: Path) -> str:
     """A digest of everything a target's image is made from: the context files the Dockerfile
     copies, the base file system and the BuildKit build. An archive made from the same inputs
     is not built again (exporting the server image's 3 GB takes minutes, even from cache)."""
-    digest = hashlib.sha256(f"{target} {rootfs.name} {binaries.name}".encode())
+    digest = hashlib.sha256(f"{target} {base} {binaries.name}".encode())
     for name in CONTEXT_INPUTS:
         top = ROOT / name
         for path in sorted([top] if top.is_file() else top.rglob("*")):
@@ -139,11 +202,11 @@ def inputs_key(target: str, rootfs: Path, binaries: Path) -> str:
 def build(targets: list[str], out: Path | None = None) -> dict[str, Path]:
     """Build each Dockerfile target; return its docker-archive tar (named ``image_name``)."""
     binaries = build_binaries()
-    rootfs = base_rootfs()
+    layout, base = base_layout()
     out = out or CACHE / "images"
     out.mkdir(parents=True, exist_ok=True)
     archives = {}
-    keys = {target: inputs_key(target, rootfs, binaries) for target in targets}
+    keys = {target: inputs_key(target, base, binaries) for target in targets}
     for target in targets:
         archive = out / f"zimage-{target}.tar"
         stamp = archive.with_suffix(".inputs")
@@ -168,8 +231,8 @@ def build(targets: list[str], out: Path | None = None) -> dict[str, Path]:
                 f"--local=dockerfile={ROOT}",
                 f"--opt=target={target}",
                 "--opt=build-arg:BASE_IMAGE=debian-base",
-                "--opt=context:debian-base=local:debian-base",
-                f"--local=debian-base={rootfs}",
+                f"--opt=context:debian-base=oci-layout://debian-base@{base}",
+                f"--oci-layout=debian-base={layout}",
                 f"--output=type=docker,name={image_name(target)},dest={partial}",
             ]
             if CA_BUNDLE.is_file():

@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator, Callable
 
 from fastapi import FastAPI
 
-from . import __version__, background
+from . import __version__, background, compile_artifacts
 from .api import router
 from .auth import ApiKeyMiddleware, KeyRing, parse_keys
 from .config import Settings
@@ -177,6 +177,10 @@ async def _load_and_warm_up(
             result = await loop.run_in_executor(engine.gpu, runner.generate, spec)
             logger.info("warm-up at %s, batch %d took %.2fs", size, count, result.seconds)
         runner.startup_seconds["warmup"] = time.perf_counter() - warmup_started
+        await loop.run_in_executor(engine.gpu, runner.save_artifacts)
+        metrics.compile_artifacts.labels(runner.artifacts.state).set(1)
+        for lookup, count in compile_artifacts.fx_graph_lookups().items():
+            metrics.compile_fx_graphs.labels(lookup).set(count)
         for phase, seconds in runner.startup_seconds.items():
             metrics.startup_seconds.labels(phase).set(seconds)
     except asyncio.CancelledError:

@@ -129,6 +129,12 @@ class Settings(BaseSettings):
         description="Directory for Inductor's and Triton's compile caches (a volume, so restarts skip most "
         "of the compile); default: torch's own under /tmp",
     )
+    compile_artifacts_dir: str | None = Field(
+        None,
+        description="Directory shared by every replica (the model cache volume, for one) for compiled "
+        "kernels: a replica loads the artifact saved for its GPU, versions, precision, compile parts and "
+        "warm-up shapes before its warm-up, or saves one after it; off unless set, and only with compile",
+    )
 
     cuda_graphs: bool | None = Field(
         None,

@@ -76,6 +76,19 @@ class Metrics:
             ["phase"],
             registry=r,
         )
+        self.compile_artifacts = Gauge(
+            "zimage_compile_artifacts",
+            "1 for what this replica did with the shared compile artifacts: off, absent (none yet), "
+            "loaded, ignored (partial, corrupt or unreadable), saved, exists (saved by another)",
+            ["state"],
+            registry=r,
+        )
+        self.compile_fx_graphs = Gauge(
+            "zimage_compile_fx_graphs",
+            "Graphs Inductor looked up in its cache during start-up: hit (loaded compiled), miss (compiled)",
+            ["result"],
+            registry=r,
+        )
         self.draining = Gauge("zimage_draining", "1 while finishing accepted work before exit", registry=r)
         self.vram_used = Gauge(
             "zimage_vram_used_bytes",

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from . import acceleration, cuda_graphs
+from . import acceleration, compile_artifacts, cuda_graphs
 from .config import Settings
 from .model_source import ModelSource, resolve
 
@@ -82,6 +82,7 @@ class PipelineRunner:
         self.tuning: acceleration.AccelerationReport | None = None
         self.startup_seconds: dict[str, float] = {}
         self.graphs: dict[str, cuda_graphs.ShapeGraphs] = {}
+        self.artifacts = compile_artifacts.ArtifactState()
 
     def load(self) -> None:
         from diffusers import ZImagePipeline
@@ -125,12 +126,40 @@ class PipelineRunner:
         )
         self.graphs = self._install_cuda_graphs(pipe)
         self.tuning.cuda_graphs = sorted(self.graphs)
+        if self.tuning.compiled and self.settings.compile_artifacts_dir:
+            # Before the warm-up, whose calls do the compiling: loaded artifacts make them hits.
+            self.artifacts = compile_artifacts.load(self.artifact_path())
         self.startup_seconds["tune"] = time.perf_counter() - started
         # A fast tokenizer is not safe to share between threads (a call that sets padding or
         # truncation while another encodes raises "Already borrowed"): admission checks on
         # the event loop get their own copy, the GPU worker keeps the pipeline's.
         self.admission_tokenizer = copy.deepcopy(pipe.tokenizer)
         self.pipe = pipe
+
+    def artifact_path(self) -> Path:
+        """The shared compile artifact for this device, these versions and these choices."""
+        assert self.settings.compile_artifacts_dir, "compile_artifacts_dir is not set"
+        assert self.tuning is not None, "the pipeline is not loaded"
+        found = compile_artifacts.identity(
+            self.device,
+            model=str(self.source),
+            dtype=str(self.dtype),
+            precision=self.tuning.precision,
+            attention=self.tuning.attention_backend,
+            compiled=self.tuning.compiled,
+            cuda_graphs=self.tuning.cuda_graphs,
+            warmup=[[spec.width, spec.height, len(spec.prompts), spec.steps] for spec in self.warmup_specs()],
+        )
+        return compile_artifacts.artifact_path(self.settings.compile_artifacts_dir, found)
+
+    def save_artifacts(self) -> None:
+        """After the warm-up: save what it compiled, where no replica has yet."""
+        if self.artifacts.state in ("absent", "ignored"):
+            try:
+                replace = self.artifacts.state == "ignored"
+                self.artifacts = compile_artifacts.save(self.artifact_path(), replace=replace)
+            except OSError as exc:  # a full or read-only volume costs the next replica time, not this one
+                logger.warning("could not save compile artifacts: %s", exc)
 
     def _install_cuda_graphs(self, pipe: Any) -> dict[str, cuda_graphs.ShapeGraphs]:
         wanted = self.settings.cuda_graphs

@@ -25,6 +25,7 @@ PORT_NAME = "http"
 HEALTH_PORT = 8001
 HEALTH_PORT_NAME = "health"
 MODEL_DIR = "/models"
+ARTIFACTS_DIR = "/compile-artifacts"  # a claim of its own (runtime.compileArtifacts.claimName)
 HUB_CACHE_DIR = f"{MODEL_DIR}/hub"
 PVC_MOUNT = f"{MODEL_DIR}/pvc"
 API_KEYS_DIR = "/etc/zimage/api-keys"  # the Secret of spec.auth.apiKeySecretRef
@@ -186,6 +187,11 @@ def server_env(spec: ZImageServiceSpec) -> list[Manifest]:
     }
     env: list[Manifest] = [{"name": key, "value": value} for key, value in settings.items()]
     env.extend(model_env(spec))
+    artifacts = runtime.compile_artifacts
+    if artifacts.enabled:
+        # Beside the weights in the model cache, or in a claim of its own; every replica mounts it.
+        directory = ARTIFACTS_DIR if artifacts.claim_name else f"{MODEL_DIR}/compile-artifacts"
+        env.append({"name": "ZIMAGE_COMPILE_ARTIFACTS_DIR", "value": directory})
     if spec.auth.api_key_secret_ref is not None:
         ref = spec.auth.api_key_secret_ref
         # The server reads the keys from the mounted file, which the kubelet updates in place,
@@ -217,6 +223,10 @@ def _volumes(owner: Owner, spec: ZImageServiceSpec) -> tuple[list[Manifest], lis
         claim = spec.model.source.removeprefix("pvc://").partition("/")[0]
         volumes.append({"name": "model", "persistentVolumeClaim": {"claimName": claim, "readOnly": True}})
         mounts.append({"name": "model", "mountPath": PVC_MOUNT, "readOnly": True})
+    artifacts_claim = spec.runtime.compile_artifacts.claim_name
+    if spec.runtime.compile_artifacts.enabled and artifacts_claim:
+        volumes.append({"name": "compile-artifacts", "persistentVolumeClaim": {"claimName": artifacts_claim}})
+        mounts.append({"name": "compile-artifacts", "mountPath": ARTIFACTS_DIR})
     if spec.auth.api_key_secret_ref is not None:
         ref = spec.auth.api_key_secret_ref
         secret = {"secretName": ref.name, "items": [{"key": ref.key, "path": "keys"}], "defaultMode": 0o444}

@@ -50,12 +50,18 @@ class ModelSpec(_Model):
         return self.source if "@" in self.source else f"{self.source}@{self.revision}"
 
 
+class CompileArtifacts(_Model):
+    enabled: bool = False
+    claim_name: str | None = Field(None, alias="claimName")
+
+
 class RuntimeSpec(_Model):
     image: str | None = None
     image_pull_policy: str | None = Field(None, alias="imagePullPolicy")
     precision: Literal["bf16", "fp8"] = "bf16"
     attention_backend: str = Field("auto", alias="attentionBackend")
     compile: bool = True
+    compile_artifacts: CompileArtifacts = Field(default_factory=CompileArtifacts, alias="compileArtifacts")
     cuda_graphs: list[GraphPart] = Field(
         default_factory=lambda: list(DEFAULT_GRAPH_PARTS), alias="cudaGraphs"
     )
@@ -177,6 +183,16 @@ def parse_spec(raw: dict[str, Any] | None) -> ZImageServiceSpec:
         raise InvalidSpecError(
             "spec.resources.gpus: 0 runs the server on the CPU, which needs runtime.compile false "
             "and runtime.precision bf16"
+        )
+    artifacts = spec.runtime.compile_artifacts
+    if artifacts.enabled and not spec.runtime.compile:
+        raise InvalidSpecError(
+            "spec.runtime.compileArtifacts: shares what compile makes; set runtime.compile true"
+        )
+    if artifacts.enabled and artifacts.claim_name is None and not spec.needs_cache:
+        raise InvalidSpecError(
+            "spec.runtime.compileArtifacts: kept in the model cache unless claimName names a volume; "
+            "add model.cache (hf:// sources) or set compileArtifacts.claimName"
         )
     if spec.autoscaling.min_replicas > spec.autoscaling.max_replicas:
         raise InvalidSpecError("spec.autoscaling: minReplicas must not exceed maxReplicas")

@@ -182,6 +182,28 @@ def test_a_cached_hub_model_mounts_the_cache_claim_read_offline() -> None:
     assert env(spec)["ZIMAGE_MODEL"] == "hf://Tongyi-MAI/Z-Image-Turbo@main"
 
 
+def test_compile_artifacts_live_beside_the_weights_in_the_model_cache() -> None:
+    spec = {
+        "model": {"source": "hf://Tongyi-MAI/Z-Image-Turbo", "cache": {}},
+        "runtime": {"compileArtifacts": {"enabled": True}},
+    }
+    assert env(spec)["ZIMAGE_COMPILE_ARTIFACTS_DIR"] == "/models/compile-artifacts"
+    mount = next(m for m in container(spec)["volumeMounts"] if m["name"] == "model-cache")
+    assert mount["mountPath"] == "/models"
+    assert not mount.get("readOnly"), "replicas write the artifacts they compiled"
+    assert "ZIMAGE_COMPILE_ARTIFACTS_DIR" not in env({"model": {"source": "hf://o/m", "cache": {}}})
+
+
+def test_compile_artifacts_in_a_claim_of_their_own_are_mounted_read_write() -> None:
+    spec = {"runtime": {"compileArtifacts": {"enabled": True, "claimName": "kernels"}}}
+    assert env(spec)["ZIMAGE_COMPILE_ARTIFACTS_DIR"] == "/compile-artifacts"
+    pod = pod_spec(spec)
+    volume = next(v for v in pod["volumes"] if v["name"] == "compile-artifacts")
+    assert volume["persistentVolumeClaim"] == {"claimName": "kernels"}
+    mounts = pod["containers"][0]["volumeMounts"]
+    assert {"name": "compile-artifacts", "mountPath": "/compile-artifacts"} in mounts
+
+
 def test_an_uncached_hub_model_downloads_into_an_empty_dir_with_the_token() -> None:
     spec = {"model": {"source": "hf://o/m@v2", "tokenSecretRef": {"name": "hf", "key": "tok"}}}
     volume = next(v for v in pod_spec(spec)["volumes"] if v["name"] == "model-cache")

@@ -161,6 +161,16 @@ INVALID: list[tuple[str, dict[str, Any], str]] = [
         {"resources": {"gpus": 0}, "runtime": {"compile": False, "precision": "fp8"}},
         "runs the server on the CPU",
     ),
+    (
+        "artifacts-without-a-volume",
+        {"runtime": {"compileArtifacts": {"enabled": True}}},
+        "add model.cache (hf:// sources) or set runtime.compileArtifacts.claimName",
+    ),
+    (
+        "artifacts-without-compile",
+        {"runtime": {"compile": False, "compileArtifacts": {"enabled": True, "claimName": "k"}}},
+        "keep runtime.compile true",
+    ),
     ("bad-scheme", {"model": {"source": "s3://bucket/z"}}, "must be hf://OWNER/NAME[@REVISION]"),
     (
         "cache-on-builtin",

@@ -64,6 +64,11 @@ def test_the_spec_takes_the_crd_defaults() -> None:
         ({"resources": {"gpus": 2}}, "one GPU per replica"),
         ({"resources": {"gpus": 0}}, "needs runtime.compile false"),
         ({"resources": {"gpus": 0}, "runtime": {"compile": False, "precision": "fp8"}}, "precision bf16"),
+        ({"runtime": {"compileArtifacts": {"enabled": True}}}, "add model.cache"),
+        (
+            {"runtime": {"compile": False, "compileArtifacts": {"enabled": True, "claimName": "k"}}},
+            "set runtime.compile true",
+        ),
     ],
 )
 def test_specs_the_operator_cannot_serve_are_explained(raw: dict[str, Any], words: str) -> None:

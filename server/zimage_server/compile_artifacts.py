@@ -88,14 +88,14 @@ def artifact_path(directory: str | Path, found: dict[str, Any]) -> Path:
 
 def load(path: Path) -> ArtifactState:
     """Hot-load the artifact at ``path`` into this process's compile caches, if it is whole."""
-    if not path.is_file():
-        logger.info("no compile artifacts at %s yet: this replica compiles, then saves them", path)
-        return ArtifactState("absent", str(path))
     try:
+        if not path.exists():
+            logger.info("no compile artifacts at %s yet: this replica compiles, then saves them", path)
+            return ArtifactState("absent", str(path))
         data = path.read_bytes()
         payload = _unwrap(data)
         info = torch.compiler.load_cache_artifacts(payload)
-    except Exception as exc:  # corrupt, partial, or from a PyTorch that cannot read it
+    except Exception as exc:  # unreadable, corrupt, partial, or from a PyTorch that cannot read it
         logger.warning("ignoring the compile artifacts at %s: %s", path, exc)
         return ArtifactState("ignored", str(path), str(exc))
     if info is None:

@@ -158,8 +158,9 @@ class PipelineRunner:
             try:
                 replace = self.artifacts.state == "ignored"
                 self.artifacts = compile_artifacts.save(self.artifact_path(), replace=replace)
-            except OSError as exc:  # a full or read-only volume costs the next replica time, not this one
+            except Exception as exc:  # a full or read-only volume costs the next replica time, not this one
                 logger.warning("could not save compile artifacts: %s", exc)
+                self.artifacts = compile_artifacts.ArtifactState("absent", self.artifacts.path, str(exc))
 
     def _install_cuda_graphs(self, pipe: Any) -> dict[str, cuda_graphs.ShapeGraphs]:
         wanted = self.settings.cuda_graphs

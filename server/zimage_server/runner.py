@@ -154,10 +154,10 @@ class PipelineRunner:
 
     def save_artifacts(self) -> None:
         """After the warm-up: save what it compiled, where no replica has yet."""
-        if self.artifacts.state in ("absent", "ignored"):
+        if self.artifacts.state in ("absent", "ignored") and self.artifacts.path:
             try:
                 replace = self.artifacts.state == "ignored"
-                self.artifacts = compile_artifacts.save(self.artifact_path(), replace=replace)
+                self.artifacts = compile_artifacts.save(Path(self.artifacts.path), replace=replace)
             except Exception as exc:  # a full or read-only volume costs the next replica time, not this one
                 logger.warning("could not save compile artifacts: %s", exc)
                 self.artifacts = compile_artifacts.ArtifactState("absent", self.artifacts.path, str(exc))

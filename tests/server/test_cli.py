@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from zimage_server.processes import free_port
+from zimage_server.processes import free_port, stop_process
 from zimage_server.tiny_model import TINY_MODEL_VERSION
 
 pytestmark = pytest.mark.slow
@@ -52,12 +52,7 @@ def test_serve_defaults_to_the_builtin_tiny_model(tmp_path: Path) -> None:
         assert response.content.startswith(b"\x89PNG\r\n\x1a\n")
         assert (tmp_path / "cache" / f"tiny-model-v{TINY_MODEL_VERSION}" / "model_index.json").is_file()
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc)
     assert proc.returncode == 0
     assert proc.stdout is not None
     assert "Application shutdown complete" in proc.stdout.read()

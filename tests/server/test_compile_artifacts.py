@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -16,7 +15,7 @@ import torch
 from prometheus_client.parser import text_string_to_metric_families
 
 from zimage_server import compile_artifacts
-from zimage_server.processes import free_port
+from zimage_server.processes import free_port, stop_process
 
 pytestmark = pytest.mark.slow
 
@@ -117,12 +116,7 @@ def _serve_until_ready(tiny_model_dir: Path, shared: Path, local_cache: Path) ->
             time.sleep(0.5)
         raise AssertionError("the server was not ready within 10 minutes")
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc)
         log.close()
 
 

@@ -11,7 +11,10 @@ Stages (each appends to ``--results``; ``report`` renders them as docs/performan
   VRAM, and for fp8 the relative error of the transformer output against bf16;
 - ``http``: the server on loopback with concurrent clients, against the same path's own
   throughput from the ``pipeline`` stage;
-- ``coldstart``: process start to ready with an empty and then a warm compile cache;
+- ``coldstart``: process start to ready, one process each: an empty compile cache (a new
+  replica, which saves the shared compile artifacts), the same cache again (a container
+  restart), and an empty cache with the artifacts (a new replica that loads them); each run's
+  log (``WORK/coldstart-PATH-RUN.log``) gives the warm-up calls' seconds and the recompiles;
 - ``text``: text encoding alone, the baseline's way and the server's (the parts table uses it
   when present).
 
@@ -30,6 +33,7 @@ import http.client
 import json
 import os
 import platform
+import re
 import shutil
 import statistics
 import subprocess
@@ -409,17 +413,31 @@ def measure_path(
 
 
 def start_server(
-    model: Path, path: str, args: argparse.Namespace, cache: Path
+    model: Path,
+    path: str,
+    args: argparse.Namespace,
+    cache: Path,
+    artifacts: Path | None = None,
+    log: Path | None = None,
 ) -> tuple[subprocess.Popen[bytes], int]:
+    """``artifacts``: a compile artifacts directory; ``log``: the server's output at level info
+    (with dynamo's recompile reasons), else warnings on this process's output."""
     port = free_port()
     command = [sys.executable, "-m", "zimage_server", "serve", "--port", str(port), "--model", str(model)]
-    command += ["--warmup-sizes", args.size, "--max-batch-size", "4", "--log-level", "warning"]
+    command += ["--warmup-sizes", args.size, "--max-batch-size", "4"]
+    command += ["--log-level", "info" if log else "warning"]
     command += ["--compile-cache-dir", str(cache), "--device", args.device]
     command += ["--precision", "fp8" if path == "server-fp8" else "bf16"]
+    if artifacts is not None:
+        command += ["--compile-artifacts-dir", str(artifacts)]
     for name, value in graph_settings(args.cuda_graphs).items():
         flag = "--" + name.replace("_", "-")
         command += [flag, ",".join(value) if isinstance(value, list) else str(value).lower()]
-    return subprocess.Popen(command), port
+    if log is None:
+        return subprocess.Popen(command), port
+    env = {**os.environ, "TORCH_LOGS": "recompiles", "PYTHONUNBUFFERED": "1"}
+    with log.open("wb") as out:
+        return subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env), port
 
 
 def wait_ready(proc: subprocess.Popen[bytes], port: int, timeout: float) -> float:
@@ -541,19 +559,61 @@ def startup_phases(port: int) -> dict[str, float]:
     return {line.split('"')[1]: value for line, value in metric_lines(port, "zimage_startup_seconds")}
 
 
+WARMUP_LINE = re.compile(r"warm-up at (\S+), batch (\d+) took ([0-9.]+)s")
+
+
+def warmup_breakdown(log: Path) -> dict[str, Any]:
+    """From a server log: each warm-up call's seconds and dynamo's recompiles with their reasons."""
+    text = log.read_text(errors="replace")
+    calls = [f"{size} x{batch}: {float(seconds):.1f}" for size, batch, seconds in WARMUP_LINE.findall(text)]
+    recompiles = [line.strip() for line in text.splitlines() if "Recompiling function" in line]
+    reasons = [
+        line.strip()
+        for line in text.splitlines()
+        if "triggered by the following guard failure" in line or line.strip().startswith("- ")
+    ]
+    return {
+        "warmup_calls_s": calls,
+        "recompiles": len(recompiles),
+        "recompile_lines": (recompiles + reasons)[:40],
+    }
+
+
 def stage_coldstart(args: argparse.Namespace, model: Path, results: dict[str, Any]) -> None:
+    """Per path, one process start each: an empty compile cache and no shared artifacts (a new
+    replica today, which writes the artifacts), the same compile cache again (a container
+    restart), then an empty compile cache with the artifacts (a new replica on another node)."""
     rows = results.setdefault("coldstart", {})
     for path in served_paths(args):
         cache = args.work / f"coldstart-{path}"
-        shutil.rmtree(cache, ignore_errors=True)
-        row = {}
-        for label in ("empty_cache_s", "warm_cache_s"):
-            proc, port = start_server(model, path, args, cache)
+        artifacts = args.work / f"artifacts-{path}"
+        for folder in (cache, artifacts, args.work / f"coldstart-{path}-new"):
+            shutil.rmtree(folder, ignore_errors=True)
+        row: dict[str, Any] = {}
+        runs = (
+            ("empty_cache_s", cache),
+            ("warm_cache_s", cache),
+            ("artifacts_s", args.work / f"coldstart-{path}-new"),
+        )
+        for label, compile_cache in runs:
+            log = args.work / f"coldstart-{path}-{label.removesuffix('_s')}.log"
+            proc, port = start_server(model, path, args, compile_cache, artifacts, log)
             try:
-                row[label] = wait_ready(proc, port, 1200)
+                row[label] = wait_ready(proc, port, 1500)
                 row[label.replace("_s", "_phases")] = startup_phases(port)
+                row[label.replace("_s", "_artifacts")] = {
+                    line.split('"')[1]: value
+                    for line, value in metric_lines(port, "zimage_compile_artifacts")
+                }
+                row[label.replace("_s", "_fx_graphs")] = {
+                    line.split('"')[1]: value
+                    for line, value in metric_lines(port, "zimage_compile_fx_graphs")
+                }
             finally:
                 stop_server(proc)
+                row[label.replace("_s", "_breakdown")] = warmup_breakdown(log)
+                rows[path] = row
+                args.save(results)
             print(f"cold start {path} {label}: {row[label]:.1f} s", flush=True)
         rows[path] = row
 
@@ -709,13 +769,25 @@ def render(results: dict[str, Any]) -> str:
         lines += [
             "## Process start to ready (weights already on disk)",
             "",
-            "| path | empty compile cache s | warm compile cache s | of which load / tune / warm-up s |",
-            "|---|---|---|---|",
+            "A new replica today starts with an empty compile cache; a container restart keeps the",
+            "pod's; a new replica with shared compile artifacts (`compile_artifacts_dir`) starts with",
+            "an empty compile cache and loads what the first replica saved.",
+            "",
+            "| path | new replica s | container restart s | new replica with artifacts s "
+            "| of which load / tune / warm-up s (with artifacts) | warm-up calls s (new replica) |",
+            "|---|---|---|---|---|---|",
         ]
         for path, row in cold.items():
-            warm = row.get("warm_cache_phases", {})
-            parts = " / ".join(f"{warm.get(phase, float('nan')):.1f}" for phase in ("load", "tune", "warmup"))
-            lines.append(f"| {path} | {row['empty_cache_s']:.1f} | {row['warm_cache_s']:.1f} | {parts} |")
+            shared = row.get("artifacts_phases", {})
+            parts = " / ".join(
+                f"{shared.get(phase, float('nan')):.1f}" for phase in ("load", "tune", "warmup")
+            )
+            calls = "; ".join(row.get("empty_cache_breakdown", {}).get("warmup_calls_s", []))
+            lines.append(
+                f"| {path} | {row.get('empty_cache_s', float('nan')):.1f} | "
+                f"{row.get('warm_cache_s', float('nan')):.1f} | {row.get('artifacts_s', float('nan')):.1f} | "
+                f"{parts} | {calls} |"
+            )
         lines.append("")
     return "\n".join(lines)
 
@@ -747,6 +819,7 @@ def main() -> None:
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     results_path = args.results or args.work / "results.json"
+    args.save = lambda data: results_path.write_text(json.dumps(data, indent=2))
     results: dict[str, Any] = json.loads(results_path.read_text()) if results_path.is_file() else {}
     stages = args.stages.split(",")
     measuring = [stage for stage in stages if stage != "report"]

@@ -72,7 +72,8 @@ class Metrics:
         self.startup_seconds = Gauge(
             "zimage_startup_seconds",
             "Seconds each start-up phase took: load (weights to the device), tune (attention "
-            "timing, fp8), warmup (the warm-up generations, compiles included)",
+            "timing, fp8; artifacts_load included), warmup (the warm-up generations, compiles "
+            "included), artifacts_load and artifacts_save (the shared compile artifacts)",
             ["phase"],
             registry=r,
         )

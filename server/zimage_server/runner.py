@@ -128,7 +128,9 @@ class PipelineRunner:
         self.tuning.cuda_graphs = sorted(self.graphs)
         if self.tuning.compiled and self.settings.compile_artifacts_dir:
             # Before the warm-up, whose calls do the compiling: loaded artifacts make them hits.
+            loading = time.perf_counter()
             self.artifacts = compile_artifacts.load(self.artifact_path())
+            self.startup_seconds["artifacts_load"] = time.perf_counter() - loading
         self.startup_seconds["tune"] = time.perf_counter() - started
         # A fast tokenizer is not safe to share between threads (a call that sets padding or
         # truncation while another encodes raises "Already borrowed"): admission checks on
@@ -155,9 +157,11 @@ class PipelineRunner:
     def save_artifacts(self) -> None:
         """After the warm-up: save what it compiled, where no replica has yet."""
         if self.artifacts.state in ("absent", "ignored") and self.artifacts.path:
+            saving = time.perf_counter()
             try:
                 replace = self.artifacts.state == "ignored"
                 self.artifacts = compile_artifacts.save(Path(self.artifacts.path), replace=replace)
+                self.startup_seconds["artifacts_save"] = time.perf_counter() - saving
             except Exception as exc:  # a full or read-only volume costs the next replica time, not this one
                 logger.warning("could not save compile artifacts: %s", exc)
                 self.artifacts = compile_artifacts.ArtifactState("absent", self.artifacts.path, str(exc))

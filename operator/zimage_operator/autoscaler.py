@@ -18,7 +18,7 @@ from .config import OperatorSettings
 from .kube import Kube
 from .metrics import DECISIONS
 from .reconcile import EventSink, Reconciler
-from .scaling import Decision, History, PodLoad, decide
+from .scaling import Decision, History, PodLoad, artifacts_status, decide
 from .spec import InvalidSpecError, parse_spec
 from .status import now_rfc3339
 
@@ -64,7 +64,8 @@ class Autoscaler:
             spec = parse_spec(body.get("spec"))
         except InvalidSpecError:
             return True  # the reconciler reports it
-        if spec.autoscaling.mode != "builtin":
+        artifacts = spec.runtime.compile_artifacts.enabled
+        if spec.autoscaling.mode != "builtin" and not artifacts:
             return True
         owner = Owner(meta["name"], meta["namespace"], meta["uid"])
         deployment = await asyncio.to_thread(
@@ -79,6 +80,10 @@ class Autoscaler:
             self.kube.list_objects, "v1", "Pod", owner.namespace, builders.selector_string(owner)
         )
         loads = await asyncio.gather(*(self._read(http, pod) for pod in ready_pods(pods)))
+        if artifacts:
+            await self._record_artifacts(body, owner, list(loads))
+        if spec.autoscaling.mode != "builtin":
+            return True
         decision = decide(
             spec.autoscaling, current, list(loads), history, time.monotonic(), builders.replica_floor(spec)
         )
@@ -94,15 +99,29 @@ class Autoscaler:
             response = await http.get(url)
             response.raise_for_status()
             load = response.json()
+            artifacts = load.get("compile_artifacts") or {}  # absent from older servers
             return PodLoad(
                 name,
                 True,
                 int(load.get("queue_depth", 0)),
                 int(load.get("in_flight", 0)),
                 float(load.get("pending_gpu_seconds", 0.0)),
+                artifacts=artifacts.get("state"),
+                artifact=artifacts.get("artifact"),
             )
         except (httpx.HTTPError, ValueError) as exc:
             return PodLoad(name, False, error=f"{type(exc).__name__}: {exc}")
+
+    async def _record_artifacts(self, body: dict[str, Any], owner: Owner, loads: list[PodLoad]) -> None:
+        """``status.compileArtifacts``, written when what the ready pods report changes."""
+        previous = (body.get("status") or {}).get("compileArtifacts") or {}
+        record = artifacts_status(loads)
+        if all(previous.get(key) == value for key, value in record.items()):
+            return
+        record["observedTime"] = now_rfc3339()
+        await asyncio.to_thread(
+            self.kube.patch_status, owner.namespace, owner.name, {"compileArtifacts": record}
+        )
 
     async def _record(
         self, body: dict[str, Any], owner: Owner, current: int, decision: Decision, history: History

@@ -32,8 +32,6 @@ API_KEYS_DIR = "/etc/zimage/api-keys"  # the Secret of spec.auth.apiKeySecretRef
 # The preStop pause lets endpoints drop the pod before the server starts refusing requests.
 PRESTOP_SECONDS = 5
 STARTUP_PERIOD_SECONDS = 10
-# Loading 6B parameters and compiling at each warm-up size can take minutes on a cold node.
-STARTUP_BUDGET_SECONDS = 1200
 
 Manifest = dict[str, Any]
 # The longest ZImageService name (the CRD refuses longer ones): NAME-prefetch-0123abcd, the
@@ -235,6 +233,24 @@ def _volumes(owner: Owner, spec: ZImageServiceSpec) -> tuple[list[Manifest], lis
     return volumes, mounts
 
 
+def startup_budget_seconds(spec: ZImageServiceSpec) -> int:
+    """How long a replica may take to become ready before the kubelet restarts it: what its
+    start has to do, with room to spare. Loading the weights and a warm-up without compile take
+    seconds to a minute; with compile, a replica that finds no compile artifacts for its GPU and
+    versions (the first one, or any after an upgrade) compiles from nothing, which took 193 s
+    for bf16 on an H200 and over 9 minutes for fp8 on a fresh card (docs/performance.md); each
+    further warm-up size compiles its own shapes; a model the server downloads itself (hf://
+    without model.cache) comes over the network first. Shared artifacts make most starts far
+    faster, but the budget must still hold the cold one."""
+    budget = 600
+    if spec.runtime.compile:
+        budget = 1800 if spec.runtime.precision == "fp8" else 900
+        budget += 120 * max(0, len(spec.runtime.warmup_sizes) - 1)
+    if spec.model.scheme == "hf" and not spec.needs_cache:
+        budget += 1800
+    return budget
+
+
 def _probe(path: str, period: int, failures: int, timeout: int = 5) -> Manifest:
     return {
         "httpGet": {"path": path, "port": HEALTH_PORT_NAME},
@@ -290,7 +306,7 @@ def build_deployment(
             "limits": {"memory": spec.resources.memory, **gpu},
         },
         "startupProbe": _probe(
-            "/healthz/startup", STARTUP_PERIOD_SECONDS, STARTUP_BUDGET_SECONDS // STARTUP_PERIOD_SECONDS
+            "/healthz/startup", STARTUP_PERIOD_SECONDS, startup_budget_seconds(spec) // STARTUP_PERIOD_SECONDS
         ),
         "readinessProbe": _probe("/healthz/ready", 5, 2),
         "livenessProbe": _probe("/healthz/live", spec.vram.period_seconds, spec.vram.failure_threshold),
@@ -412,6 +428,47 @@ def build_scaled_object(owner: Owner, spec: ZImageServiceSpec, settings: Operato
                     },
                 }
             ],
+        },
+    }
+
+
+HTTP_ADDON_CRD = "httpscaledobjects.http.keda.sh"
+
+
+def service_hosts(owner: Owner) -> list[str]:
+    """The names a client in the cluster reaches the Service by: the HTTP add-on's interceptor
+    routes a request to this service when its Host header is one of them."""
+    local = f"{owner.name}.{owner.namespace}"
+    return [owner.name, local, f"{local}.svc", f"{local}.svc.cluster.local"]
+
+
+def build_http_scaled_object(owner: Owner, spec: ZImageServiceSpec) -> Manifest:
+    """Scale from zero (keda mode, minReplicas 0): KEDA's HTTP add-on counts the requests its
+    interceptor holds or forwards, holds them while the first replica starts, and scales on
+    their number (the requests queued or running, the same load the other modes read)."""
+    scaling = spec.autoscaling
+    return {
+        "apiVersion": "http.keda.sh/v1alpha1",
+        "kind": "HTTPScaledObject",
+        "metadata": _metadata(owner, owner.name, common_labels(owner)),
+        "spec": {
+            "hosts": service_hosts(owner),
+            "scaleTargetRef": {
+                "apiVersion": "apps/v1",
+                "kind": "Deployment",
+                "name": owner.name,
+                "service": owner.name,
+                "port": spec.service.port,
+            },
+            "replicas": {"min": scaling.min_replicas, "max": scaling.max_replicas},
+            "scalingMetric": {"concurrency": {"targetValue": scaling.target_queue_per_replica}},
+            "scaledownPeriod": scaling.scale_down_stabilization_seconds,
+            "timeouts": {
+                # A request that wakes the service waits for a replica as long as one may take to start.
+                "conditionWait": f"{startup_budget_seconds(spec)}s",
+                # Images are answered whole: the headers come when the image is done.
+                "responseHeader": f"{spec.runtime.request_timeout_seconds + 10}s",
+            },
         },
     }
 

@@ -48,7 +48,10 @@ CHILDREN = [
     ("autoscaling", "v2", "horizontalpodautoscalers"),
 ]
 # Watched only where KEDA is installed; Kopf skips resources the cluster does not serve.
-OPTIONAL_CHILDREN = [("keda.sh", "v1alpha1", "scaledobjects")]
+OPTIONAL_CHILDREN = [
+    ("keda.sh", "v1alpha1", "scaledobjects"),
+    ("http.keda.sh", "v1alpha1", "httpscaledobjects"),
+]
 MAX_BACKOFF_SECONDS = 60.0
 BASE_BACKOFF_SECONDS = 2.0
 # While the API server is unreachable: retried this often, so that a service is reconciled
@@ -170,12 +173,18 @@ def autoscaling_mode(body: kopf.Body) -> str:
     return str((body.get("spec", {}).get("autoscaling") or {}).get("mode", "builtin"))
 
 
+def artifacts_enabled(body: kopf.Body) -> bool:
+    runtime = body.get("spec", {}).get("runtime") or {}
+    return bool((runtime.get("compileArtifacts") or {}).get("enabled"))
+
+
 async def service_loop(
     *, name: str, namespace: str | None, uid: str | None, body: kopf.Body, memo: Any,
     stopped: kopf.DaemonStopped, **_: Any,
 ) -> None:  # fmt: skip
-    """One service's daemon: a resync now and every ``resync_seconds``, and in builtin mode an
-    autoscaler pass every ``autoscale_seconds``. A failed resync raises ``kopf.TemporaryError``,
+    """One service's daemon: a resync now and every ``resync_seconds``, and in builtin mode (or
+    with shared compile artifacts, whose status it reads from the pods) an autoscaler pass every
+    ``autoscale_seconds``. A failed resync raises ``kopf.TemporaryError``,
     and Kopf starts the daemon again after its delay. Ends when the service is gone (``body``,
     which Kopf keeps fresh, only tells the mode; a deletion is learned from the API server)."""
     operator_settings: OperatorSettings = memo.settings
@@ -231,7 +240,7 @@ async def service_loop(
                 if not await resync():
                     break
                 next_resync = loop.time() + operator_settings.resync_seconds
-            if autoscaling_mode(body) != "builtin":
+            if autoscaling_mode(body) != "builtin" and not artifacts_enabled(body):
                 continue
             try:
                 if not await autoscaler.scale(http, namespace, name, key, state.history):

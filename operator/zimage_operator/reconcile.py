@@ -171,14 +171,25 @@ class Reconciler:
         desired.append(builders.build_deployment(owner, spec, self.settings, deployment_replicas))
         if hpa:
             desired.append(builders.build_hpa(owner, spec))
-        keda_missing = None
-        if spec.autoscaling.mode == "keda":
-            if self._keda_installed():
+        keda_missing: tuple[str, str] | None = None
+        if spec.scales_from_zero:
+            if self._crd_installed(builders.HTTP_ADDON_CRD):
+                desired.append(builders.build_http_scaled_object(owner, spec))
+            else:
+                keda_missing = (
+                    "KedaHttpAddOnNotInstalled",
+                    "autoscaling.minReplicas 0 (scale from zero) needs KEDA's HTTP add-on, but its CRD "
+                    f"{builders.HTTP_ADDON_CRD} is not installed; install KEDA and its HTTP add-on, or "
+                    "set minReplicas 1",
+                )
+        elif spec.autoscaling.mode == "keda":
+            if self._crd_installed(builders.KEDA_CRD):
                 desired.append(builders.build_scaled_object(owner, spec, self.settings))
             else:
                 keda_missing = (
+                    "KedaNotInstalled",
                     f"autoscaling.mode keda needs KEDA, but its CRD {builders.KEDA_CRD} is not installed; "
-                    "install KEDA or choose another mode"
+                    "install KEDA or choose another mode",
                 )
         desired.append(builders.build_service(owner, spec))
         desired.append(builders.build_pdb(owner, spec))
@@ -219,7 +230,7 @@ class Reconciler:
             replicas=replicas,
             pods=pods,
             model=model,
-            blocked=None if keda_missing is None else ("KedaNotInstalled", keda_missing),
+            blocked=keda_missing,
             vram_restart=vram_restart,
         )
         if retry:
@@ -228,8 +239,8 @@ class Reconciler:
             self._failures.pop(f"{owner.namespace}/{owner.name}", None)
         return apply_error is None and keda_missing is None
 
-    def _keda_installed(self) -> bool:
-        crd = self.kube.get("apiextensions.k8s.io/v1", "CustomResourceDefinition", "", builders.KEDA_CRD)
+    def _crd_installed(self, name: str) -> bool:
+        crd = self.kube.get("apiextensions.k8s.io/v1", "CustomResourceDefinition", "", name)
         return crd is not None
 
     def _converge(self, manifest: Manifest, live: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -266,10 +277,23 @@ class Reconciler:
             hpa = self.kube.get("autoscaling/v2", "HorizontalPodAutoscaler", owner.namespace, owner.name)
             if hpa is not None and _owned_by(hpa, owner):
                 self.kube.delete("autoscaling/v2", "HorizontalPodAutoscaler", owner.namespace, owner.name)
-        if spec.autoscaling.mode != "keda" and self._keda_installed():
-            scaled = self.kube.get("keda.sh/v1alpha1", "ScaledObject", owner.namespace, owner.name)
+        # A ScaledObject of the operator's own only in keda mode above zero; from zero, the HTTP
+        # add-on makes its own from the HTTPScaledObject (owned by that, so left alone here).
+        wanted = (
+            (
+                "keda.sh/v1alpha1",
+                "ScaledObject",
+                spec.autoscaling.mode == "keda" and not spec.scales_from_zero,
+            ),
+            ("http.keda.sh/v1alpha1", "HTTPScaledObject", spec.scales_from_zero),
+        )
+        for api_version, kind, keep in wanted:
+            crd = builders.KEDA_CRD if kind == "ScaledObject" else builders.HTTP_ADDON_CRD
+            if keep or not self._crd_installed(crd):
+                continue
+            scaled = self.kube.get(api_version, kind, owner.namespace, owner.name)
             if scaled is not None and _owned_by(scaled, owner):
-                self.kube.delete("keda.sh/v1alpha1", "ScaledObject", owner.namespace, owner.name)
+                self.kube.delete(api_version, kind, owner.namespace, owner.name)
         if not spec.needs_cache:
             claim = self.kube.get(
                 "v1", "PersistentVolumeClaim", owner.namespace, builders.cache_claim_name(owner)
@@ -317,6 +341,8 @@ class Reconciler:
             status["endpoint"] = builders.endpoint(owner, spec)
         if vram_restart is not None:  # kept (a merge patch) once its pod is gone
             status["lastVramRestart"] = vram_restart
+        if spec is not None and not spec.runtime.compile_artifacts.enabled and "compileArtifacts" in previous:
+            status["compileArtifacts"] = None  # turned off: the daemon no longer reports it
         if _same(previous, status):
             return
         self.kube.patch_status(owner.namespace, owner.name, status)

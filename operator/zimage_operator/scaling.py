@@ -23,6 +23,9 @@ class PodLoad:
     in_flight: int = 0
     pending_gpu_seconds: float = 0.0
     error: str | None = None
+    # What the pod did with the shared compile artifacts, and the file's name (its /load says).
+    artifacts: str | None = None
+    artifact: str | None = None
 
     @property
     def busy(self) -> bool:
@@ -94,3 +97,35 @@ def decide(
     if unreachable:
         reason += f"; unreachable: {', '.join(unreachable)}"
     return Decision(desired, recommended, load, pending, reason, unreachable)
+
+
+# What a replica did with the shared artifacts, as its /load names it: these found or wrote one.
+ARTIFACT_PRESENT = ("loaded", "saved", "exists")
+
+
+def artifacts_status(pods: list[PodLoad]) -> dict[str, object]:
+    """``status.compileArtifacts`` from the ready pods' reports: Available when a replica found or
+    wrote the artifact for its GPU and versions, Missing when they all compiled without one
+    (none saved yet, or a save failed), Unknown when no ready pod answered."""
+    reports = [pod for pod in pods if pod.reachable and pod.artifacts is not None]
+    counts: dict[str, int] = {}
+    for pod in reports:
+        counts[str(pod.artifacts)] = counts.get(str(pod.artifacts), 0) + 1
+    names = sorted({pod.artifact for pod in reports if pod.artifact and pod.artifacts in ARTIFACT_PRESENT})
+    present = sum(counts.get(state, 0) for state in ARTIFACT_PRESENT)
+    if present:
+        state = "Available"
+        message = (
+            f"{present} of {len(pods)} ready replicas use the shared compile artifacts ({', '.join(names)})"
+        )
+    elif reports:
+        state = "Missing"
+        detail = ", ".join(f"{state} {count}" for state, count in sorted(counts.items()))
+        message = (
+            f"the ready replicas compiled without shared compile artifacts ({detail}); a replica that "
+            "could not save them says why in its log"
+        )
+    else:
+        state = "Unknown"
+        message = "no ready replica has reported on the compile artifacts yet"
+    return {"state": state, "message": message, "artifacts": names, "pods": counts}

@@ -139,6 +139,11 @@ class ZImageServiceSpec(_Model):
         return self.model.scheme == "hf" and self.model.cache is not None
 
     @property
+    def scales_from_zero(self) -> bool:
+        """keda mode with minReplicas 0: KEDA's HTTP add-on scales the service, from zero too."""
+        return self.autoscaling.mode == "keda" and self.autoscaling.min_replicas == 0
+
+    @property
     def on_cpu(self) -> bool:
         """``resources.gpus: 0``: a replica without a GPU, for tiny models in demos and tests."""
         return self.resources.gpus == 0
@@ -196,4 +201,17 @@ def parse_spec(raw: dict[str, Any] | None) -> ZImageServiceSpec:
         )
     if spec.autoscaling.min_replicas > spec.autoscaling.max_replicas:
         raise InvalidSpecError("spec.autoscaling: minReplicas must not exceed maxReplicas")
+    if spec.autoscaling.min_replicas < 0:
+        raise InvalidSpecError("spec.autoscaling.minReplicas: must not be negative")
+    if spec.autoscaling.min_replicas == 0 and spec.autoscaling.mode != "keda":
+        raise InvalidSpecError(
+            "spec.autoscaling.minReplicas: 0 (scale from zero) needs mode keda, whose HTTP add-on holds "
+            "requests while a replica starts; the builtin autoscaler and an HPA read the load of "
+            "running pods, so with none nothing would scale the service up again"
+        )
+    if spec.autoscaling.min_replicas == 0 and spec.replicas != 0:
+        raise InvalidSpecError(
+            "spec.replicas: autoscaling.minReplicas 0 needs replicas 0 too (replicas is a floor above "
+            "minReplicas)"
+        )
     return spec

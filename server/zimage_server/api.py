@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from pathlib import PurePath
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
@@ -119,6 +120,7 @@ async def load(request: Request) -> dict[str, Any]:
     service = _service(request)
     engine = service.engine
     state: ServerState = request.app.state.server_state
+    artifacts = engine.runner.artifacts
     return {
         "ready": state.ready,
         "draining": state.draining,
@@ -129,6 +131,12 @@ async def load(request: Request) -> dict[str, Any]:
         "seconds_per_megapixel_step": round(engine.cost.rate, 6),
         "max_batch_size": service.settings.max_batch_size,
         "max_queue": service.settings.max_queue,
+        # What this replica did with the shared compile artifacts (off unless configured), and
+        # the file's name, which names its GPU, versions and choices.
+        "compile_artifacts": {
+            "state": artifacts.state,
+            "artifact": PurePath(artifacts.path).name if artifacts.path else None,
+        },
     }
 
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Builds the local test cluster's programs from Go modules into a cache keyed by version:
 # kube-apiserver, kube-controller-manager, kube-scheduler, kubectl, kubelet, kube-proxy, etcd, kwok,
-# helm, crictl, the pod sandboxes' pause program, and buildkitd and buildctl.
+# helm, crictl, the pod sandboxes' pause program, and buildkitd and buildctl; and KEDA's CRDs
+# (ScaledObject, HTTPScaledObject) from their modules, into BIN/crds.
 # Each program's version comes from the go.mod of its module under tools/; a program already
 # in the cache is not built again. Prints the folder that holds the binaries.
 set -euo pipefail
@@ -59,5 +60,21 @@ build pause pause . ""
 buildkit_stamp="-X github.com/moby/buildkit/version.Version=$buildkit"
 build buildkitd buildkit github.com/moby/buildkit/cmd/buildkitd "$buildkit_stamp"
 build buildctl buildkit github.com/moby/buildkit/cmd/buildctl "$buildkit_stamp"
+
+# KEDA's own CRDs, read from the modules tools/keda pins (go.sum checks what the proxy sent).
+keda=$(module_version keda github.com/kedacore/keda/v2)
+http_addon=$(module_version keda github.com/kedacore/http-add-on)
+crds="$bin/crds/keda-$keda-http-add-on-$http_addon"
+if [[ ! -f "$crds/.complete" ]]; then
+	mkdir -p "$crds"
+	module_dir() { # module path
+		(cd "$here/tools/keda" && go mod download "$1" && go list -m -f '{{.Dir}}' "$1")
+	}
+	cp "$(module_dir github.com/kedacore/keda/v2)/config/crd/bases/keda.sh_scaledobjects.yaml" "$crds/"
+	cp "$(module_dir github.com/kedacore/http-add-on)/config/crd/bases/http.keda.sh_httpscaledobjects.yaml" "$crds/"
+	chmod u+w "$crds"/*.yaml
+	touch "$crds/.complete"
+fi
+ln -sfn "$crds" "$bin/crds/keda"
 
 echo "$bin"

@@ -142,9 +142,59 @@ def test_probes_use_the_servers_endpoints_on_its_health_port() -> None:
     assert {"name": "ZIMAGE_HEALTH_PORT", "value": "8001"} in main["env"]
 
 
-def test_the_startup_probe_allows_minutes_for_loading_and_warm_up() -> None:
-    probe = container()["startupProbe"]
-    assert probe["periodSeconds"] * probe["failureThreshold"] >= 600
+def startup_budget(spec: dict[str, Any] | None = None) -> int:
+    probe = container(spec)["startupProbe"]
+    return int(probe["periodSeconds"] * probe["failureThreshold"])
+
+
+def test_the_startup_probe_budget_follows_what_the_start_must_do() -> None:
+    # A cold compile (no shared artifacts for this GPU and these versions yet): 193 s for bf16
+    # on an H200, over 9 minutes for fp8 on a fresh card; each budget leaves room for it.
+    bf16 = startup_budget({"model": {"source": "builtin://tiny"}})
+    assert bf16 >= 4 * 193
+    fp8 = startup_budget({"model": {"source": "builtin://tiny"}, "runtime": {"precision": "fp8"}})
+    assert fp8 >= 2 * 560
+    assert fp8 > bf16
+    plain = startup_budget({"model": {"source": "builtin://tiny"}, "runtime": {"compile": False}})
+    assert 300 <= plain < bf16
+    two_sizes = {"model": {"source": "builtin://tiny"}, "runtime": {"warmupSizes": ["1024x1024", "768x768"]}}
+    assert startup_budget(two_sizes) > bf16
+    # A hub model without a cache is downloaded by the server itself, before it loads.
+    downloading = startup_budget({"model": {"source": "hf://Tongyi-MAI/Z-Image-Turbo"}})
+    cached = startup_budget({"model": {"source": "hf://Tongyi-MAI/Z-Image-Turbo", "cache": {"size": "40Gi"}}})
+    assert downloading >= cached + 1800
+    assert cached == bf16
+    # Shared artifacts do not shorten it: the first replica, and any after an upgrade, compile cold.
+    shared = {"compileArtifacts": {"enabled": True, "claimName": "kernels"}}
+    assert startup_budget({"model": {"source": "builtin://tiny"}, "runtime": shared}) == bf16
+
+
+def test_scale_from_zero_is_an_http_scaled_object_on_the_service() -> None:
+    spec = parse_spec(
+        {
+            "autoscaling": {"mode": "keda", "minReplicas": 0, "maxReplicas": 3, "targetQueuePerReplica": 2},
+            "replicas": 0,
+            "service": {"port": 8080},
+            "runtime": {"requestTimeoutSeconds": 300},
+        }
+    )
+    scaled = builders.build_http_scaled_object(OWNER, spec)
+    assert (scaled["apiVersion"], scaled["kind"]) == ("http.keda.sh/v1alpha1", "HTTPScaledObject")
+    body = scaled["spec"]
+    assert body["scaleTargetRef"] == {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "name": OWNER.name,
+        "service": OWNER.name,
+        "port": 8080,
+    }
+    assert body["replicas"] == {"min": 0, "max": 3}
+    assert body["scalingMetric"] == {"concurrency": {"targetValue": 2}}
+    assert f"{OWNER.name}.{OWNER.namespace}.svc.cluster.local" in body["hosts"]
+    # The interceptor holds a waking request as long as a replica may take to start.
+    assert body["timeouts"]["conditionWait"] == f"{builders.startup_budget_seconds(spec)}s"
+    assert body["timeouts"]["responseHeader"] == "310s"
+    assert scaled["metadata"]["ownerReferences"][0]["kind"] == "ZImageService"
 
 
 def test_liveness_timing_comes_from_the_vram_spec() -> None:

@@ -240,7 +240,22 @@ INVALID: list[tuple[str, dict[str, Any], str]] = [
         "at least one for In and NotIn",
     ),
     ("bad-node-selector", {"scheduling": {"nodeSelector": {"bad key": "x"}}}, "keys must be label keys"),
-    ("min-zero", {"autoscaling": {"minReplicas": 0}}, "minReplicas must be at least 1"),
+    (
+        "min-zero-builtin",
+        {"autoscaling": {"minReplicas": 0}, "replicas": 0},
+        "minReplicas 0 (scale from zero) needs mode keda",
+    ),
+    ("min-zero-hpa", {"autoscaling": {"mode": "hpa", "minReplicas": 0}, "replicas": 0}, "needs mode keda"),
+    (
+        "min-zero-floor-one",
+        {"autoscaling": {"mode": "keda", "minReplicas": 0}},
+        "minReplicas 0 needs replicas 0 too",
+    ),
+    (
+        "min-negative",
+        {"autoscaling": {"mode": "keda", "minReplicas": -1}, "replicas": 0},
+        "should be greater than or equal to 0",
+    ),
     (
         "floor-above-max",
         {"replicas": 9, "autoscaling": {"maxReplicas": 4}},
@@ -453,10 +468,14 @@ def test_the_operator_account_can_do_what_it_needs_and_no_more(
     for args in CANNOT:
         result = cluster.kubectl("auth", "can-i", f"--as={SA}", *args, check=False)
         assert result.stdout.strip() == "no", args
+    granted = set()
     for doc in yaml.safe_load_all((ROOT / "deploy/operator/rbac.yaml").read_text()):
         for rule in doc.get("rules", []):
             assert "*" not in rule["verbs"], rule
             assert "*" not in rule["resources"], rule
+            granted |= {(group, resource) for group in rule["apiGroups"] for resource in rule["resources"]}
+    # KEDA's kinds, which can-i cannot check where KEDA is not installed.
+    assert {("keda.sh", "scaledobjects"), ("http.keda.sh", "httpscaledobjects")} <= granted
 
 
 def test_a_model_cache_is_prefetched_before_the_servers_start(
@@ -617,6 +636,11 @@ def test_hpa_mode_makes_an_hpa_and_switching_away_removes_it(
     wait_ready(api, namespace, "elastic")
 
 
+def keda_crd(cluster: LocalCluster, name: str) -> Path:
+    """One of KEDA's own CRDs, which the cluster set-up reads from KEDA's Go modules."""
+    return cluster.binaries / "crds/keda" / name
+
+
 def test_keda_mode_needs_keda_and_switching_away_removes_the_scaled_object(
     operator: LocalPodRunner, cluster: LocalCluster, api: client.ApiClient, namespace: str
 ) -> None:
@@ -629,7 +653,7 @@ def test_keda_mode_needs_keda_and_switching_away_removes_the_scaled_object(
 
     assert "scaledobjects.keda.sh is not installed" in wait_for(degraded, 30, "KedaNotInstalled")["message"]
 
-    crd = ROOT / "tests/cluster/crds/keda-scaledobjects.yaml"
+    crd = keda_crd(cluster, "keda.sh_scaledobjects.yaml")
     cluster.kubectl("apply", "--server-side", "-f", str(crd))
     cluster.kubectl("wait", "--for=condition=Established", "crd/scaledobjects.keda.sh", "--timeout=60s")
     try:
@@ -658,6 +682,81 @@ def test_keda_mode_needs_keda_and_switching_away_removes_the_scaled_object(
         wait_for(removed, 30, "the ScaledObject to be removed after switching to none")
     finally:
         cluster.kubectl("delete", "-f", str(crd), "--wait=true", check=False)
+
+
+def test_scale_from_zero_is_keda_http_add_on_and_holds_no_replica_until_asked(
+    operator: LocalPodRunner, cluster: LocalCluster, api: client.ApiClient, namespace: str
+) -> None:
+    scaling = {"mode": "keda", "minReplicas": 0, "maxReplicas": 3, "targetQueuePerReplica": 2}
+    apply(cluster, namespace, zis("sleepy", autoscaling=scaling, replicas=0))
+
+    def blocked() -> dict[str, Any] | None:
+        item = condition(get(api, namespace, "sleepy"), "Degraded")
+        return item if item.get("reason") == "KedaHttpAddOnNotInstalled" else None
+
+    message = wait_for(blocked, 30, "KedaHttpAddOnNotInstalled")["message"]
+    assert "httpscaledobjects.http.keda.sh is not installed" in message
+    assert "set minReplicas 1" in message
+
+    crds = [
+        keda_crd(cluster, f) for f in ("keda.sh_scaledobjects.yaml", "http.keda.sh_httpscaledobjects.yaml")
+    ]
+    for crd in crds:
+        cluster.kubectl("apply", "--server-side", "-f", str(crd))
+    cluster.kubectl(
+        "wait", "--for=condition=Established", "crd/scaledobjects.keda.sh",
+        "crd/httpscaledobjects.http.keda.sh", "--timeout=60s",
+    )  # fmt: skip
+    custom = client.CustomObjectsApi(api)
+    apps = client.AppsV1Api(api)
+    try:
+
+        def http_scaled_object() -> dict[str, Any]:
+            result: dict[str, Any] = custom.get_namespaced_custom_object(
+                "http.keda.sh", "v1alpha1", namespace, "httpscaledobjects", "sleepy"
+            )
+            return result
+
+        # Admitted by the add-on's own schema (its rules included).
+        found = wait_for(http_scaled_object, 60, "the HTTPScaledObject")["spec"]
+        assert found["replicas"] == {"min": 0, "max": 3}
+        assert found["scaleTargetRef"]["service"] == "sleepy"
+        assert found["scalingMetric"]["concurrency"]["targetValue"] == 2
+        assert f"sleepy.{namespace}.svc.cluster.local" in found["hosts"]
+        # The add-on makes the ScaledObject from it; the operator writes none of its own.
+        listed = custom.list_namespaced_custom_object("keda.sh", "v1alpha1", namespace, "scaledobjects")
+        assert listed["items"] == []
+
+        def asleep() -> dict[str, Any] | None:
+            body = get(api, namespace, "sleepy")
+            ready = condition(body, "Ready")
+            healthy = condition(body, "Degraded").get("status") == "False"
+            return body if ready.get("reason") == "ScaledToZero" and healthy else None
+
+        wait_for(asleep, 30, "ScaledToZero with nothing degraded")
+        assert apps.read_namespaced_deployment("sleepy", namespace).spec.replicas == 0
+
+        # A request arrives: the add-on scales the Deployment, and the operator leaves it so.
+        cluster.kubectl("scale", "deployment/sleepy", "-n", namespace, "--replicas=1")
+        body = wait_ready(api, namespace, "sleepy", timeout=90)
+        assert condition(body, "Ready")["reason"] == "Serving"
+        time.sleep(3)  # a resync or two
+        assert apps.read_namespaced_deployment("sleepy", namespace).spec.replicas == 1
+
+        apply(cluster, namespace, zis("sleepy", autoscaling={**scaling, "minReplicas": 1}, replicas=1))
+
+        def switched() -> bool:
+            items = custom.list_namespaced_custom_object(
+                "http.keda.sh", "v1alpha1", namespace, "httpscaledobjects"
+            )
+            objects = custom.list_namespaced_custom_object("keda.sh", "v1alpha1", namespace, "scaledobjects")
+            return not items["items"] and [o["metadata"]["name"] for o in objects["items"]] == ["sleepy"]
+
+        wait_for(switched, 30, "the HTTPScaledObject replaced by a ScaledObject above zero")
+    finally:
+        cluster.kubectl("delete", "zis", "sleepy", "-n", namespace, "--wait=true", check=False)
+        for crd in crds:
+            cluster.kubectl("delete", "-f", str(crd), "--wait=true", check=False)
 
 
 def test_the_kustomize_base_and_every_example_pass_a_server_side_dry_run(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from zimage_operator.scaling import Decision, History, PodLoad, decide
+from zimage_operator.scaling import Decision, History, PodLoad, artifacts_status, decide
 from zimage_operator.spec import AutoscalingSpec
 
 SPEC = AutoscalingSpec(
@@ -69,3 +69,29 @@ def test_unreachable_pods_count_as_busy_and_are_reported() -> None:
 def test_unreachable_pods_add_no_load() -> None:
     decision = run(1, pods((0, 0), unreachable=1), History(), now=0)
     assert (decision.load, decision.desired) == (0, 1)
+
+
+def test_artifacts_are_available_once_a_ready_replica_found_or_wrote_them() -> None:
+    pods = [
+        PodLoad("a", True, artifacts="saved", artifact="zimage-compile-1.bin"),
+        PodLoad("b", True, artifacts="loaded", artifact="zimage-compile-1.bin"),
+        PodLoad("c", False),
+    ]
+    status = artifacts_status(pods)
+    assert status["state"] == "Available"
+    assert status["artifacts"] == ["zimage-compile-1.bin"]
+    assert status["pods"] == {"saved": 1, "loaded": 1}
+    assert "2 of 3 ready replicas" in str(status["message"])
+
+
+def test_artifacts_are_missing_when_every_replica_compiled_without_them() -> None:
+    # A replica whose save failed (a read-only or full volume) reports absent after its warm-up.
+    status = artifacts_status([PodLoad("a", True, artifacts="absent", artifact="zimage-compile-1.bin")])
+    assert (status["state"], status["artifacts"], status["pods"]) == ("Missing", [], {"absent": 1})
+    assert "absent 1" in str(status["message"])
+
+
+def test_artifacts_are_unknown_without_a_report() -> None:
+    # No ready pod, an unreachable one, or a server too old to say.
+    for pods in ([], [PodLoad("a", False)], [PodLoad("a", True)]):
+        assert artifacts_status(pods)["state"] == "Unknown"

@@ -69,6 +69,10 @@ def test_the_spec_takes_the_crd_defaults() -> None:
             {"runtime": {"compile": False, "compileArtifacts": {"enabled": True, "claimName": "k"}}},
             "set runtime.compile true",
         ),
+        ({"autoscaling": {"minReplicas": 0}, "replicas": 0}, "needs mode keda"),
+        ({"autoscaling": {"mode": "hpa", "minReplicas": 0}, "replicas": 0}, "needs mode keda"),
+        ({"autoscaling": {"mode": "keda", "minReplicas": 0}}, "needs replicas 0 too"),
+        ({"autoscaling": {"mode": "keda", "minReplicas": -1}, "replicas": 0}, "must not be negative"),
     ],
 )
 def test_specs_the_operator_cannot_serve_are_explained(raw: dict[str, Any], words: str) -> None:

@@ -8,6 +8,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -87,8 +88,11 @@ def _metrics(url: str) -> dict[str, float]:
     return values
 
 
-def _serve_until_ready(tiny_model_dir: Path, shared: Path, local_cache: Path) -> dict[str, float]:
-    """One replica as a process of its own (its own in-memory compile state and local cache)."""
+def _serve_until_ready(
+    tiny_model_dir: Path, shared: Path, local_cache: Path
+) -> tuple[dict[str, float], dict[str, Any]]:
+    """One replica as a process of its own (its own in-memory compile state and local cache):
+    its metrics and what its /load says of the artifacts, once ready."""
     port = free_port()
     log = local_cache.with_suffix(".log").open("w+")  # a file, not a pipe nobody drains
     proc = subprocess.Popen(
@@ -110,7 +114,7 @@ def _serve_until_ready(tiny_model_dir: Path, shared: Path, local_cache: Path) ->
                 raise AssertionError(f"the server exited {proc.returncode}:\n{log.read()[-6000:]}")
             try:
                 if httpx.get(f"{url}/healthz/ready", timeout=2).status_code == 200:
-                    return _metrics(url)
+                    return _metrics(url), httpx.get(f"{url}/load", timeout=10).json()["compile_artifacts"]
             except httpx.TransportError:
                 pass
             time.sleep(0.5)
@@ -122,14 +126,17 @@ def _serve_until_ready(tiny_model_dir: Path, shared: Path, local_cache: Path) ->
 
 def test_the_second_replica_loads_what_the_first_compiled(tiny_model_dir: Path, tmp_path: Path) -> None:
     shared = tmp_path / "shared"
-    first = _serve_until_ready(tiny_model_dir, shared, tmp_path / "local-1")
+    first, first_load = _serve_until_ready(tiny_model_dir, shared, tmp_path / "local-1")
     assert first["zimage_compile_artifacts:saved"] == 1
     assert first["zimage_compile_fx_graphs:miss"] > 0
     (artifact,) = shared.glob("zimage-compile-*.bin")
+    # The load signal the operator reads tells it too, with the file's name.
+    assert first_load == {"state": "saved", "artifact": artifact.name}
 
     # A new replica, on a node of its own: nothing in its local cache, the shared file only.
-    second = _serve_until_ready(tiny_model_dir, shared, tmp_path / "local-2")
+    second, second_load = _serve_until_ready(tiny_model_dir, shared, tmp_path / "local-2")
     assert second["zimage_compile_artifacts:loaded"] == 1
+    assert second_load == {"state": "loaded", "artifact": artifact.name}
     assert second["zimage_compile_fx_graphs:hit"] >= first["zimage_compile_fx_graphs:miss"]
     assert second["zimage_compile_fx_graphs:miss"] == 0, "the second replica compiled a graph again"
     assert list(shared.glob("zimage-compile-*.bin")) == [artifact]

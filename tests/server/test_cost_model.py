@@ -36,6 +36,7 @@ def test_load_reports_queued_and_running_work(serve: ServerFactory) -> None:
     assert idle["ready"] is True
     assert (idle["queue_depth"], idle["in_flight"], idle["pending_gpu_seconds"]) == (0, 0, 0)
     assert idle["seconds_per_megapixel_step"] == PRIOR_SECONDS_PER_MEGAPIXEL_STEP, "warm-ups price nothing"
+    assert idle["compile_artifacts"] == {"state": "off", "artifact": None}, "no compile_artifacts_dir"
 
     with ThreadPoolExecutor(2) as pool:
         running = pool.submit(httpx.post, f"{server.url}/generate", json={"prompt": "a", **SLOW}, timeout=60)

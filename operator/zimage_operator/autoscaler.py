@@ -108,6 +108,7 @@ class Autoscaler:
                 float(load.get("pending_gpu_seconds", 0.0)),
                 artifacts=artifacts.get("state"),
                 artifact=artifacts.get("artifact"),
+                serving=bool(load.get("ready", True)),
             )
         except (httpx.HTTPError, ValueError) as exc:
             return PodLoad(name, False, error=f"{type(exc).__name__}: {exc}")
@@ -118,9 +119,12 @@ class Autoscaler:
         record = artifacts_status(loads)
         if all(previous.get(key) == value for key, value in record.items()):
             return
-        record["observedTime"] = now_rfc3339()
+        patch = {**record, "observedTime": now_rfc3339()}
+        # A merge patch merges maps: a state no pod reports any more is removed by name.
+        gone = {state: None for state in previous.get("pods") or {} if state not in record["pods"]}
+        patch["pods"] = {**gone, **record["pods"]}
         await asyncio.to_thread(
-            self.kube.patch_status, owner.namespace, owner.name, {"compileArtifacts": record}
+            self.kube.patch_status, owner.namespace, owner.name, {"compileArtifacts": patch}
         )
 
     async def _record(

@@ -117,9 +117,10 @@ class Kube:
 
 
 def unreachable(exc: BaseException) -> bool:
-    """The API server could not be reached at all (as opposed to answering with an error)."""
+    """The API server could not be reached at all, or answered that it is not serving now
+    (503: "apiserver is shutting down", or not ready yet), as opposed to refusing a request."""
     if isinstance(exc, ApiException):
-        return not exc.status
+        return not exc.status or exc.status == 503
     return isinstance(exc, urllib3.exceptions.HTTPError | OSError)
 
 

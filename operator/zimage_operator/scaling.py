@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Any
 
 from .spec import AutoscalingSpec
 
@@ -23,9 +24,11 @@ class PodLoad:
     in_flight: int = 0
     pending_gpu_seconds: float = 0.0
     error: str | None = None
-    # What the pod did with the shared compile artifacts, and the file's name (its /load says).
+    # What the pod did with the shared compile artifacts, and the file's name (its /load says),
+    # and whether the server itself says it is ready (warmed up, its artifacts settled).
     artifacts: str | None = None
     artifact: str | None = None
+    serving: bool = True
 
     @property
     def busy(self) -> bool:
@@ -103,11 +106,11 @@ def decide(
 ARTIFACT_PRESENT = ("loaded", "saved", "exists")
 
 
-def artifacts_status(pods: list[PodLoad]) -> dict[str, object]:
+def artifacts_status(pods: list[PodLoad]) -> dict[str, Any]:
     """``status.compileArtifacts`` from the ready pods' reports: Available when a replica found or
     wrote the artifact for its GPU and versions, Missing when they all compiled without one
     (none saved yet, or a save failed), Unknown when no ready pod answered."""
-    reports = [pod for pod in pods if pod.reachable and pod.artifacts is not None]
+    reports = [pod for pod in pods if pod.reachable and pod.serving and pod.artifacts is not None]
     counts: dict[str, int] = {}
     for pod in reports:
         counts[str(pod.artifacts)] = counts.get(str(pod.artifacts), 0) + 1

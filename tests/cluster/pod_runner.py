@@ -53,8 +53,11 @@ def server_process(runner: LocalPodRunner, pod: Any, container: Any, env: dict[s
     env = {**env, "ZIMAGE_HOST": pod.status.pod_ip, "ZIMAGE_PORT": str(port)}
     # The nodes are simulated: the server runs on this machine's CPU, one thread per process
     # so that several pods share two cores, without what needs a GPU (fp8) or pays only on one
-    # (compile).
-    env.update(ZIMAGE_DEVICE="cpu", OMP_NUM_THREADS="1", ZIMAGE_COMPILE="false", ZIMAGE_PRECISION="bf16")
+    # (compile), unless the pod shares compile artifacts: then it compiles as asked (Inductor's
+    # CPU code, with this machine's C compiler), so that replicas share what they compiled.
+    env.update(ZIMAGE_DEVICE="cpu", OMP_NUM_THREADS="1", ZIMAGE_PRECISION="bf16")
+    if not env.get("ZIMAGE_COMPILE_ARTIFACTS_DIR"):
+        env["ZIMAGE_COMPILE"] = "false"
     return PodProcessSpec([sys.executable, "-m", "zimage_server", *(container.args or ["serve"])], env)
 
 
@@ -310,7 +313,7 @@ class LocalPodRunner:
         """This machine's environment plus the container's env (values, Secret and
         ConfigMap references, and the pod fields a container commonly asks for)."""
         env = dict(os.environ)
-        mounts = self._secret_mounts(pod, container)
+        mounts = self._mounts(pod, container)
         for item in container.env or []:
             if item.value is not None:
                 env[item.name] = _remap(item.value, mounts)
@@ -320,17 +323,31 @@ class LocalPodRunner:
                     env[item.name] = resolved
         return env
 
-    def _secret_mounts(self, pod: Any, container: Any) -> dict[str, Path]:
-        """Secret volumes as the kubelet makes them, files of the Secret's keys, in a folder of
-        the pod's here; mount path -> that folder. A path in the env under a mount path is
-        read from the folder instead."""
+    def _mounts(self, pod: Any, container: Any) -> dict[str, Path]:
+        """Volumes as folders here; mount path -> folder. A Secret volume is made as the kubelet
+        makes it, files of the Secret's keys in a folder of the pod's, and an emptyDir is an
+        empty folder of the pod's; a claim is one folder per claim, shared by every pod that
+        mounts it (as a ReadWriteMany volume is). A path in the env under a mount path is read
+        from the folder instead."""
+        volumes = {v.name: v for v in pod.spec.volumes or []}
         secrets = {v.name: v.secret for v in pod.spec.volumes or [] if v.secret is not None}
         mounts: dict[str, Path] = {}
         for mount in container.volume_mounts or []:
+            volume = volumes.get(mount.name)
+            claim = volume.persistent_volume_claim if volume is not None else None
+            own = self.workdir / f"{pod.metadata.namespace}_{pod.metadata.name}" / "volumes" / mount.name
+            if claim is not None or (volume is not None and volume.empty_dir is not None):
+                folder = (
+                    self.workdir / "claims" / f"{pod.metadata.namespace}_{claim.claim_name}" if claim else own
+                )
+                folder = folder / mount.sub_path if mount.sub_path else folder
+                folder.mkdir(parents=True, exist_ok=True)
+                mounts[mount.mount_path.rstrip("/")] = folder
+                continue
             source = secrets.get(mount.name)
             if source is None:
                 continue
-            folder = self.workdir / f"{pod.metadata.namespace}_{pod.metadata.name}" / "volumes" / mount.name
+            folder = own
             folder.mkdir(parents=True, exist_ok=True)
             data = self.core.read_namespaced_secret(source.secret_name, pod.metadata.namespace).data or {}
             items = source.items or [client.V1KeyToPath(key=key, path=key) for key in data]

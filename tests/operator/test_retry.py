@@ -94,3 +94,15 @@ def test_a_namespace_being_deleted_is_told_apart_from_a_refusal() -> None:
     assert namespace_terminating(going)
     assert not namespace_terminating(refused)
     assert not namespace_terminating(ApiException(status=500))
+
+
+def test_an_api_server_shutting_down_is_part_of_the_outage_not_a_refusal() -> None:
+    from kubernetes.client.rest import ApiException
+
+    from zimage_operator.kube import unreachable
+
+    # Graceful shutdown answers 503 "apiserver is shutting down" before the socket closes.
+    assert unreachable(ApiException(status=503, reason="Service Unavailable"))
+    assert unreachable(urllib3.exceptions.ProtocolError("Connection aborted."))
+    for status in (400, 403, 409, 422, 500):
+        assert not unreachable(ApiException(status=status)), status

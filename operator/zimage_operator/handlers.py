@@ -47,11 +47,9 @@ CHILDREN = [
     ("", "v1", "persistentvolumeclaims"),
     ("autoscaling", "v2", "horizontalpodautoscalers"),
 ]
-# Watched only where KEDA is installed; Kopf skips resources the cluster does not serve.
-OPTIONAL_CHILDREN = [
-    ("keda.sh", "v1alpha1", "scaledobjects"),
-    ("http.keda.sh", "v1alpha1", "httpscaledobjects"),
-]
+# KEDA's kinds (ScaledObject, HTTPScaledObject) are not watched: a watch on a kind whose CRD is
+# later deleted (KEDA uninstalled) fails inside Kopf with a 404 that stops the whole operator.
+# A change to one is put back by the next resync (resync_seconds) instead.
 MAX_BACKOFF_SECONDS = 60.0
 BASE_BACKOFF_SECONDS = 2.0
 # While the API server is unreachable: retried this often, so that a service is reconciled
@@ -273,7 +271,7 @@ def register(settings: OperatorSettings, registry: kopf.OperatorRegistry | None 
     kopf.on.startup(registry=registry)(configure)
     kopf.on.cleanup(registry=registry)(stop)
     kopf.on.event(GROUP, VERSION, PLURAL, id="service", registry=registry)(service_changed)
-    for group, version, plural in CHILDREN + OPTIONAL_CHILDREN:
+    for group, version, plural in CHILDREN:
         kopf.on.event(group, version, plural, labels=MANAGED, id=f"child-{plural}", registry=registry)(
             child_changed
         )

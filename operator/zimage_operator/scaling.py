@@ -123,7 +123,7 @@ def artifacts_status(pods: list[PodLoad]) -> dict[str, Any]:
         )
     elif reports:
         state = "Missing"
-        detail = ", ".join(f"{state} {count}" for state, count in sorted(counts.items()))
+        detail = ", ".join(f"{name} {count}" for name, count in sorted(counts.items()))
         message = (
             f"the ready replicas compiled without shared compile artifacts ({detail}); a replica that "
             "could not save them says why in its log"

@@ -579,6 +579,10 @@ def warmup_breakdown(log: Path) -> dict[str, Any]:
     }
 
 
+# The cold-start rows by name: a new replica, a container restart, a new replica with artifacts.
+COLDSTART_RUNS = {"new": "empty_cache_s", "restart": "warm_cache_s", "artifacts": "artifacts_s"}
+
+
 def stage_coldstart(args: argparse.Namespace, model: Path, results: dict[str, Any]) -> None:
     """Per path, one process start each: an empty compile cache and no shared artifacts (a new
     replica today, which writes the artifacts), the same compile cache again (a container
@@ -595,7 +599,10 @@ def stage_coldstart(args: argparse.Namespace, model: Path, results: dict[str, An
             ("warm_cache_s", cache),
             ("artifacts_s", args.work / f"coldstart-{path}-new"),
         )
+        wanted = {COLDSTART_RUNS[name] for name in args.coldstart_runs.split(",")}
         for label, compile_cache in runs:
+            if label not in wanted:
+                continue
             log = args.work / f"coldstart-{path}-{label.removesuffix('_s')}.log"
             proc, port = start_server(model, path, args, compile_cache, artifacts, log)
             try:
@@ -810,6 +817,11 @@ def main() -> None:
         default="default",
         help="CUDA graphs of the server paths: default (the server's), none, or parts "
         "(text_encoder,transformer)",
+    )
+    parser.add_argument(
+        "--coldstart-runs",
+        default=",".join(COLDSTART_RUNS),
+        help="which cold-start rows, in order: new, restart, artifacts (artifacts needs new first)",
     )
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "zimage-bench")
     parser.add_argument(

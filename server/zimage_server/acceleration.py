@@ -150,9 +150,12 @@ def quantize_fp8(transformer: torch.nn.Module, device: torch.device) -> int:
     except ImportError as exc:
         raise AccelerationError("precision fp8 needs the torchao package (pip install torchao)") from exc
     chosen = [name for name, module in transformer.named_modules() if fp8_filter(module, name)]
-    quantize_(
-        transformer, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()), filter_fn=fp8_filter
-    )
+    # set_inductor_config=False: torchao's default turns on Inductor's coordinate-descent tuning
+    # for the whole process, which compiles and times many variants of every Triton kernel (the
+    # VAE's and the text encoder's too). On a fresh H200 that made the first warm-up call 549 s
+    # instead of 56 s in bf16, with 3380 kernels in the Triton cache (docs/performance.md).
+    config = Float8DynamicActivationFloat8WeightConfig(granularity=PerRow(), set_inductor_config=False)
+    quantize_(transformer, config, filter_fn=fp8_filter)
     return len(chosen)
 
 

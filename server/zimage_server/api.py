@@ -16,6 +16,7 @@ from .openapi import IMAGE_ERRORS, PROBE_RESPONSES, errors
 from .protocol import MEDIA_TYPES, ImageGenerationRequest, ImageGenerationResponse, SingleImageRequest
 from .service import ImageService
 from .state import ServerState
+from .streaming import ImageStream
 
 router = APIRouter()
 
@@ -32,6 +33,10 @@ async def create_images(body: ImageGenerationRequest, request: Request) -> Respo
     """Generate images; the OpenAI Images API shape, with ``seed`` and ``num_inference_steps``."""
     service = _service(request)
     params = service.params(body)
+    if params.stream:
+        stream = ImageStream(service, service.admit(params), params)
+        headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        return StreamingResponse(stream.events(), media_type="text/event-stream", headers=headers)
     images = await service.generate(params, request)
     return sliced_response(await service.encode_response(images, params), "application/json")
 
@@ -53,6 +58,10 @@ async def generate(body: SingleImageRequest, request: Request) -> Response:
     """Generate one image and return its bytes (``curl ... -o out.png``)."""
     if body.n != 1:
         raise bad_request("POST /generate returns one image; use /v1/images/generations for n > 1", param="n")
+    if body.stream:
+        raise bad_request(
+            "POST /generate returns the image's bytes; stream from /v1/images/generations", param="stream"
+        )
     service = _service(request)
     params = service.params(body)
     images = await service.generate(params, request)

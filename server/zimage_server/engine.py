@@ -21,6 +21,7 @@ import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 from PIL import Image
 
@@ -52,6 +53,11 @@ class Job:
     images: dict[int, Image.Image] = field(default_factory=dict)
     taken: int = 0
     cancelled: bool = False
+    # A streamed request: partial images per image, and where its events go as the GPU works
+    # (("step", done, steps), ("partial", image index, partial index, image), ("image", index,
+    # image)). The future still says when all its images are done, or why not.
+    partial_images: int = 0
+    events: asyncio.Queue[tuple[Any, ...]] | None = None
 
     @property
     def key(self) -> BatchKey:
@@ -118,6 +124,19 @@ class Engine:
     @property
     def waiting(self) -> int:
         return sum(1 for job in self._jobs if job.taken == 0)
+
+    def position(self, job: Job) -> int:
+        """``job``'s place among the requests waiting for the GPU (1: next), 0 once its images
+        are being made."""
+        if job.taken:
+            return 0
+        place = 1
+        for other in self._jobs:
+            if other is job:
+                return place
+            if other.taken == 0:
+                place += 1
+        return 0
 
     @property
     def queued_images(self) -> int:
@@ -204,9 +223,10 @@ class Engine:
             width=key[0],
             height=key[1],
             steps=key[2],
+            partials=[job.partial_images for job, _ in batch],
         )
         try:
-            result = await asyncio.get_running_loop().run_in_executor(self.gpu, self.runner.generate, spec)
+            result = await self._generate(spec, batch)
         except Exception as exc:
             if len(jobs) == 1:
                 logger.exception("a batch of %d images failed", len(batch))
@@ -237,14 +257,21 @@ class Engine:
         """Run ``part`` (images of ``job`` from a failed batch) as a batch of its own."""
         if job.cancelled or job.future.done():
             return
-        spec = BatchSpec([job.prompt] * len(part), [job.seeds[i] for _, i in part], *key)
+        spec = BatchSpec(
+            [job.prompt] * len(part), [job.seeds[i] for _, i in part], *key, [job.partial_images] * len(part)
+        )
         try:
-            result = await asyncio.get_running_loop().run_in_executor(self.gpu, self.runner.generate, spec)
+            result = await self._generate(spec, part)
         except Exception as exc:
             logger.exception("a request's %d images failed on their own", len(part))
             self._fail(job, exc)
         else:
             self._finish(result, part, key)
+
+    async def _generate(self, spec: BatchSpec, batch: list[tuple[Job, int]]) -> BatchResult:
+        loop = asyncio.get_running_loop()
+        observer = _BatchObserver(loop, batch, self.metrics) if any(job.events for job, _ in batch) else None
+        return await loop.run_in_executor(self.gpu, self.runner.generate, spec, observer)
 
     async def _wait_to_fill(self, key: BatchKey) -> None:
         waited = time.monotonic() + self.settings.batch_wait_ms / 1000.0
@@ -292,6 +319,8 @@ class Engine:
         if job.cancelled or job.future.done():
             return
         job.images[index] = image
+        if job.events is not None:
+            job.events.put_nowait(("image", index, image))
         if len(job.images) == len(job.seeds):
             job.future.set_result([job.images[i] for i in range(len(job.seeds))])
 
@@ -304,3 +333,28 @@ class Engine:
     def _update_gauges(self) -> None:
         self.metrics.queue_depth.set(self.waiting)
         self.metrics.queue_images.set(self.queued_images)
+
+
+class _BatchObserver:
+    """Hands a batch's steps and partial images to its streamed jobs, from the worker thread."""
+
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, batch: list[tuple[Job, int]], metrics: Metrics
+    ) -> None:
+        self.loop = loop
+        self.batch = batch
+        self.metrics = metrics
+        self.jobs = [job for job in dict.fromkeys(job for job, _ in batch) if job.events is not None]
+
+    def _send(self, job: Job, event: tuple[Any, ...]) -> None:
+        if job.events is not None and not job.cancelled:
+            self.loop.call_soon_threadsafe(job.events.put_nowait, event)
+
+    def step(self, done: int, steps: int) -> None:
+        for job in self.jobs:
+            self._send(job, ("step", done, steps))
+
+    def partial(self, item: int, index: int, image: Image.Image, seconds: float) -> None:
+        self.metrics.partial_image_seconds.observe(seconds)
+        job, image_index = self.batch[item]
+        self._send(job, ("partial", image_index, index, image))

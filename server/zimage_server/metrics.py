@@ -48,6 +48,12 @@ class Metrics:
             buckets=_STEP_BUCKETS,
             registry=r,
         )
+        self.partial_image_seconds = Histogram(
+            "zimage_partial_image_duration_seconds",
+            "GPU time of one streamed partial image (clean estimate, VAE decode); its batch waits for it",
+            buckets=_STEP_BUCKETS,
+            registry=r,
+        )
         self.batch_size = Histogram(
             "zimage_batch_size", "Images per forward batch", buckets=_BATCH_BUCKETS, registry=r
         )

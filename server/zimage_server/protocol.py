@@ -6,7 +6,16 @@ import re
 from typing import Annotated, Literal
 
 from annotated_types import Ge, Le
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, Strict, StrictStr, field_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    Strict,
+    StrictBool,
+    StrictStr,
+    field_validator,
+)
 
 OutputFormat = Literal["png", "jpeg", "webp"]
 
@@ -22,6 +31,7 @@ def _integral(value: object) -> object:
 JsonInt = Annotated[int, Strict(), BeforeValidator(_integral)]
 Compression = Annotated[int, Strict(), Ge(0), Le(100), BeforeValidator(_integral)]
 Seed = Annotated[int, Strict(), Ge(0), Le(MAX_SEED), BeforeValidator(_integral)]
+PartialCount = Annotated[int, Strict(), Ge(0), Le(3), BeforeValidator(_integral)]
 
 
 class ImageGenerationRequest(BaseModel):
@@ -41,6 +51,17 @@ class ImageGenerationRequest(BaseModel):
     response_format: Literal["b64_json", "url"] | None = None
     output_format: OutputFormat | None = None
     output_compression: Compression | None = Field(None, description="JPEG/WebP quality 0-100")
+    stream: StrictBool | None = Field(
+        None, description="Server-sent events: partial images as the model works, then each image"
+    )
+    partial_images: PartialCount | None = Field(
+        None, description="With stream: partial images per image, 0-3 (0 by default)"
+    )
+    stream_progress: StrictBool | None = Field(
+        None,
+        description="With stream: also 'zimage.queue' and 'zimage.progress' events (queue position, "
+        "steps done); an extension the OpenAI clients do not read",
+    )
     seed: Seed | None = Field(None, description="Same seed, same image")
     num_inference_steps: JsonInt | None = Field(None, description="Denoising steps (Turbo: 8)")
     # Accepted for compatibility with OpenAI clients; they do not change the result.

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from . import acceleration, compile_artifacts, cuda_graphs
+from . import acceleration, compile_artifacts, cuda_graphs, partials
 from .config import Settings
 from .model_source import ModelSource, resolve
 
@@ -60,6 +60,8 @@ class BatchSpec:
     width: int
     height: int
     steps: int
+    # Per item, how many partial images it wants (an empty sequence: none).
+    partials: Sequence[int] = ()
 
 
 @dataclass(frozen=True)
@@ -223,12 +225,15 @@ class PipelineRunner:
                 f"the prompt cannot be tokenized ({type(exc).__name__}); send plain text"
             ) from exc
 
-    def generate(self, spec: BatchSpec) -> BatchResult:
+    def generate(self, spec: BatchSpec, observer: partials.StepObserver | None = None) -> BatchResult:
+        """Run one batch; ``observer`` hears of each step and gets the partial images."""
         if self.pipe is None:
             raise RuntimeError("the pipeline is not loaded")
         # CPU generators: the same seed gives the same starting noise on any device and in any batch.
         generators = [torch.Generator("cpu").manual_seed(seed) for seed in spec.seeds]
         timer = _StepTimer(self.device)
+        if observer is not None:
+            timer.observe(observer, partials.PartialDecoder(self.pipe, spec.partials, spec.steps, observer))
         started = time.perf_counter()
         output = self.pipe(
             prompt=list(spec.prompts),
@@ -311,7 +316,13 @@ class _StepTimer:
     def __init__(self, device: torch.device) -> None:
         self.cuda = device.type == "cuda"
         self.marks: list[Any] = []
+        self.observer: partials.StepObserver | None = None
+        self.decoder: partials.PartialDecoder | None = None
         self._mark()
+
+    def observe(self, observer: partials.StepObserver, decoder: partials.PartialDecoder) -> None:
+        self.observer = observer
+        self.decoder = decoder if decoder.wanted else None
 
     def _mark(self) -> None:
         if self.cuda:
@@ -325,6 +336,14 @@ class _StepTimer:
         self, pipe: Any, step: int, timestep: Any, callback_kwargs: dict[str, Any]
     ) -> dict[str, Any]:
         self._mark()
+        if self.decoder is not None:
+            decoded = self.decoder.decoded
+            self.decoder.after_step(step, callback_kwargs["latents"])
+            if self.decoder.decoded > decoded:
+                self.marks[-1:] = []  # the next step is timed from here: decoding is not a step
+                self._mark()
+        if self.observer is not None:
+            self.observer.step(step + 1, pipe.num_timesteps)
         return callback_kwargs
 
     def durations(self) -> list[float]:

@@ -32,6 +32,9 @@ class GenerationParams:
     seeds: list[int]
     output_format: OutputFormat
     quality: int
+    stream: bool = False
+    partial_images: int = 0
+    progress: bool = False
 
     @property
     def size(self) -> str:
@@ -103,6 +106,10 @@ class ImageService:
                 f"(Z-Image-Turbo is made for {s.default_steps})",
                 param="num_inference_steps",
             )
+        if not req.stream:
+            for name in ("partial_images", "stream_progress"):
+                if getattr(req, name) is not None:
+                    raise bad_request(f"'{name}' needs \"stream\": true", param=name)
         seed = secrets.randbelow(MAX_SEED + 1) if req.seed is None else req.seed
         quality = s.default_quality if req.output_compression is None else max(1, req.output_compression)
         return GenerationParams(
@@ -113,10 +120,40 @@ class ImageService:
             seeds=[(seed + i) % (MAX_SEED + 1) for i in range(req.n)],
             output_format=req.output_format or "png",
             quality=quality,
+            stream=bool(req.stream),
+            partial_images=req.partial_images or 0,
+            progress=bool(req.stream_progress),
         )
 
     async def generate(self, params: GenerationParams, request: Request) -> list[Image.Image]:
         """Queue the work and wait for it, giving up at the timeout or when the client leaves."""
+        job = self.admit(params)
+        timeout = self.settings.request_timeout_s - (time.monotonic() - job.arrived)
+        gone = asyncio.create_task(_client_gone(request))
+        waiters: set[asyncio.Future[Any]] = {job.future, gone}
+        try:
+            await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+        if job.future.done():
+            return job.future.result()
+        if gone.done() and not gone.cancelled():
+            self.engine.cancel(job, "disconnect")
+            raise ClientGoneError()
+        self.engine.cancel(job, "timeout")
+        raise self._timeout_error()
+
+    def _timeout_error(self) -> APIError:
+        return APIError(
+            504,
+            f"the request did not finish within {self.settings.request_timeout_s:g}s "
+            f"(server busy: {self.engine.waiting} requests waiting); retry later or ask for fewer images",
+            type="server_error",
+            code="timeout",
+        )
+
+    def admit(self, params: GenerationParams) -> Job:
+        """Queue the work, or raise the 503 or 429 that says why not."""
         if self.state.draining:
             raise APIError(
                 503,
@@ -142,27 +179,11 @@ class ImageService:
                 headers={"Retry-After": "5"},
             )
         job = Job(params.prompt, params.width, params.height, params.steps, params.seeds)
+        if params.stream:
+            job.partial_images = params.partial_images
+            job.events = asyncio.Queue()
         self.engine.submit(job)
-        timeout = self.settings.request_timeout_s - (time.monotonic() - job.arrived)
-        gone = asyncio.create_task(_client_gone(request))
-        waiters: set[asyncio.Future[Any]] = {job.future, gone}
-        try:
-            await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            gone.cancel()
-        if job.future.done():
-            return job.future.result()
-        if gone.done() and not gone.cancelled():
-            self.engine.cancel(job, "disconnect")
-            raise ClientGoneError()
-        self.engine.cancel(job, "timeout")
-        raise APIError(
-            504,
-            f"the request did not finish within {self.settings.request_timeout_s:g}s "
-            f"(server busy: {self.engine.waiting} requests waiting); retry later or ask for fewer images",
-            type="server_error",
-            code="timeout",
-        )
+        return job
 
     async def encode(self, images: list[Image.Image], params: GenerationParams) -> list[bytes]:
         loop = asyncio.get_running_loop()

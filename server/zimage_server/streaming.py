@@ -1,0 +1,140 @@
+"""``stream: true``: the OpenAI Images API's server-sent events for one request.
+
+Each image sends its partial images (``image_generation.partial_image``, ``partial_image_index``
+0 up) and then ``image_generation.completed``, as the official clients read them; with ``n`` > 1
+each event also names its image (``image_index``, an extension). An error after the stream has
+started is a last event ``{"error": {...}}``, which the official clients raise. With
+``stream_progress`` the stream also carries ``zimage.queue`` (place in the queue) and
+``zimage.progress`` (steps done) events, for pages that show progress.
+
+Errors found before any work is queued (a bad field, a full queue, a server not ready) are
+plain HTTP errors, as for any request: the stream starts only once the work is queued.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any
+
+from PIL import Image
+
+from .errors import APIError, error_body
+from .runner import prompt_tokens
+
+if TYPE_CHECKING:
+    from .engine import Job
+    from .service import GenerationParams, ImageService
+
+logger = logging.getLogger(__name__)
+
+# How often the stream looks at the queue, the deadline and the job's fate while nothing comes.
+TICK_S = 0.25
+# A comment line after this long without an event, so that proxies keep the connection.
+KEEPALIVE_S = 10.0
+
+
+def sse(event: str, payload: dict[str, Any], b64: bytes | None = None) -> bytes:
+    """One event; ``b64`` (the image, base64) is spliced in as ``b64_json`` without a JSON
+    encoder scanning megabytes of it."""
+    data = json.dumps(payload).encode()
+    if b64 is not None:
+        data = b'{"b64_json":"' + b64 + b'",' + data[1:]
+    return b"event: " + event.encode() + b"\ndata: " + data + b"\n\n"
+
+
+def error_event(exc: BaseException) -> bytes:
+    if isinstance(exc, APIError):
+        body = error_body(exc.message, exc.type, exc.param, exc.code)
+    else:
+        logger.error("a streamed request failed: %s", exc)
+        body = error_body(
+            "the generation failed on the server; the server log has the details",
+            "server_error",
+            code="generation_failed",
+        )
+    return b"event: error\ndata: " + json.dumps(body).encode() + b"\n\n"
+
+
+class ImageStream:
+    def __init__(self, service: ImageService, job: Job, params: GenerationParams) -> None:
+        self.service = service
+        self.job = job
+        self.params = params
+        self.created = int(time.time())
+        self.common = {
+            "created_at": self.created,
+            "size": params.size,
+            "output_format": params.output_format,
+            "quality": "auto",
+            "background": "opaque",
+        }
+
+    def _usage(self) -> dict[str, Any]:
+        tokenizer = self.service.engine.runner.admission_tokenizer
+        text = prompt_tokens(tokenizer, [self.params.prompt])[0] if tokenizer is not None else 0
+        return {
+            "input_tokens": text,
+            "input_tokens_details": {"image_tokens": 0, "text_tokens": text},
+            "output_tokens": 0,
+            "total_tokens": text,
+        }
+
+    async def _image_event(self, event: str, image: Image.Image, fields: dict[str, Any]) -> bytes:
+        from .service import b64_sliced
+
+        loop = asyncio.get_running_loop()
+        service = self.service
+        data = await loop.run_in_executor(service.encoder, service._encode_one, image, self.params)
+        b64 = await loop.run_in_executor(service.encoder, b64_sliced, data)
+        return sse(event, {"type": event, **fields, **self.common}, b64)
+
+    async def events(self) -> AsyncIterator[bytes]:
+        job, params, engine = self.job, self.params, self.service.engine
+        assert job.events is not None
+        deadline = job.arrived + self.service.settings.request_timeout_s
+        completed = 0
+        position: int | None = None
+        last_sent = time.monotonic()
+        try:
+            while completed < len(params.seeds):
+                failure = job.future.exception() if job.future.done() else None
+                if failure is not None and job.events.empty():
+                    yield error_event(failure)
+                    return
+                if time.monotonic() > deadline:
+                    engine.cancel(job, "timeout")
+                    yield error_event(self.service._timeout_error())
+                    return
+                if params.progress and position != (place := engine.position(job)):
+                    position = place
+                    yield sse("zimage.queue", {"type": "zimage.queue", "position": place})
+                    last_sent = time.monotonic()
+                try:
+                    event = await asyncio.wait_for(job.events.get(), TICK_S)
+                except TimeoutError:
+                    if time.monotonic() - last_sent > KEEPALIVE_S:
+                        yield b": waiting\n\n"
+                        last_sent = time.monotonic()
+                    continue
+                kind = event[0]
+                if kind == "step":
+                    if params.progress:
+                        payload = {"type": "zimage.progress", "step": event[1], "steps": event[2]}
+                        yield sse("zimage.progress", {**payload, "images_done": completed})
+                elif kind == "partial":
+                    _, index, partial_index, image = event
+                    fields = {"partial_image_index": partial_index, "image_index": index}
+                    yield await self._image_event("image_generation.partial_image", image, fields)
+                elif kind == "image":
+                    _, index, image = event
+                    fields = {"image_index": index, "seed": params.seeds[index], "usage": self._usage()}
+                    yield await self._image_event("image_generation.completed", image, fields)
+                    completed += 1
+                last_sent = time.monotonic()
+        finally:
+            if completed < len(params.seeds):  # the client left, or the stream ended early
+                engine.cancel(job, "disconnect")

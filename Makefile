@@ -43,7 +43,7 @@ fmt: install ## Format and auto-fix with ruff
 	$(VENV)/bin/ruff check --fix .
 
 .PHONY: test
-test: lint cluster-binaries node-packages images ## Lint, build the cluster binaries and images, run every test that can run here (no GPU)
+test: lint cluster-binaries node-packages browser images ## Lint, build the cluster binaries and images, install Chromium, run every test that can run here (no GPU)
 	$(VENV)/bin/pytest -m "not gpu" $(PYTEST_ARGS)
 
 .PHONY: test-gpu
@@ -85,6 +85,14 @@ node-packages: ## apt-get install what the kubelet node and its image builds nee
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing >/dev/null \
 	    || { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing >/dev/null; }; \
 	fi
+
+.PHONY: browser
+browser: ## apt-get install Chromium for the playground's browser tests, where missing (root; else they skip, saying why)
+	@command -v chromium >/dev/null || { \
+	  echo "installing chromium"; \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null \
+	    || { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null; } \
+	    || echo "chromium could not be installed: the browser tests will be skipped"; }
 
 .PHONY: images
 images: install cluster-binaries node-packages ## Build the Dockerfile's server and operator images with BuildKit into ~/.cache/zimage/images

@@ -164,6 +164,7 @@ def server_env(spec: ZImageServiceSpec) -> list[Manifest]:
         # An explicit cuda: a GPU replica that finds no GPU fails at start, never crawls on the CPU.
         "ZIMAGE_DEVICE": "cpu" if spec.on_cpu else "cuda",
         "ZIMAGE_LOG_LEVEL": runtime.log_level,
+        "ZIMAGE_PLAYGROUND": "true" if runtime.playground else "false",
         "ZIMAGE_MAX_BATCH_SIZE": str(runtime.max_batch_size),
         "ZIMAGE_BATCH_WAIT_MS": str(runtime.batch_wait_ms),
         "ZIMAGE_BATCH_LINGER_MS": str(runtime.batch_linger_ms),

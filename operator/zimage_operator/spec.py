@@ -72,6 +72,7 @@ class RuntimeSpec(_Model):
     request_timeout_seconds: int = Field(120, alias="requestTimeoutSeconds")
     warmup_sizes: list[str] = Field(default_factory=lambda: ["1024x1024"], alias="warmupSizes")
     log_level: str = Field("info", alias="logLevel")
+    playground: bool = True
 
 
 class ResourcesSpec(_Model):

@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator, Callable
 
 from fastapi import FastAPI
 
-from . import __version__, background, compile_artifacts
+from . import __version__, background, compile_artifacts, playground
 from .api import router
 from .auth import ApiKeyMiddleware, KeyRing, parse_keys
 from .config import Settings
@@ -104,6 +104,8 @@ def create_app(settings: Settings, memory_source: MemorySource | None = None) ->
         app.add_middleware(ApiKeyMiddleware, ring=key_ring(settings))
     app.add_middleware(RequestMetricsMiddleware, metrics=metrics)
     app.include_router(router)
+    if settings.playground:
+        app.include_router(playground.router)
     app.openapi = lambda: openapi_document(app)  # type: ignore[method-assign]
     return app
 

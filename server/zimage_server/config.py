@@ -174,6 +174,7 @@ class Settings(BaseSettings):
         description="Sizes generated once before ready (comma-separated)",
     )
     warmup_steps: int = Field(2, ge=1)
+    playground: bool = Field(True, description="Serve the web playground at /")
 
     vram_limit: str | None = Field(
         None,

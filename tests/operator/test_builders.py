@@ -65,6 +65,8 @@ def test_runtime_settings_become_zimage_env() -> None:
     assert values["ZIMAGE_REQUEST_TIMEOUT_S"] == "30"
     assert values["ZIMAGE_WARMUP_SIZES"] == "512x512,1024x1024"
     assert values["ZIMAGE_HOST"] == "0.0.0.0"
+    assert values["ZIMAGE_PLAYGROUND"] == "true"
+    assert env({"runtime": {"playground": False}})["ZIMAGE_PLAYGROUND"] == "false"
 
 
 def test_every_variable_the_operator_sets_is_a_server_setting_it_accepts(

@@ -1,0 +1,198 @@
+"""The web playground in a real browser: headless Chromium from the system's packages, driven by
+Playwright, against the server with the tiny model over loopback."""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+import pytest
+from PIL import Image
+
+from .conftest import RunningServer, ServerFactory
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+# Records the status line's every text and counts the result images' changes of picture.
+WATCH = """() => {
+    const status = document.getElementById('status');
+    window.statuses = [];
+    new MutationObserver(() => window.statuses.push(status.textContent))
+        .observe(status, {childList: true, characterData: true, subtree: true});
+    window.imageChanges = 0;
+    new MutationObserver((records) => { window.imageChanges += records.length; })
+        .observe(document.getElementById('results'),
+                 {attributes: true, attributeFilter: ['src'], subtree: true});
+}"""
+# Where to keep a picture of the page after a generation (docs/playground.png is one).
+SCREENSHOT = os.environ.get("ZIMAGE_PLAYGROUND_SCREENSHOT")
+
+
+def test_the_page_and_its_assets_come_from_the_server_with_a_strict_policy(server: RunningServer) -> None:
+    page = httpx.get(server.url + "/")
+    assert page.status_code == 200
+    assert page.headers["content-type"].startswith("text/html")
+    policy = page.headers["content-security-policy"]
+    assert "default-src 'none'" in policy
+    assert "connect-src 'self'" in policy
+    assert "http" not in page.text.replace("http-equiv", ""), "no absolute URL: nothing from elsewhere"
+    for asset, kind in (("app.js", "text/javascript"), ("style.css", "text/css")):
+        response = httpx.get(f"{server.url}/playground/{asset}")
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith(kind)
+        assert "://" not in response.text
+    total = len(page.content) + sum(
+        len(httpx.get(f"{server.url}/playground/{a}").content) for a in ("app.js", "style.css")
+    )
+    assert total < 40_000, f"the page weighs {total} bytes"
+    config = httpx.get(server.url + "/playground/config").json()
+    assert config["sizes"][0] == "256x256", "the warm-up size first"
+    assert "1024x1024" in config["sizes"]
+    assert config["auth"] is False
+
+
+def test_the_playground_can_be_turned_off(serve: ServerFactory) -> None:
+    server = serve(playground=False)
+    for path in ("/", "/playground/app.js", "/playground/config"):
+        response = httpx.get(server.url + path)
+        assert response.status_code == 404
+        assert "error" in response.json()
+    assert httpx.get(server.url + "/healthz/ready").status_code == 200
+
+
+@pytest.fixture
+def browser() -> Iterator[Any]:
+    if CHROMIUM is None:
+        pytest.skip("Chromium is not installed (make browser installs it from the Debian packages)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        # No sandbox: the tests may run as root, where Chromium refuses its sandbox. Every host
+        # name fails to resolve, so nothing could reach past loopback even by mistake.
+        browser = playwright.chromium.launch(
+            executable_path=CHROMIUM,
+            args=["--no-sandbox", "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1"],
+        )
+        try:
+            yield browser
+        finally:
+            browser.close()
+
+
+class Page:
+    """A browser page on the server that records every request it makes."""
+
+    def __init__(self, browser: Any, server: RunningServer) -> None:
+        self.context = browser.new_context(accept_downloads=True, viewport={"width": 1200, "height": 800})
+        self.page = self.context.new_page()
+        self.requests: list[str] = []
+        self.page.on("request", lambda request: self.requests.append(request.url))
+        self.errors: list[str] = []
+        self.page.on("pageerror", lambda error: self.errors.append(str(error)))
+        self.page.goto(server.url + "/")
+        self.page.wait_for_selector("#size option", state="attached")
+        self.page.evaluate(WATCH)
+
+    def hosts(self) -> set[str]:
+        return {urlsplit(url).hostname or "" for url in self.requests if url.startswith("http")}
+
+
+def test_a_generation_shows_progress_then_the_image_and_downloads_it(
+    browser: Any, server: RunningServer, tmp_path: Path
+) -> None:
+    view = Page(browser, server)
+    page = view.page
+    page.fill("#prompt", "a red fox in the snow")
+    page.select_option("#size", "256x256")
+    page.fill("#steps", "8")
+    page.fill("#seed", "42")
+    page.select_option("#partials", "2")
+    page.click("#generate")
+    link = page.locator("figure a")
+    link.wait_for(state="visible", timeout=120_000)
+
+    statuses: list[str] = page.evaluate("window.statuses")
+    assert any(text.startswith("step ") for text in statuses), statuses
+    assert "step 8 of 8" in statuses
+    assert page.text_content("#status") == "done"
+    # Two previews, then the image: the picture changed three times.
+    assert page.evaluate("window.imageChanges") == 3
+    assert page.text_content("figcaption span") == "seed 42"
+
+    with page.expect_download() as download:
+        link.click()
+    saved = tmp_path / download.value.suggested_filename
+    download.value.save_as(saved)
+    assert saved.name == "zimage-42.png"
+    image = Image.open(io.BytesIO(saved.read_bytes()))
+    assert (image.format, image.size) == ("PNG", (256, 256))
+    same = httpx.post(
+        server.url + "/generate",
+        json={"prompt": "a red fox in the snow", "size": "256x256", "num_inference_steps": 8, "seed": 42},
+        timeout=120,
+    )
+    assert same.content == saved.read_bytes(), "the page's image is the API's image for that seed"
+
+    # The history remembers it, across a reload.
+    page.reload()
+    page.wait_for_selector("#history li")
+    assert "a red fox in the snow" in page.text_content("#history li")
+    page.fill("#prompt", "")
+    page.click("#history li")
+    assert page.input_value("#prompt") == "a red fox in the snow"
+    assert page.input_value("#seed") == "42"
+
+    if SCREENSHOT:
+        page.fill("#prompt", "a red fox in the snow")
+        page.click("#generate")
+        page.locator("figure a").wait_for(state="visible", timeout=120_000)
+        page.screenshot(path=SCREENSHOT)
+    assert view.errors == []
+    assert view.hosts() == {"127.0.0.1"}, f"requests left loopback: {view.requests}"
+
+
+def test_an_invalid_size_shows_the_servers_message(browser: Any, server: RunningServer) -> None:
+    view = Page(browser, server)
+    page = view.page
+    page.fill("#prompt", "a fox")
+    page.select_option("#size", "custom")
+    page.fill("#custom-size", "100x96")
+    page.click("#generate")
+    page.wait_for_selector("#status.error")
+    expected = httpx.post(
+        server.url + "/v1/images/generations", json={"prompt": "a fox", "size": "100x96"}, timeout=30
+    ).json()["error"]["message"]
+    assert page.text_content("#status") == expected
+    assert "16" in expected
+    assert page.locator("figure").count() == 0
+    assert view.hosts() == {"127.0.0.1"}
+
+
+def test_the_api_key_is_asked_once_and_kept(browser: Any, serve: ServerFactory) -> None:
+    server = serve(api_keys="sk-playground-1")
+    view = Page(browser, server)
+    page = view.page
+    assert page.is_visible("#api-key")
+    page.fill("#prompt", "a fox")
+    page.select_option("#size", "256x256")
+    page.fill("#steps", "2")
+    page.select_option("#partials", "0")
+    page.click("#generate")
+    page.wait_for_selector("#status.error")
+    assert "API key" in page.text_content("#status")
+
+    page.fill("#api-key", "sk-playground-1")
+    page.dispatch_event("#api-key", "change")
+    page.click("#generate")
+    page.locator("figure a").wait_for(state="visible", timeout=120_000)
+    page.reload()
+    page.wait_for_selector("#size option", state="attached")
+    assert page.input_value("#api-key") == "sk-playground-1", "kept in the browser"
+    page.click("#forget-key")
+    assert page.evaluate("localStorage.getItem('zimage.apiKey')") is None
+    assert view.hosts() == {"127.0.0.1"}

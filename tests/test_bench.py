@@ -65,3 +65,16 @@ def test_the_soak_runs_its_mixed_traffic_and_reports(tmp_path: Path) -> None:
     assert counts["slowloris"].get("closed by server", 0) > 0, "half-sent requests were closed"
     assert counts["probe"].get("200", 0) > 0
     assert "| time | RSS (MiB) |" in out.stdout
+
+
+@pytest.mark.slow
+def test_the_partial_image_benchmark_runs_each_count_side_by_side(tmp_path: Path) -> None:
+    out = tmp_path / "partials.json"
+    command = [sys.executable, str(ROOT / "bench" / "partials.py"), "--scale", "tiny", "--device", "cpu"]
+    command += ["--size", "256x256", "--repeat", "1", "--work", str(tmp_path / "work"), "--out", str(out)]
+    subprocess.run(command, check=True, cwd=ROOT, timeout=600)
+    rows = json.loads(out.read_text())["rows"]
+    assert [rows[count]["partials"] for count in ("0", "1", "3")] == [0, 1, 3]
+    assert rows["0"]["decode_ms"] is None
+    assert rows["3"]["decode_ms"] > 0
+    assert "ms_per_partial" in rows["3"]

@@ -61,6 +61,44 @@ def _publish_limits(properties: dict[str, Any], settings: Settings, max_n: int) 
     properties["response_format"] = _nullable({"type": "string", "enum": ["b64_json"]})
 
 
+# One server-sent event of a streamed answer (streaming.py); its data is JSON.
+SSE_EVENT: dict[str, Any] = {
+    "type": "object",
+    "description": "with stream: each server-sent event (docs/server.md)",
+    "required": ["event", "data"],
+    "properties": {
+        "event": {
+            "type": "string",
+            "enum": [
+                "image_generation.partial_image",
+                "image_generation.completed",
+                "zimage.queue",
+                "zimage.progress",
+                "error",
+            ],
+        },
+        "data": {"type": "string", "contentMediaType": "application/json"},
+    },
+}
+
+
+def _publish_streaming(schemas: dict[str, Any]) -> None:
+    """``partial_images`` and ``stream_progress`` only with ``stream: true``, and /generate
+    (which answers bytes) never streams: what ImageService.params and the route refuse."""
+    streaming = schemas["ImageGenerationRequest"]
+    streaming["allOf"] = [
+        {
+            "if": {"required": [name], "properties": {name: {"not": {"type": "null"}}}},
+            "then": {"required": ["stream"], "properties": {"stream": {"const": True}}},
+        }
+        for name in ("partial_images", "stream_progress")
+    ]
+    single = schemas["SingleImageRequest"]["properties"]
+    single["stream"] = _nullable({"type": "boolean", "const": False})
+    for name in ("partial_images", "stream_progress"):
+        single[name] = {"type": "null"}
+
+
 def openapi_document(app: FastAPI) -> dict[str, Any]:
     """FastAPI's document with this server's limits, less what it never answers: bad input is
     400 in the error shape (errors.py), never FastAPI's 422."""
@@ -76,5 +114,8 @@ def openapi_document(app: FastAPI) -> dict[str, Any]:
             schemas.pop(unused, None)
         for name, most in (("ImageGenerationRequest", app.state.settings.max_n), ("SingleImageRequest", 1)):
             _publish_limits(schemas[name]["properties"], app.state.settings, most)
+        _publish_streaming(schemas)
+        generations = document["paths"]["/v1/images/generations"]["post"]["responses"]["200"]
+        generations["content"]["text/event-stream"] = {"schema": SSE_EVENT}
         app.openapi_schema = document
     return app.openapi_schema

@@ -13,6 +13,7 @@ import httpx
 import numpy as np
 import openai
 import pytest
+from openai.types import ImageGenCompletedEvent, ImageGenPartialImageEvent
 from PIL import Image
 
 from zimage_server.partials import clean_estimate, partial_steps
@@ -107,8 +108,10 @@ def test_the_official_client_streams_unchanged(server: RunningServer) -> None:
     events = list(stream)
     kinds = [event.type for event in events]
     assert kinds == ["image_generation.partial_image"] * 3 + ["image_generation.completed"]
-    assert [event.partial_image_index for event in events[:3]] == [0, 1, 2]
+    partials = [event for event in events if isinstance(event, ImageGenPartialImageEvent)]
+    assert [event.partial_image_index for event in partials] == [0, 1, 2]
     final = events[-1]
+    assert isinstance(final, ImageGenCompletedEvent)
     assert final.output_format == "jpeg"
     assert final.size == "128x128"
     assert base64.b64decode(final.b64_json).startswith(b"\xff\xd8")  # a JPEG

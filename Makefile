@@ -67,6 +67,7 @@ bench-gpu: install ## On a GPU machine: every benchmark at full size; rewrites d
 	$(PY) bench/performance.py --scale full --stages coldstart,http --paths server-bf16 --work $(BENCH_WORK)
 	$(PY) bench/probe_latency.py --device cuda --probes 300 --out $(BENCH_WORK)/probe
 	$(PY) bench/png_encode.py --repeat 30 --out $(BENCH_WORK)/png.json
+	$(PY) bench/partials.py --scale full --size 1024x1024 --work $(BENCH_WORK) --out $(BENCH_WORK)/partials.json
 	$(PY) bench/gemm_shapes.py --out $(BENCH_WORK)/gemm-b1.json
 	$(PY) bench/gemm_shapes.py --batch 4 --out $(BENCH_WORK)/gemm-b4.json
 	$(PY) bench/profile_step.py --work $(BENCH_WORK) --paths server-bf16,server-fp8 --out $(BENCH_WORK)/profile.json
@@ -105,6 +106,14 @@ cluster-up: install cluster-binaries node-packages ## Start a local cluster in .
 .PHONY: cluster-down
 cluster-down: install ## Stop the local cluster started by cluster-up; fails if it left anything behind
 	$(PY) -m tests.cluster.local_cluster down --dir .cluster
+
+.PHONY: demo
+demo: install cluster-binaries ## Local cluster, the chart, the minimal example on the tiny model; prints the playground's loopback URL
+	$(PY) -m tests.cluster.demo up --dir .demo
+
+.PHONY: demo-down
+demo-down: install ## Stop and remove everything make demo started
+	$(PY) -m tests.cluster.demo down --dir .demo
 
 .PHONY: constraints
 constraints: install ## Re-pin constraints.txt from the current .venv

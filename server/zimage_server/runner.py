@@ -318,6 +318,7 @@ class _StepTimer:
         self.marks: list[Any] = []
         self.observer: partials.StepObserver | None = None
         self.decoder: partials.PartialDecoder | None = None
+        self.gaps: set[int] = set()  # intervals (between marks k and k + 1) spent decoding partials
         self._mark()
 
     def observe(self, observer: partials.StepObserver, decoder: partials.PartialDecoder) -> None:
@@ -339,8 +340,8 @@ class _StepTimer:
         if self.decoder is not None:
             decoded = self.decoder.decoded
             self.decoder.after_step(step, callback_kwargs["latents"])
-            if self.decoder.decoded > decoded:
-                self.marks[-1:] = []  # the next step is timed from here: decoding is not a step
+            if self.decoder.decoded > decoded:  # decoding is not a step: its interval is left out
+                self.gaps.add(len(self.marks) - 1)
                 self._mark()
         if self.observer is not None:
             self.observer.step(step + 1, pipe.num_timesteps)
@@ -349,8 +350,8 @@ class _StepTimer:
     def durations(self) -> list[float]:
         """Seconds per denoising step. The first interval also holds text encoding, so it is
         left out whenever a later step can speak for the step time."""
-        marks = self.marks[1:] if len(self.marks) > 2 else self.marks
-        pairs = itertools.pairwise(marks)
+        pairs = [pair for k, pair in enumerate(itertools.pairwise(self.marks)) if k not in self.gaps]
+        pairs = pairs[1:] if len(pairs) > 1 else pairs
         if self.cuda:
             torch.cuda.synchronize()
             return [start.elapsed_time(end) / 1000.0 for start, end in pairs]

@@ -92,6 +92,9 @@ def test_a_stream_sends_partial_images_then_the_same_image_as_without_stream(ser
     )
     metrics = server.metrics()
     assert metrics["zimage_partial_image_duration_seconds_count"] == 2
+    # Decoding the partials is not a step: 7 timed steps each (the first one holds the text
+    # encoder), with and without them.
+    assert metrics["zimage_step_duration_seconds_count"] == 14
 
 
 def test_the_official_client_streams_unchanged(server: RunningServer) -> None:

@@ -141,9 +141,9 @@ class ImageService:
             self.engine.cancel(job, "disconnect")
             raise ClientGoneError()
         self.engine.cancel(job, "timeout")
-        raise self._timeout_error()
+        raise self.timeout_error()
 
-    def _timeout_error(self) -> APIError:
+    def timeout_error(self) -> APIError:
         return APIError(
             504,
             f"the request did not finish within {self.settings.request_timeout_s:g}s "
@@ -189,7 +189,7 @@ class ImageService:
         loop = asyncio.get_running_loop()
         return list(
             await asyncio.gather(
-                *(loop.run_in_executor(self.encoder, self._encode_one, image, params) for image in images)
+                *(loop.run_in_executor(self.encoder, self.encode_one, image, params) for image in images)
             )
         )
 
@@ -200,7 +200,7 @@ class ImageService:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self.encoder, _images_json, encoded, params)
 
-    def _encode_one(self, image: Image.Image, params: GenerationParams) -> bytes:
+    def encode_one(self, image: Image.Image, params: GenerationParams) -> bytes:
         started = time.perf_counter()
         data = encode_image(
             image,

@@ -88,7 +88,7 @@ class ImageStream:
 
         loop = asyncio.get_running_loop()
         service = self.service
-        data = await loop.run_in_executor(service.encoder, service._encode_one, image, self.params)
+        data = await loop.run_in_executor(service.encoder, service.encode_one, image, self.params)
         b64 = await loop.run_in_executor(service.encoder, b64_sliced, data)
         return sse(event, {"type": event, **fields, **self.common}, b64)
 
@@ -107,7 +107,7 @@ class ImageStream:
                     return
                 if time.monotonic() > deadline:
                     engine.cancel(job, "timeout")
-                    yield error_event(self.service._timeout_error())
+                    yield error_event(self.service.timeout_error())
                     return
                 if params.progress and position != (place := engine.position(job)):
                     position = place

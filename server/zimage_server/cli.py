@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
-from types import FrameType
+from typing import Any
 
 USAGE = """usage: zimage-server [serve] [--FLAG VALUE ...]
        zimage-server make-tiny-model DIR
@@ -86,14 +87,26 @@ def _serve(args: list[str]) -> int:
     config = uvicorn_config(app, settings)
     # After its shutdown uvicorn restores the SIGTERM handler it found and raises the signal
     # again. Finding this one, the process exits 0: a drain is a normal stop, not a crash.
-    signal.signal(signal.SIGTERM, _exit_cleanly)
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(_exit(app, 0)))
     server = DrainingServer(config, app, settings.drain_seconds)
     server.run()
-    return server.exit_code
+    return _exit(app, server.exit_code)
 
 
-def _exit_cleanly(signum: int, frame: FrameType | None) -> None:
-    raise SystemExit(0)
+def _exit(app: Any, code: int) -> int:
+    """End the process with ``code``. Stopped while it loads or warms up, it exits at once: the
+    worker thread is inside a load or a warm-up call (a compile can take minutes), which the
+    interpreter's exit would wait for, and no request has been accepted that could be lost.
+    Otherwise returns ``code``."""
+    from .state import Phase
+
+    if app.state.server_state.phase in (Phase.LOADING, Phase.WARMING):
+        logging.getLogger(__name__).info("stopped during start-up: the warm-up is abandoned")
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 if __name__ == "__main__":

@@ -186,3 +186,35 @@ def test_a_model_that_cannot_load_ends_the_process_with_the_reason(tmp_path: Pat
     reason = termination.read_text()
     assert reason.startswith("zimage: the model could not be loaded")
     assert "model_index.json" in reason
+
+
+def test_sigterm_during_the_warm_up_exits_at_once(tiny_model_dir: Path) -> None:
+    """A pod deleted while it compiles: the process ends now, not when the warm-up call does
+    (on a GPU a compile can run for minutes, and the kubelet would wait for its grace period)."""
+    port = free_port()
+    proc = _start(
+        [
+            "--port", str(port), "--model", str(tiny_model_dir), "--device", "cpu",
+            "--warmup-sizes", "2048x2048", "--warmup-steps", "400",
+        ]
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, proc.stdout.read() if proc.stdout else "server exited"
+            with contextlib.suppress(httpx.TransportError):
+                if '"warming"' in httpx.get(f"{url}/healthz/ready").text:
+                    break
+            assert time.monotonic() < deadline, "the server never started its warm-up"
+            time.sleep(0.1)
+        time.sleep(1)  # inside the long warm-up call now
+        stopped = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+        assert time.monotonic() - stopped < 15
+    finally:
+        stop_process(proc)
+    assert proc.returncode == 0
+    assert proc.stdout is not None
+    assert "the warm-up is abandoned" in proc.stdout.read()

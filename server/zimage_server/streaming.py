@@ -98,6 +98,7 @@ class ImageStream:
         deadline = job.arrived + self.service.settings.request_timeout_s
         completed = 0
         position: int | None = None
+        sent: set[tuple[int, int]] = set()  # (image, partial) already sent
         last_sent = time.monotonic()
         try:
             while completed < len(params.seeds):
@@ -127,6 +128,9 @@ class ImageStream:
                         yield sse("zimage.progress", {**payload, "images_done": completed})
                 elif kind == "partial":
                     _, index, partial_index, image = event
+                    if (index, partial_index) in sent:  # its batch failed and it runs again alone
+                        continue
+                    sent.add((index, partial_index))
                     fields = {"partial_image_index": partial_index, "image_index": index}
                     yield await self._image_event("image_generation.partial_image", image, fields)
                 elif kind == "image":

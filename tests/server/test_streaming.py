@@ -122,7 +122,7 @@ def test_the_official_client_streams_unchanged(server: RunningServer) -> None:
 
 
 def test_streams_batch_with_other_requests_and_each_gets_its_own_images(serve: ServerFactory) -> None:
-    server = serve(max_batch_size=4, batch_wait_ms=1500)
+    server = serve(max_batch_size=4, batch_wait_ms=3000)  # the batch starts once it holds all 4
     body = {"prompt": "a tree", "size": "128x128", "num_inference_steps": 6}
     results: dict[str, Any] = {}
 

@@ -161,7 +161,8 @@ def test_streams_batch_with_other_requests_and_each_gets_its_own_images(serve: S
     assert results["plain"]["data"][0]["seed"] == 50
 
 
-def test_progress_events_report_queue_place_and_steps(serve: ServerFactory) -> None:
+def busy_server(serve: ServerFactory) -> tuple[RunningServer, threading.Thread]:
+    """A server of batches of one, busy with a long request (the thread that sent it)."""
     server = serve(max_batch_size=1, batch_wait_ms=0)
     busy = threading.Thread(
         target=httpx.post,
@@ -170,6 +171,11 @@ def test_progress_events_report_queue_place_and_steps(serve: ServerFactory) -> N
     )
     busy.start()
     server.wait_metric("zimage_in_flight_requests", lambda v: v == 1)
+    return server, busy
+
+
+def test_progress_events_report_queue_place_and_steps(serve: ServerFactory) -> None:
+    server, busy = busy_server(serve)
     body = {
         "prompt": "next",
         "size": "64x64",
@@ -217,14 +223,7 @@ def test_generate_refuses_stream(server: RunningServer) -> None:
 
 
 def test_a_client_that_leaves_a_stream_frees_its_place(serve: ServerFactory) -> None:
-    server = serve(max_batch_size=1, batch_wait_ms=0)
-    busy = threading.Thread(
-        target=httpx.post,
-        args=(server.url + URL,),
-        kwargs={"json": {"prompt": "busy", **SLOW}, "timeout": 120},
-    )
-    busy.start()
-    server.wait_metric("zimage_in_flight_requests", lambda v: v == 1)
+    server, busy = busy_server(serve)
     body = {"prompt": "gone", "size": "64x64", "stream": True, "stream_progress": True}
     with httpx.stream("POST", server.url + URL, json=body, timeout=120) as response:
         first = next(response.iter_lines())

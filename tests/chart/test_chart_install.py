@@ -58,11 +58,7 @@ def test_helm_install_upgrade_and_uninstall(fresh_cluster: LocalCluster, tmp_pat
         assert pod["spec"]["nodeName"] == "gpu-node-0"
 
         def example_ready() -> bool:
-            out = cluster.kubectl("get", "zis", "example", "-n", NAMESPACE, "-o", "json", check=False)
-            if out.returncode != 0:
-                return False
-            conditions = json.loads(out.stdout).get("status", {}).get("conditions", [])
-            return any(c["type"] == "Ready" and c["status"] == "True" for c in conditions)
+            return cluster.condition("zis", "example", NAMESPACE) == "True"
 
         wait_until(example_ready, 60, "the chart's example ZImageService to be Ready")
 

@@ -28,6 +28,7 @@ import httpx
 import yaml
 
 from tests.cluster.local_cluster import LocalCluster, build_binaries
+from tests.cluster.pod_runner import LocalPodRunner, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "charts" / "zimage-operator"
@@ -43,14 +44,6 @@ def example() -> dict[str, Any]:
     manifest: dict[str, Any] = yaml.safe_load(EXAMPLE.read_text())
     manifest["spec"]["model"]["source"] = TINY
     return manifest
-
-
-def _ready(cluster: LocalCluster, name: str) -> bool:
-    out = cluster.kubectl("get", "zis", name, "-n", NAMESPACE, "-o", "json", check=False)
-    if out.returncode != 0:
-        return False
-    conditions = json.loads(out.stdout).get("status", {}).get("conditions", [])
-    return any(c["type"] == "Ready" and c["status"] == "True" for c in conditions)
 
 
 def _server_urls(cluster: LocalCluster, name: str) -> list[str]:
@@ -71,14 +64,6 @@ def _answers(url: str) -> bool:
         return httpx.get(url, timeout=5).status_code == 200
     except httpx.HTTPError:
         return False
-
-
-def _wait(what: str, check: Any, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(1)
 
 
 def up(folder: Path, timeout: float) -> str:
@@ -108,11 +93,17 @@ def up(folder: Path, timeout: float) -> str:
         cluster.kubectl("apply", "-n", NAMESPACE, "-f", "-", input=yaml.safe_dump(manifest))
         print(f"applied {EXAMPLE.relative_to(ROOT)} with model.source {TINY}; waiting for Ready", flush=True)
         left = timeout - (time.monotonic() - started)
-        _wait(f"ZImageService {name} to be Ready", lambda: _ready(cluster, name), left)
+        wait_until(
+            lambda: cluster.condition("zis", name, NAMESPACE) == "True",
+            left,
+            f"ZImageService {name} to be Ready",
+            interval=1,
+        )
         (url, *_) = _server_urls(cluster, name)
         # Ready comes from the simulated node; the server process behind it is this one.
         left = timeout - (time.monotonic() - started)
-        _wait(f"the server at {url} to be ready", lambda: _answers(url + "healthz/ready"), left)
+        ready = url + "healthz/ready"
+        wait_until(lambda: _answers(ready), left, f"the server at {url} to be ready", interval=1)
     except BaseException:
         for path in sorted(folder.glob("pods*.log")) + sorted(folder.glob("pods/*.log")):
             print(f"--- {path.name}:\n" + path.read_text(errors="replace")[-3000:], file=sys.stderr)
@@ -150,8 +141,6 @@ def down(folder: Path, grace: float = 30) -> list[str]:
 
 def run_pods(folder: Path) -> None:
     """The pod runner for the demo's cluster, until SIGTERM or SIGINT."""
-    from tests.cluster.pod_runner import LocalPodRunner
-
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())

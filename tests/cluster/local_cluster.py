@@ -586,6 +586,12 @@ class LocalCluster:
         self.kubectl("apply", "--server-side", "-f", "-", input=yaml.safe_dump_all(docs))
         return [doc["metadata"]["name"] for doc in docs]
 
+    def condition(self, kind: str, name: str, namespace: str, condition: str = "Ready") -> str | None:
+        """The status (``"True"``, ...) of a resource's condition; None where it or the condition
+        does not exist."""
+        out = self.kubectl("get", kind, name, "-n", namespace, "-o", "json", check=False)
+        return _condition(json.loads(out.stdout), condition) if out.returncode == 0 else None
+
     def kubectl(
         self, *args: str, input: str | None = None, check: bool = True
     ) -> subprocess.CompletedProcess[str]:

@@ -16,9 +16,6 @@ from typing import Any, Protocol
 import torch
 from PIL import Image
 
-# The OpenAI Images API allows 0 to 3 partial images per image.
-MAX_PARTIAL_IMAGES = 3
-
 
 class StepObserver(Protocol):
     """Told about a batch as it runs, from the worker thread (so: quick, and thread-safe)."""

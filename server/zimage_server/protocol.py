@@ -31,7 +31,9 @@ def _integral(value: object) -> object:
 JsonInt = Annotated[int, Strict(), BeforeValidator(_integral)]
 Compression = Annotated[int, Strict(), Ge(0), Le(100), BeforeValidator(_integral)]
 Seed = Annotated[int, Strict(), Ge(0), Le(MAX_SEED), BeforeValidator(_integral)]
-PartialCount = Annotated[int, Strict(), Ge(0), Le(3), BeforeValidator(_integral)]
+# The OpenAI Images API allows 0 to 3 partial images per image.
+MAX_PARTIAL_IMAGES = 3
+PartialCount = Annotated[int, Strict(), Ge(0), Le(MAX_PARTIAL_IMAGES), BeforeValidator(_integral)]
 
 
 class ImageGenerationRequest(BaseModel):

@@ -14,6 +14,7 @@ plain HTTP errors, as for any request: the stream starts only once the work is q
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import time
@@ -24,6 +25,7 @@ from PIL import Image
 
 from .errors import APIError, error_body
 from .runner import prompt_tokens
+from .service import b64_sliced
 
 if TYPE_CHECKING:
     from .engine import Job
@@ -73,7 +75,9 @@ class ImageStream:
             "background": "opaque",
         }
 
-    def _usage(self) -> dict[str, Any]:
+    @functools.cached_property
+    def usage(self) -> dict[str, Any]:
+        """The prompt's tokens, the same for each image of the request."""
         tokenizer = self.service.engine.runner.admission_tokenizer
         text = prompt_tokens(tokenizer, [self.params.prompt])[0] if tokenizer is not None else 0
         return {
@@ -84,12 +88,11 @@ class ImageStream:
         }
 
     async def _image_event(self, event: str, image: Image.Image, fields: dict[str, Any]) -> bytes:
-        from .service import b64_sliced
-
         loop = asyncio.get_running_loop()
-        service = self.service
-        data = await loop.run_in_executor(service.encoder, service.encode_one, image, self.params)
-        b64 = await loop.run_in_executor(service.encoder, b64_sliced, data)
+        service, params = self.service, self.params
+        b64 = await loop.run_in_executor(
+            service.encoder, lambda: b64_sliced(service.encode_one(image, params))
+        )
         return sse(event, {"type": event, **fields, **self.common}, b64)
 
     async def events(self) -> AsyncIterator[bytes]:
@@ -135,7 +138,7 @@ class ImageStream:
                     yield await self._image_event("image_generation.partial_image", image, fields)
                 elif kind == "image":
                     _, index, image = event
-                    fields = {"image_index": index, "seed": params.seeds[index], "usage": self._usage()}
+                    fields = {"image_index": index, "seed": params.seeds[index], "usage": self.usage}
                     yield await self._image_event("image_generation.completed", image, fields)
                     completed += 1
                 last_sent = time.monotonic()

@@ -579,8 +579,9 @@ def warmup_breakdown(log: Path) -> dict[str, Any]:
     }
 
 
-# The cold-start rows by name: a new replica, a container restart, a new replica with artifacts.
-COLDSTART_RUNS = {"new": "empty_cache_s", "restart": "warm_cache_s", "artifacts": "artifacts_s"}
+# The cold-start rows, run in this order: a new replica, a container restart, a new replica
+# with the artifacts the first one wrote.
+COLDSTART_RUNS = ("new", "restart", "artifacts")
 
 
 def stage_coldstart(args: argparse.Namespace, model: Path, results: dict[str, Any]) -> None:
@@ -594,14 +595,13 @@ def stage_coldstart(args: argparse.Namespace, model: Path, results: dict[str, An
         for folder in (cache, artifacts, args.work / f"coldstart-{path}-new"):
             shutil.rmtree(folder, ignore_errors=True)
         row: dict[str, Any] = {}
-        runs = (
-            ("empty_cache_s", cache),
-            ("warm_cache_s", cache),
-            ("artifacts_s", args.work / f"coldstart-{path}-new"),
-        )
-        wanted = {COLDSTART_RUNS[name] for name in args.coldstart_runs.split(",")}
-        for label, compile_cache in runs:
-            if label not in wanted:
+        runs = {
+            "new": ("empty_cache_s", cache),
+            "restart": ("warm_cache_s", cache),
+            "artifacts": ("artifacts_s", args.work / f"coldstart-{path}-new"),
+        }
+        for name, (label, compile_cache) in runs.items():
+            if name not in args.coldstart_runs:
                 continue
             log = args.work / f"coldstart-{path}-{label.removesuffix('_s')}.log"
             proc, port = start_server(model, path, args, compile_cache, artifacts, log)
@@ -829,6 +829,11 @@ def main() -> None:
     )
     parser.add_argument("--doc", type=Path, default=None, help="where the report stage writes the Markdown")
     args = parser.parse_args()
+    args.coldstart_runs = args.coldstart_runs.split(",")
+    if unknown := set(args.coldstart_runs) - set(COLDSTART_RUNS):
+        parser.error(
+            f"--coldstart-runs: {', '.join(sorted(unknown))} is not one of {', '.join(COLDSTART_RUNS)}"
+        )
     args.work.mkdir(parents=True, exist_ok=True)
     results_path = args.results or args.work / "results.json"
     args.save = lambda data: results_path.write_text(json.dumps(data, indent=2))

@@ -78,3 +78,21 @@ def test_the_partial_image_benchmark_runs_each_count_side_by_side(tmp_path: Path
     assert rows["0"]["decode_ms"] is None
     assert rows["3"]["decode_ms"] > 0
     assert "ms_per_partial" in rows["3"]
+
+
+@pytest.mark.slow
+def test_the_multi_gpu_benchmark_runs_each_case_beside_one_worker(tmp_path: Path) -> None:
+    """On the CPU the "GPUs" are CPU workers and gloo ranks: a check of the script, whose GPU
+    figures are taken on a machine with several GPUs."""
+    out = tmp_path / "multigpu.json"
+    command = [sys.executable, str(ROOT / "bench" / "multigpu.py"), "--scale", "tiny", "--device", "cpu"]
+    command += ["--gpus", "2", "--modes", "data,sequence", "--size", "256x256", "--steps", "2"]
+    command += ["--repeat", "1", "--requests", "4", "--work", str(tmp_path / "work"), "--results", str(out)]
+    subprocess.run(command, check=True, cwd=ROOT, timeout=900)
+    results = json.loads(out.read_text())
+    assert results["data"]["1"]["images_per_s"] > 0
+    assert results["data"]["2"]["scaling"] > 0
+    sequence = results["sequence"]["2"]
+    assert sequence["s_per_image"] > 0
+    assert sequence["step_ms"] > 0
+    assert sequence["max_pixel_diff"] <= 2, "two ranks make the one-process image"

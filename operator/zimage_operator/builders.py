@@ -165,6 +165,9 @@ def server_env(spec: ZImageServiceSpec) -> list[Manifest]:
         "ZIMAGE_DEVICE": "cpu" if spec.on_cpu else "cuda",
         "ZIMAGE_LOG_LEVEL": runtime.log_level,
         "ZIMAGE_PLAYGROUND": "true" if runtime.playground else "false",
+        # One worker per GPU, or one rank per GPU making each image together.
+        "ZIMAGE_WORKERS": str(spec.workers),
+        "ZIMAGE_SEQUENCE_PARALLEL": str(spec.parallelism.sequence_parallel),
         "ZIMAGE_MAX_BATCH_SIZE": str(runtime.max_batch_size),
         "ZIMAGE_BATCH_WAIT_MS": str(runtime.batch_wait_ms),
         "ZIMAGE_BATCH_LINGER_MS": str(runtime.batch_linger_ms),
@@ -206,7 +209,9 @@ def server_env(spec: ZImageServiceSpec) -> list[Manifest]:
 
 def _volumes(owner: Owner, spec: ZImageServiceSpec) -> tuple[list[Manifest], list[Manifest]]:
     volumes: list[Manifest] = [
-        {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "8Gi"}},
+        # PyTorch's and NCCL's shared memory (NCCL's transport between the GPUs of a replica
+        # goes through it where the GPUs have no direct path): counted in the pod's memory.
+        {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": f"{shared_memory_gib(spec)}Gi"}},
         {"name": "tmp", "emptyDir": {}},
     ]
     mounts: list[Manifest] = [{"name": "dshm", "mountPath": "/dev/shm"}, {"name": "tmp", "mountPath": "/tmp"}]
@@ -234,6 +239,11 @@ def _volumes(owner: Owner, spec: ZImageServiceSpec) -> tuple[list[Manifest], lis
     return volumes, mounts
 
 
+def shared_memory_gib(spec: ZImageServiceSpec) -> int:
+    """/dev/shm's size: 8Gi, and 2Gi more for each GPU past the first."""
+    return 8 + 2 * max(0, spec.resources.gpus - 1)
+
+
 def startup_budget_seconds(spec: ZImageServiceSpec) -> int:
     """How long a replica may take to become ready before the kubelet restarts it: what its
     start has to do, with room to spare. Loading the weights and a warm-up without compile take
@@ -247,6 +257,8 @@ def startup_budget_seconds(spec: ZImageServiceSpec) -> int:
     if spec.runtime.compile:
         budget = 1800 if spec.runtime.precision == "fp8" else 900
         budget += 120 * max(0, len(spec.runtime.warmup_sizes) - 1)
+        # Workers warm up one after the other; each after the first finds the compiled kernels.
+        budget += 120 * (spec.workers - 1)
     if spec.model.scheme == "hf" and not spec.needs_cache:
         budget += 1800
     return budget

@@ -82,6 +82,11 @@ class ResourcesSpec(_Model):
     cpu: str = "8"
 
 
+class ParallelismSpec(_Model):
+    workers: int | None = None
+    sequence_parallel: int = Field(1, alias="sequenceParallel")
+
+
 class VramSpec(_Model):
     limit: str = "90%"
     scope: Literal["process", "device"] = "process"
@@ -127,6 +132,7 @@ class ZImageServiceSpec(_Model):
     model: ModelSpec = Field(default_factory=ModelSpec)
     runtime: RuntimeSpec = Field(default_factory=RuntimeSpec)
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+    parallelism: ParallelismSpec = Field(default_factory=ParallelismSpec)
     vram: VramSpec = Field(default_factory=VramSpec)
     autoscaling: AutoscalingSpec = Field(default_factory=AutoscalingSpec)
     replicas: int = 1
@@ -149,6 +155,13 @@ class ZImageServiceSpec(_Model):
         """``resources.gpus: 0``: a replica without a GPU, for tiny models in demos and tests."""
         return self.resources.gpus == 0
 
+    @property
+    def workers(self) -> int:
+        """Pipeline workers in each replica: one per GPU, or one driving them all in sequence parallel."""
+        if self.parallelism.sequence_parallel > 1:
+            return 1
+        return max(self.resources.gpus, 1)
+
 
 # The sides the server accepts by default (its min_size and max_size), in multiples of 16.
 MIN_SIDE, MAX_SIDE = 256, 2048
@@ -156,6 +169,10 @@ MIN_SIDE, MAX_SIDE = 256, 2048
 
 def _server_side(side: int) -> bool:
     return side % 16 == 0 and MIN_SIDE <= side <= MAX_SIDE
+
+
+# The most GPUs one replica asks for: one node's.
+MAX_GPUS = 8
 
 
 class InvalidSpecError(ValueError):
@@ -183,8 +200,9 @@ def parse_spec(raw: dict[str, Any] | None) -> ZImageServiceSpec:
             )
     if "/../" in f"{spec.model.source}/":
         raise InvalidSpecError("spec.model.source: a path must not contain '..'")
-    if spec.resources.gpus not in (0, 1):
-        raise InvalidSpecError("spec.resources.gpus: the server uses one GPU per replica, or none (0)")
+    if not 0 <= spec.resources.gpus <= MAX_GPUS:
+        raise InvalidSpecError(f"spec.resources.gpus: from 0 (the CPU) to {MAX_GPUS} (one node's GPUs)")
+    _check_parallelism(spec)
     if spec.on_cpu and (spec.runtime.compile or spec.runtime.precision != "bf16"):
         raise InvalidSpecError(
             "spec.resources.gpus: 0 runs the server on the CPU, which needs runtime.compile false "
@@ -216,3 +234,23 @@ def parse_spec(raw: dict[str, Any] | None) -> ZImageServiceSpec:
             "minReplicas)"
         )
     return spec
+
+
+def _check_parallelism(spec: ZImageServiceSpec) -> None:
+    """The CRD's parallelism rules, for resources stored before them."""
+    parallelism, gpus = spec.parallelism, spec.resources.gpus
+    degree = parallelism.sequence_parallel
+    if degree < 1 or (parallelism.workers is not None and parallelism.workers < 1):
+        raise InvalidSpecError("spec.parallelism: workers and sequenceParallel are at least 1")
+    if degree > 1 and degree != gpus:
+        raise InvalidSpecError(
+            f"spec.parallelism.sequenceParallel: {degree} spreads each image over {degree} GPUs; "
+            f"set resources.gpus to {degree} (it is {gpus})"
+        )
+    if parallelism.workers is not None and parallelism.workers != spec.workers:
+        raise InvalidSpecError(
+            f"spec.parallelism.workers: a replica runs one worker per GPU, {spec.workers} with "
+            f"resources.gpus {gpus}"
+            + (" and sequenceParallel above 1" if degree > 1 else "")
+            + "; leave workers out or set it to that"
+        )

@@ -174,16 +174,17 @@ def compile_layers(model: torch.nn.Module) -> int:
     return len(layers)
 
 
-def compile_pipeline(pipe: Any, parts: list[str]) -> list[str]:
+def compile_pipeline(pipe: Any, parts: list[str], copies: int = 1) -> list[str]:
     """Regional compile: the transformer's repeated block and the text encoder's decoder layer
-    are each compiled once and reused by all their instances; the VAE decoder is compiled whole."""
+    are each compiled once and reused by all their instances; the VAE decoder is compiled whole.
+    ``copies``: pipelines in this process on other GPUs, each with variants of its own."""
     import torch._dynamo.config as dynamo_config
 
     # Sizes, prompt lengths and batch sizes vary; after the first change a dimension is
     # compiled as dynamic, so the number of compiled variants stays small.
     for name in ("recompile_limit", "cache_size_limit"):
         if hasattr(dynamo_config, name):
-            setattr(dynamo_config, name, 64)
+            setattr(dynamo_config, name, 64 * copies)
     compiled = []
     for part in parts:
         if part == "transformer":
@@ -207,6 +208,8 @@ def apply(
     compile_parts: list[str],
     compile_cache_dir: str | None,
     attention_tokens: int,
+    compile_copies: int = 1,
+    before_compile: Callable[[Any], None] | None = None,
 ) -> AccelerationReport:
     report = AccelerationReport(precision=precision)
     started = time.perf_counter()
@@ -234,10 +237,12 @@ def apply(
     report.attention_backend = backend
     if precision == "fp8":
         report.fp8_linears = quantize_fp8(pipe.transformer, device)
+    if before_compile is not None:
+        before_compile(pipe)
     if compile_parts:
         if compile_cache_dir:
             report.compile_cache_dir = use_compile_cache(compile_cache_dir)
-        report.compiled = compile_pipeline(pipe, compile_parts)
+        report.compiled = compile_pipeline(pipe, compile_parts, compile_copies)
     logger.info(
         "pipeline tuned in %.1fs: attention %s%s, precision %s (%d fp8 linears), compiled %s, cache %s",
         time.perf_counter() - started,

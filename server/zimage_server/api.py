@@ -140,6 +140,10 @@ async def load(request: Request) -> dict[str, Any]:
         "seconds_per_megapixel_step": round(engine.cost.rate, 6),
         "max_batch_size": service.settings.max_batch_size,
         "max_queue": service.settings.max_queue,
+        # Pipeline workers behind the queue (one per GPU), and how many run a batch now.
+        "workers": len(engine.workers),
+        "busy_workers": sum(1 for worker in engine.workers if worker.jobs),
+        "sequence_parallel": service.settings.sequence_parallel,
         # What this replica did with the shared compile artifacts (off unless configured), and
         # the file's name, which names its GPU, versions and choices.
         "compile_artifacts": {

@@ -21,7 +21,7 @@ from .health import HealthProcess, probe_responses
 from .metrics import Metrics
 from .middleware import BodyLimitMiddleware, RequestMetricsMiddleware
 from .openapi import openapi_document
-from .runner import PipelineRunner
+from .runner import make_runners
 from .service import ImageService
 from .state import Phase, ServerState, write_termination_log
 from .vram import (
@@ -44,7 +44,10 @@ def create_app(settings: Settings, memory_source: MemorySource | None = None) ->
     """``memory_source``: where GPU memory is read (default: NVML)."""
     metrics = Metrics()
     state = ServerState()
-    runner = PipelineRunner(settings)
+    runners = make_runners(settings)
+    runner = runners[0]
+    if memory_source is None and settings.vram_source != "file":
+        memory_source = NvmlSource(also=runner.follower_pids)
     sampler = make_vram_sampler(settings, metrics, memory_source)
 
     @contextlib.asynccontextmanager
@@ -54,14 +57,15 @@ def create_app(settings: Settings, memory_source: MemorySource | None = None) ->
             prober = HealthProcess(settings.host, settings.health_port, settings.health_stall_s)
             prober.start()
         app.state.prober = prober
-        engine = Engine(runner, settings, metrics)
+        engine = Engine(runners, settings, metrics)
+        metrics.workers.set(len(engine.workers))
         encoder = background.pool(settings.encode_threads, "zimage-encode")
         app.state.service = ImageService(settings, engine, metrics, state, encoder)
         metrics.pending_gpu_seconds.set_function(engine.pending_gpu_seconds)
         engine.start()
         sampler.start()
         loader = asyncio.create_task(
-            _load_and_warm_up(runner, engine, state, metrics, settings, lambda: app.state.on_load_failure())
+            _load_and_warm_up(engine, state, metrics, settings, lambda: app.state.on_load_failure())
         )
         publisher = None
         if prober is not None:
@@ -96,6 +100,7 @@ def create_app(settings: Settings, memory_source: MemorySource | None = None) ->
     app.state.metrics = metrics
     app.state.server_state = state
     app.state.runner = runner
+    app.state.runners = runners
     app.state.vram = sampler
     install_error_handlers(app)
     # The last added runs first: metrics see every answer, keys are checked before the body.
@@ -146,8 +151,9 @@ def make_vram_sampler(settings: Settings, metrics: Metrics, source: MemorySource
 
     def record(sample: Sample, verdict: Verdict | None) -> None:
         metrics.vram_samples.inc()
-        metrics.vram_used.labels("process").set(sample.process_bytes)
-        metrics.vram_used.labels("device").set(sample.device_bytes)
+        for gpu in sample.per_gpu():
+            metrics.vram_used.labels("process", gpu.gpu).set(gpu.process_bytes)
+            metrics.vram_used.labels("device", gpu.gpu).set(gpu.device_bytes)
         if verdict is not None:
             metrics.vram_limit.set(verdict.limit_bytes)
             metrics.vram_over.set(1 if verdict.over else 0)
@@ -156,30 +162,38 @@ def make_vram_sampler(settings: Settings, metrics: Metrics, source: MemorySource
 
 
 async def _load_and_warm_up(
-    runner: PipelineRunner,
     engine: Engine,
     state: ServerState,
     metrics: Metrics,
     settings: Settings,
     on_failure: Callable[[], None],
 ) -> None:
-    """Load the model and warm it up; ``on_failure`` when it cannot be loaded (the command
-    line ends the process then, so that the kubelet restarts it with backoff)."""
+    """Load the model and warm it up on every worker; ``on_failure`` when it cannot be loaded
+    (the command line ends the process then, so that the kubelet restarts it with backoff).
+
+    The workers load and warm up one after the other: the first one loads the shared compile
+    artifacts and compiles what they lack, into the process's compile caches, which the
+    others then hit. The artifacts are saved once every worker has warmed up."""
     loop = asyncio.get_running_loop()
+    runner = engine.runner
     try:
-        state.set(Phase.LOADING, f"loading {runner.source}")
-        await loop.run_in_executor(engine.gpu, runner.load)
+        for worker in engine.workers:
+            where = f" on GPU {worker.label}" if len(engine.workers) > 1 else ""
+            state.set(Phase.LOADING, f"loading {runner.source}{where}")
+            await loop.run_in_executor(worker.thread, worker.runner.load)
         warmup_started = time.perf_counter()
         # Warm-up runs price nothing: they pay for one-time set-up and run at small sizes and
         # few steps, where fixed costs dominate (priced from them, Retry-After and the load
         # signal came out several times too high). The prior holds until the first real batch.
-        for spec in runner.warmup_specs():
-            size, count = f"{spec.width}x{spec.height}", len(spec.prompts)
-            state.set(Phase.WARMING, f"warming up at {size} (batch {count})")
-            result = await loop.run_in_executor(engine.gpu, runner.generate, spec)
-            logger.info("warm-up at %s, batch %d took %.2fs", size, count, result.seconds)
+        for worker in engine.workers:
+            where = f" on GPU {worker.label}" if len(engine.workers) > 1 else ""
+            for spec in worker.runner.warmup_specs():
+                size, count = f"{spec.width}x{spec.height}", len(spec.prompts)
+                state.set(Phase.WARMING, f"warming up at {size} (batch {count}){where}")
+                result = await loop.run_in_executor(worker.thread, worker.runner.generate, spec)
+                logger.info("warm-up at %s, batch %d%s took %.2fs", size, count, where, result.seconds)
         runner.startup_seconds["warmup"] = time.perf_counter() - warmup_started
-        await loop.run_in_executor(engine.gpu, runner.save_artifacts)
+        await loop.run_in_executor(engine.workers[0].thread, runner.save_artifacts)
         metrics.compile_artifacts.labels(runner.artifacts.state).set(1)
         for lookup, count in compile_artifacts.fx_graph_lookups().items():
             metrics.compile_fx_graphs.labels(lookup).set(count)

@@ -103,6 +103,23 @@ class Settings(BaseSettings):
     )
 
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
+    workers: int | None = Field(
+        None,
+        ge=1,
+        le=16,
+        description="Pipeline workers behind the one queue, each on its own GPU (data parallel); a "
+        "batch goes to the first free one. Default: one per visible GPU, one on the CPU",
+    )
+    sequence_parallel: int = Field(
+        1,
+        ge=1,
+        le=16,
+        description="GPUs that make each image together (Ulysses attention over the model's heads, "
+        "one process per GPU); 1: off. Not with workers above 1",
+    )
+    parallel_port: int = Field(
+        29500, ge=1, le=65535, description="Loopback port the sequence-parallel processes meet on"
+    )
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
         "auto", description="auto = bfloat16 on GPU, float32 on CPU"
     )
@@ -233,6 +250,16 @@ class Settings(BaseSettings):
                 raise ValueError(f"{name} must be a multiple of {SIZE_MULTIPLE}")
         if self.default_steps > self.max_steps:
             raise ValueError("default_steps must not exceed max_steps")
+        if self.sequence_parallel > 1 and (self.workers or 1) > 1:
+            raise ValueError(
+                f"workers ({self.workers}) and sequence_parallel ({self.sequence_parallel}) cannot both be "
+                "above 1: choose several workers (throughput) or one image across GPUs (latency)"
+            )
+        if (self.sequence_parallel > 1 or (self.workers or 1) > 1) and ":" in self.device:
+            raise ValueError(
+                f"device {self.device!r} names one GPU; several workers or sequence_parallel take the "
+                "visible GPUs in order (set device auto, cuda or cpu)"
+            )
         if not self.served_model_names:
             raise ValueError("served_model_names needs at least one name")
         for size in [self.default_size, *self.warmup_sizes]:

@@ -1,14 +1,17 @@
-"""The request engine: a queue of jobs feeding one GPU worker, with batching of compatible work.
+"""The request engine: a queue of jobs feeding the pipeline workers (one per GPU), with batching
+of compatible work.
 
-Each job asks for ``n`` images of one size and step count. The worker takes the oldest job,
+Each job asks for ``n`` images of one size and step count. A free worker takes the oldest job,
 fills a batch of up to ``max_batch_size`` images from it and from any later job with the same
 size and steps, waits at most ``batch_wait_ms`` for the batch to fill, and runs the pipeline
-once for the whole batch on a single worker thread. Right after a batch it waits a little
-longer, until ``batch_linger_ms`` after that batch ended (at most ``LINGER_SHARE`` of its run
-time) or until as many requests have arrived as the batch answered: clients that send their
-next request as soon as they have their images then join one batch instead of settling into
-half batches of their own, and a lone client never waits for company that is not coming. A
-job that is cancelled (timeout, client gone) before its images are taken costs no GPU time.
+once for the whole batch on its own thread and GPU. One free worker at a time forms a batch;
+the next free one forms the next, so batches go to the first free worker. Right after a batch
+it waits a little longer, until ``batch_linger_ms`` after that batch ended (at most
+``LINGER_SHARE`` of its run time) or until as many requests have arrived as the batch
+answered: clients that send their next request as soon as they have their images then join
+one batch instead of settling into half batches of their own, and a lone client never waits
+for company that is not coming. A job that is cancelled (timeout, client gone) before its
+images are taken costs no GPU time.
 """
 
 from __future__ import annotations
@@ -68,19 +71,42 @@ class Job:
         return len(self.seeds) - self.taken
 
 
+@dataclass(eq=False)
+class Worker:
+    """One pipeline on one GPU, with the thread that drives it and the batch it runs now."""
+
+    runner: PipelineRunner
+    label: str  # the GPU's CUDA index ("cpu0", "cpu1"... for workers on the CPU)
+    thread: ThreadPoolExecutor
+    jobs: int = 0  # requests with images in its batch now
+    cost: float = 0.0  # expected GPU-seconds of that batch
+    since: float = 0.0
+
+    @classmethod
+    def of(cls, runner: PipelineRunner, index: int) -> Worker:
+        device = runner.device
+        label = str(device.index or 0) if device.type == "cuda" else f"{device.type}{index}"
+        thread = ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix=f"zimage-gpu{label}", initializer=runner.bind_thread
+        )
+        return cls(runner, label, thread)
+
+    def left(self, now: float) -> float:
+        """Expected seconds until its batch ends (0 when idle)."""
+        return max(0.0, self.cost - (now - self.since)) if self.jobs else 0.0
+
+
 class Engine:
-    def __init__(self, runner: PipelineRunner, settings: Settings, metrics: Metrics) -> None:
-        self.runner = runner
+    def __init__(self, runners: list[PipelineRunner], settings: Settings, metrics: Metrics) -> None:
+        self.runner = runners[0]  # admission checks and the artifacts' state read the first
+        self.workers = [Worker.of(runner, index) for index, runner in enumerate(runners)]
         self.settings = settings
         self.metrics = metrics
-        self.gpu = ThreadPoolExecutor(max_workers=1, thread_name_prefix="zimage-gpu")
         self._jobs: deque[Job] = deque()
         self._arrived = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
+        self._forming = asyncio.Lock()  # one free worker at a time takes from the queue
+        self._tasks: list[asyncio.Task[None]] = []
         self.cost = CostModel()
-        self._running_cost = 0.0  # GPU-seconds of the batch on the GPU now
-        self._running_since = 0.0
-        self._running_jobs = 0
         self._progress = asyncio.Event()  # set whenever work finishes or leaves the queue
         # After a batch: until when the next one waits for the requests it answered to come back,
         # how many requests it answered, and how many have arrived since.
@@ -91,29 +117,40 @@ class Engine:
     # -- lifecycle -------------------------------------------------------------------------
 
     def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._run(), name="zimage-engine")
+        loop = asyncio.get_running_loop()
+        self._tasks = [
+            loop.create_task(self._run(worker), name=f"zimage-engine-{worker.label}")
+            for worker in self.workers
+        ]
 
     @property
     def alive(self) -> bool:
-        return self._task is not None and not self._task.done()
+        return (
+            bool(self._tasks)
+            and not any(task.done() for task in self._tasks)
+            and all(worker.runner.alive for worker in self.workers)
+        )
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+                await task
         while self._jobs:
             job = self._jobs.popleft()
             if not job.future.done():
                 job.future.set_exception(APIError(503, "the server is shutting down", type="server_error"))
         self._update_gauges()
-        self.gpu.shutdown(wait=False, cancel_futures=True)
+        for worker in self.workers:
+            worker.thread.shutdown(wait=False, cancel_futures=True)
+            worker.runner.stop()
 
     # -- submission ------------------------------------------------------------------------
 
     @property
     def idle(self) -> bool:
-        return not self._jobs and self._running_jobs == 0
+        return not self._jobs and self.in_flight == 0
 
     async def wait_idle(self) -> None:
         """Return once no work is queued or running."""
@@ -144,19 +181,23 @@ class Engine:
 
     @property
     def in_flight(self) -> int:
-        """Requests with images on the GPU now."""
-        return self._running_jobs
+        """Requests with images on a GPU now, over all workers (a request split over two
+        workers' batches counts twice)."""
+        return sum(worker.jobs for worker in self.workers)
 
     def pending_gpu_seconds(self) -> float:
-        """Expected GPU time of everything queued or running, priced from measured batches."""
+        """Expected GPU time of everything queued or running on every worker, priced from
+        measured batches."""
         queued = sum(self.cost.cost(job.width, job.height, job.steps, job.remaining) for job in self._jobs)
-        return queued + self._running_cost
+        return queued + sum(worker.cost for worker in self.workers if worker.jobs)
 
     def retry_after(self) -> int:
-        """Seconds until a place in the full queue likely frees: when the batch on the GPU ends
-        and the worker takes the next one from the queue."""
-        if self._running_jobs:
-            left = self._running_cost - (time.monotonic() - self._running_since)
+        """Seconds until a place in the full queue likely frees: when the first worker to end
+        its batch takes the next one from the queue."""
+        now = time.monotonic()
+        busy = [worker.left(now) for worker in self.workers if worker.jobs]
+        if len(busy) == len(self.workers):
+            left = min(busy)
         else:
             left = self.pending_gpu_seconds() / max(
                 1, math.ceil(self.queued_images / self.settings.max_batch_size)
@@ -193,29 +234,34 @@ class Engine:
 
     # -- worker ----------------------------------------------------------------------------
 
-    async def _run(self) -> None:
+    async def _run(self, worker: Worker) -> None:
         while True:
             try:
-                await self._run_once()
+                await self._run_once(worker)
             except asyncio.CancelledError:
                 raise
             except Exception:  # the loop must outlive any one batch
                 logger.exception("engine iteration failed")
 
-    async def _run_once(self) -> None:
-        while not self._jobs:
-            self._arrived.clear()
-            await self._arrived.wait()
-        key = self._jobs[0].key
-        await self._wait_to_fill(key)
-        batch = self._take(key)
+    async def _next_batch(self) -> tuple[BatchKey, list[tuple[Job, int]]]:
+        async with self._forming:
+            while not self._jobs:
+                self._arrived.clear()
+                await self._arrived.wait()
+            key = self._jobs[0].key
+            await self._wait_to_fill(key)
+            return key, self._take(key)
+
+    async def _run_once(self, worker: Worker) -> None:
+        key, batch = await self._next_batch()
         if not batch:
             return
         jobs = list(dict.fromkeys(job for job, _ in batch))
-        self._running_jobs = len(jobs)
-        self.metrics.in_flight.set(self._running_jobs)
-        self._running_cost = self.cost.cost(key[0], key[1], key[2], len(batch))
-        self._running_since = time.monotonic()
+        worker.jobs = len(jobs)
+        worker.cost = self.cost.cost(key[0], key[1], key[2], len(batch))
+        worker.since = time.monotonic()
+        self.metrics.in_flight.set(self.in_flight)
+        self.metrics.worker_busy.labels(worker.label).set(1)
         self._update_gauges()
         spec = BatchSpec(
             prompts=[job.prompt for job, _ in batch],
@@ -226,7 +272,7 @@ class Engine:
             partials=[job.partial_images for job, _ in batch],
         )
         try:
-            result = await self._generate(spec, batch)
+            result = await self._generate(worker, spec, batch)
         except Exception as exc:
             if len(jobs) == 1:
                 logger.exception("a batch of %d images failed", len(batch))
@@ -234,26 +280,29 @@ class Engine:
             else:  # one request's input may have failed them all: find it, spare the others
                 logger.warning("a batch of %d requests failed (%s); running each alone", len(jobs), exc)
                 for job in jobs:
-                    await self._run_alone(job, [(j, i) for j, i in batch if j is job], key)
+                    await self._run_alone(worker, job, [(j, i) for j, i in batch if j is job], key)
         else:
-            self._finish(result, batch, key)
+            self._finish(worker, result, batch, key)
             linger = min(self.settings.batch_linger_ms / 1000.0, LINGER_SHARE * result.seconds)
             self._linger_until = time.monotonic() + linger
             self._answered = sum(1 for job in jobs if job.future.done())
             self._arrived_since = 0
         finally:
-            self._running_jobs = 0
-            self.metrics.in_flight.set(0)
-            self._running_cost = 0.0
+            worker.jobs = 0
+            worker.cost = 0.0
+            self.metrics.in_flight.set(self.in_flight)
+            self.metrics.worker_busy.labels(worker.label).set(0)
             self._progress.set()
 
-    def _finish(self, result: BatchResult, batch: list[tuple[Job, int]], key: BatchKey) -> None:
-        self._record(result, len(batch))
+    def _finish(
+        self, worker: Worker, result: BatchResult, batch: list[tuple[Job, int]], key: BatchKey
+    ) -> None:
+        self._record(worker, result, len(batch))
         self.cost.observe(key[0], key[1], key[2], len(batch), result.seconds)
         for (job, index), image in zip(batch, result.images, strict=True):
             self._deliver(job, index, image)
 
-    async def _run_alone(self, job: Job, part: list[tuple[Job, int]], key: BatchKey) -> None:
+    async def _run_alone(self, worker: Worker, job: Job, part: list[tuple[Job, int]], key: BatchKey) -> None:
         """Run ``part`` (images of ``job`` from a failed batch) as a batch of its own."""
         if job.cancelled or job.future.done():
             return
@@ -261,17 +310,17 @@ class Engine:
             [job.prompt] * len(part), [job.seeds[i] for _, i in part], *key, [job.partial_images] * len(part)
         )
         try:
-            result = await self._generate(spec, part)
+            result = await self._generate(worker, spec, part)
         except Exception as exc:
             logger.exception("a request's %d images failed on their own", len(part))
             self._fail(job, exc)
         else:
-            self._finish(result, part, key)
+            self._finish(worker, result, part, key)
 
-    async def _generate(self, spec: BatchSpec, batch: list[tuple[Job, int]]) -> BatchResult:
+    async def _generate(self, worker: Worker, spec: BatchSpec, batch: list[tuple[Job, int]]) -> BatchResult:
         loop = asyncio.get_running_loop()
         observer = _BatchObserver(loop, batch, self.metrics) if any(job.events for job, _ in batch) else None
-        return await loop.run_in_executor(self.gpu, self.runner.generate, spec, observer)
+        return await loop.run_in_executor(worker.thread, worker.runner.generate, spec, observer)
 
     async def _wait_to_fill(self, key: BatchKey) -> None:
         waited = time.monotonic() + self.settings.batch_wait_ms / 1000.0
@@ -308,10 +357,12 @@ class Engine:
                 self._jobs.remove(job)
         return batch
 
-    def _record(self, result: BatchResult, size: int) -> None:
+    def _record(self, worker: Worker, result: BatchResult, size: int) -> None:
         self.metrics.generation_seconds.observe(result.seconds)
         self.metrics.batch_size.observe(size)
         self.metrics.images.inc(size)
+        self.metrics.gpu_images.labels(worker.label).inc(size)
+        self.metrics.gpu_busy_seconds.labels(worker.label).inc(result.seconds)
         for seconds in result.step_seconds:
             self.metrics.step_seconds.observe(seconds)
 

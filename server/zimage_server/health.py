@@ -40,7 +40,13 @@ def vram_report(sampler: VramSampler) -> dict[str, Any]:
         return {"available": False, "reason": sampler.source.unavailable_reason}
     report: dict[str, Any] = {"available": True}
     if sampler.latest is not None:
-        report.update(process_bytes=sampler.latest.process_bytes, device_bytes=sampler.latest.device_bytes)
+        latest = sampler.latest
+        report.update(process_bytes=latest.process_bytes, device_bytes=latest.device_bytes)
+        if len(latest.per_gpu()) > 1:
+            report["gpus"] = [
+                {"gpu": gpu.gpu, "process_bytes": gpu.process_bytes, "device_bytes": gpu.device_bytes}
+                for gpu in latest.per_gpu()
+            ]
     verdict = sampler.policy.last if sampler.policy is not None else None
     if sampler.policy is not None and verdict is not None:
         report.update(
@@ -50,6 +56,8 @@ def vram_report(sampler: VramSampler) -> dict[str, Any]:
             limit_bytes=verdict.limit_bytes,
             limit=str(sampler.policy.limit),
         )
+        if verdict.gpu is not None:
+            report["gpu"] = verdict.gpu
         if verdict.since is not None:
             report["since"] = datetime.datetime.fromtimestamp(verdict.since, datetime.UTC).isoformat()
     return report

@@ -58,6 +58,19 @@ class Metrics:
             "zimage_batch_size", "Images per forward batch", buckets=_BATCH_BUCKETS, registry=r
         )
         self.images = Counter("zimage_images_generated", "Images generated", registry=r)
+        self.gpu_images = Counter(
+            "zimage_gpu_images_generated", "Images generated, by the worker's GPU", ["gpu"], registry=r
+        )
+        self.gpu_busy_seconds = Counter(
+            "zimage_gpu_busy_seconds",
+            "Seconds the worker on each GPU spent running batches (its rate: that GPU's utilisation)",
+            ["gpu"],
+            registry=r,
+        )
+        self.worker_busy = Gauge(
+            "zimage_worker_busy", "1 while the worker on this GPU runs a batch", ["gpu"], registry=r
+        )
+        self.workers = Gauge("zimage_workers", "Pipeline workers (GPUs) behind the queue", registry=r)
         self.queue_depth = Gauge("zimage_queue_depth", "Requests waiting for the GPU", registry=r)
         self.queue_images = Gauge("zimage_queue_images", "Images waiting for the GPU", registry=r)
         self.in_flight = Gauge(
@@ -99,10 +112,19 @@ class Metrics:
         self.draining = Gauge("zimage_draining", "1 while finishing accepted work before exit", registry=r)
         self.vram_used = Gauge(
             "zimage_vram_used_bytes",
-            "GPU memory in use on this process's GPUs, by scope",
-            ["scope"],
+            "GPU memory in use on each of this process's GPUs, by scope (process: this process's "
+            "share; device: all of it)",
+            ["scope", "gpu"],
             registry=r,
         )
-        self.vram_limit = Gauge("zimage_vram_limit_bytes", "The VRAM limit in bytes (0: none)", registry=r)
-        self.vram_over = Gauge("zimage_vram_over_limit", "1 while liveness fails for VRAM", registry=r)
+        self.vram_limit = Gauge(
+            "zimage_vram_limit_bytes",
+            "The VRAM limit in bytes on the GPU nearest to it (0: none)",
+            registry=r,
+        )
+        self.vram_over = Gauge(
+            "zimage_vram_over_limit",
+            "1 while liveness fails for VRAM (any one GPU over its limit)",
+            registry=r,
+        )
         self.vram_samples = Counter("zimage_vram_samples", "GPU memory samples taken", registry=r)

@@ -51,6 +51,43 @@ def pick_dtype(requested: str, device: torch.device) -> torch.dtype:
     return _DTYPES[requested]
 
 
+def worker_devices(settings: Settings) -> list[torch.device]:
+    """The device of each pipeline worker: one per visible GPU unless ``workers`` says how many
+    (the first ones, in order), or the one device asked for. With sequence parallel this
+    process is rank 0 on the first GPU; the other ranks take the next ones."""
+    base = pick_device(settings.device)
+    if base.type != "cuda":
+        return [base] * (settings.workers or 1)
+    if base.index is not None:
+        return [base]
+    visible = torch.cuda.device_count()
+    if settings.sequence_parallel > 1:
+        if settings.sequence_parallel > visible:
+            raise RuntimeError(
+                f"sequence_parallel {settings.sequence_parallel} needs as many GPUs; {visible} are visible"
+            )
+        return [torch.device("cuda", 0)]
+    wanted = settings.workers or visible
+    if wanted > visible:
+        raise RuntimeError(f"workers {wanted} needs {wanted} GPUs, one each; {visible} are visible")
+    return [torch.device("cuda", index) for index in range(wanted)]
+
+
+def make_runners(settings: Settings) -> list[PipelineRunner]:
+    """One runner per worker device (sequence parallel: this process's rank-0 runner)."""
+    if settings.sequence_parallel > 1:
+        from .sequence_parallel import SequenceParallelRunner
+
+        return [SequenceParallelRunner(settings, worker_devices(settings)[0])]
+    devices = worker_devices(settings)
+    runners = [PipelineRunner(settings, device) for device in devices]
+    for runner in runners[1:]:  # the first worker loads and saves the shared artifacts for all
+        runner.shares_artifacts = False
+    for runner in runners:
+        runner.workers = len(runners)
+    return runners
+
+
 @dataclass(frozen=True)
 class BatchSpec:
     """One forward batch: images that share size and step count."""
@@ -72,10 +109,10 @@ class BatchResult:
 
 
 class PipelineRunner:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, device: torch.device | None = None) -> None:
         self.settings = settings
         self.source = ModelSource.parse(settings.model, settings.revision)
-        self.device = pick_device(settings.device)
+        self.device = device if device is not None else pick_device(settings.device)
         self.dtype = pick_dtype(settings.dtype, self.device)
         self.pipe: Any = None
         self.admission_tokenizer: Any = None
@@ -85,6 +122,14 @@ class PipelineRunner:
         self.startup_seconds: dict[str, float] = {}
         self.graphs: dict[str, cuda_graphs.ShapeGraphs] = {}
         self.artifacts = compile_artifacts.ArtifactState()
+        self.shares_artifacts = True  # loads (and saves) the shared compile artifacts
+        self.workers = 1  # pipelines in this process: each compiles its own variants of the same code
+
+    def bind_thread(self) -> None:
+        """Make this runner's GPU the current one of the calling thread (its worker thread):
+        streams, events and CUDA graphs follow the current device."""
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
 
     def load(self) -> None:
         from diffusers import ZImagePipeline
@@ -94,8 +139,8 @@ class PipelineRunner:
         diffusers_logging.disable_progress_bar()
         transformers_logging.disable_progress_bar()
 
-        token = self.settings.hf_token.get_secret_value() if self.settings.hf_token else None
-        self.model_path = resolve(self.source, self.settings.hf_cache_dir, token)
+        self.model_path = self.resolve_model()
+        self.before_load()
         started = time.perf_counter()
         pipe = ZImagePipeline.from_pretrained(str(self.model_path), dtype=self.dtype)
         pipe.to(self.device)
@@ -123,12 +168,14 @@ class PipelineRunner:
             attention_backend=self.settings.attention_backend,
             compile_parts=self.settings.compile_parts if self.compile else [],
             compile_cache_dir=self.settings.compile_cache_dir,
+            compile_copies=self.workers,
+            before_compile=self.before_compile,
             # image tokens after the 2x2 patching of the 8x smaller latents, plus a prompt's
             attention_tokens=(width // 16) * (height // 16) + 64,
         )
         self.graphs = self._install_cuda_graphs(pipe)
         self.tuning.cuda_graphs = sorted(self.graphs)
-        if self.tuning.compiled and self.settings.compile_artifacts_dir:
+        if self.tuning.compiled and self.settings.compile_artifacts_dir and self.shares_artifacts:
             # Before the warm-up, whose calls do the compiling: loaded artifacts make them hits.
             loading = time.perf_counter()
             self.artifacts = compile_artifacts.load(self.artifact_path())
@@ -139,6 +186,29 @@ class PipelineRunner:
         # the event loop get their own copy, the GPU worker keeps the pipeline's.
         self.admission_tokenizer = copy.deepcopy(pipe.tokenizer)
         self.pipe = pipe
+
+    def resolve_model(self) -> Path:
+        """The model's local directory, downloading it first where the source is the Hub."""
+        token = self.settings.hf_token.get_secret_value() if self.settings.hf_token else None
+        return resolve(self.source, self.settings.hf_cache_dir, token)
+
+    def before_load(self) -> None:
+        """Called once the model is on local disk, before the pipeline is built."""
+
+    def before_compile(self, pipe: Any) -> None:
+        """Called on the tuned pipeline (attention processors final) before anything is compiled."""
+
+    @property
+    def alive(self) -> bool:
+        """False once something this runner needs beyond its thread has died."""
+        return True
+
+    def follower_pids(self) -> list[int]:
+        """Other processes that run this runner's work on their GPUs (their memory is its too)."""
+        return []
+
+    def stop(self) -> None:
+        """Release what the runner started beyond its thread."""
 
     def artifact_path(self) -> Path:
         """The shared compile artifact for this device, these versions and these choices."""
@@ -158,7 +228,7 @@ class PipelineRunner:
 
     def save_artifacts(self) -> None:
         """After the warm-up: save what it compiled, where no replica has yet."""
-        if self.artifacts.state in ("absent", "ignored") and self.artifacts.path:
+        if self.shares_artifacts and self.artifacts.state in ("absent", "ignored") and self.artifacts.path:
             saving = time.perf_counter()
             try:
                 replace = self.artifacts.state == "ignored"
@@ -229,13 +299,22 @@ class PipelineRunner:
         """Run one batch; ``observer`` hears of each step and gets the partial images."""
         if self.pipe is None:
             raise RuntimeError("the pipeline is not loaded")
-        # CPU generators: the same seed gives the same starting noise on any device and in any batch.
-        generators = [torch.Generator("cpu").manual_seed(seed) for seed in spec.seeds]
         timer = _StepTimer(self.device)
         if observer is not None:
             timer.observe(observer, partials.PartialDecoder(self.pipe, spec.partials, spec.steps, observer))
         started = time.perf_counter()
-        output = self.pipe(
+        output = self.run_pipe(spec, timer, "pt")
+        return BatchResult(
+            images=to_pil(output.images),
+            step_seconds=timer.durations(),
+            seconds=time.perf_counter() - started,
+        )
+
+    def run_pipe(self, spec: BatchSpec, callback: Any, output_type: str) -> Any:
+        """One pipeline call for ``spec``: the seeds' CPU generators (the same starting noise on
+        any device and in any batch), the prompts' window, no guidance."""
+        generators = [torch.Generator("cpu").manual_seed(seed) for seed in spec.seeds]
+        return self.pipe(
             prompt=list(spec.prompts),
             height=spec.height,
             width=spec.width,
@@ -243,13 +322,8 @@ class PipelineRunner:
             guidance_scale=TURBO_GUIDANCE_SCALE,
             generator=generators,
             max_sequence_length=prompt_window(self.pipe.tokenizer, spec.prompts),
-            callback_on_step_end=timer,
-            output_type="pt",
-        )
-        return BatchResult(
-            images=to_pil(output.images),
-            step_seconds=timer.durations(),
-            seconds=time.perf_counter() - started,
+            callback_on_step_end=callback,
+            output_type=output_type,
         )
 
 

@@ -70,17 +70,45 @@ class VramLimit:
 
 
 @dataclass(frozen=True)
+class GpuMemory:
+    """Memory on one GPU; ``gpu`` is its CUDA index as this process sees it."""
+
+    gpu: str
+    process_bytes: int
+    device_bytes: int
+    total_bytes: int
+
+    def used(self, scope: Scope) -> int:
+        return self.process_bytes if scope == "process" else self.device_bytes
+
+
+@dataclass(frozen=True)
 class Sample:
-    """Memory on this process's GPUs, summed over them."""
+    """Memory on this process's GPUs: the sums, and each GPU in ``gpus`` (empty: one GPU)."""
 
     process_bytes: int
     device_bytes: int
     total_bytes: int
-    source: str  # "nvml", "nvml+torch" (process bytes from PyTorch), "torch"
+    source: str  # "nvml", "nvml+torch" (process bytes from PyTorch), "torch", "file"
     at: float
+    gpus: tuple[GpuMemory, ...] = ()
 
     def used(self, scope: Scope) -> int:
         return self.process_bytes if scope == "process" else self.device_bytes
+
+    def per_gpu(self) -> tuple[GpuMemory, ...]:
+        return self.gpus or (GpuMemory("0", self.process_bytes, self.device_bytes, self.total_bytes),)
+
+    @classmethod
+    def of(cls, gpus: list[GpuMemory], source: str, at: float) -> Sample:
+        return cls(
+            sum(gpu.process_bytes for gpu in gpus),
+            sum(gpu.device_bytes for gpu in gpus),
+            sum(gpu.total_bytes for gpu in gpus),
+            source,
+            at,
+            tuple(gpus),
+        )
 
 
 class MemorySource(Protocol):
@@ -101,12 +129,17 @@ class Verdict:
     used_bytes: int
     limit_bytes: int
     since: float | None  # when the over-limit state began
+    # With several GPUs, the one these figures are of: the one nearest to (or over) its limit.
+    gpu: str | None = None
 
 
 class VramPolicy:
     """Over the limit for ``consecutive`` samples in a row -> over. Before declaring it, the
     allocator's cache is released once and memory read again. With ``recover``, the state
-    clears after ``consecutive`` samples below ``limit * (1 - hysteresis)``."""
+    clears after ``consecutive`` samples below ``limit * (1 - hysteresis)``.
+
+    The limit holds for each GPU on its own (a percentage of that GPU's memory): with several,
+    each sample is judged by the GPU nearest to its limit, so one GPU over it is enough."""
 
     def __init__(
         self,
@@ -132,17 +165,23 @@ class VramPolicy:
         self.over_since: float | None = None
         self.last: Verdict | None = None
 
+    def _worst(self, sample: Sample) -> tuple[str | None, int, int]:
+        """The GPU nearest to its limit: (its label, None with one GPU; bytes used; its limit)."""
+        gpus = sample.per_gpu()
+        figures = [(gpu.gpu, gpu.used(self.scope), self.limit.resolve(gpu.total_bytes)) for gpu in gpus]
+        label, used, limit = max(figures, key=lambda figure: figure[1] / max(1, figure[2]))
+        return (label if len(gpus) > 1 else None), used, limit
+
     def observe(self, sample: Sample) -> Verdict:
-        limit = self.limit.resolve(sample.total_bytes)
-        used = sample.used(self.scope)
+        gpu, used, limit = self._worst(sample)
         if self.over_since is None:
             self._above = self._above + 1 if used > limit else 0
             if self._above >= self.consecutive:
-                used = self._after_release(used)
+                used = self._after_release(gpu, used)
                 if used > limit:
                     self.over_since = sample.at
                     self._below = 0
-                    verdict = Verdict(True, used, limit, self.over_since)
+                    verdict = Verdict(True, used, limit, self.over_since, gpu)
                     if self.on_over is not None:
                         self.on_over(verdict)
                     self.last = verdict
@@ -154,24 +193,34 @@ class VramPolicy:
                 logger.warning("VRAM back under the limit: %d of %d bytes (%s)", used, limit, self.scope)
                 self.over_since = None
                 self._above = 0
-        self.last = Verdict(self.over_since is not None, used, limit, self.over_since)
+        self.last = Verdict(self.over_since is not None, used, limit, self.over_since, gpu)
         return self.last
 
-    def _after_release(self, used: int) -> int:
+    def _after_release(self, gpu: str | None, used: int) -> int:
         if self.release_cache is None:
             return used
         self.release_cache()
         again = self.remeasure() if self.remeasure is not None else None
-        after = again.used(self.scope) if again is not None else used
-        logger.warning("VRAM over the limit; released the allocator cache: %d -> %d bytes", used, after)
+        after = used
+        if again is not None:
+            gpus = again.per_gpu()
+            after = next((each.used(self.scope) for each in gpus if gpu is None or each.gpu == gpu), used)
+        logger.warning(
+            "VRAM over the limit%s; released the allocator cache: %d -> %d bytes",
+            f" on GPU {gpu}" if gpu is not None else "",
+            used,
+            after,
+        )
         return after
 
 
 def write_termination_message(path: str, verdict: Verdict, scope: Scope) -> None:
-    """One line that ``kubectl describe pod`` shows as the reason the container ended."""
+    """One line that ``kubectl describe pod`` shows as the reason the container ended; with
+    several GPUs it names the one over its limit."""
     gib = 2**30
+    where = f" on GPU {verdict.gpu}" if verdict.gpu is not None else ""
     line = (
-        f"zimage: VRAM limit exceeded ({scope}): {verdict.used_bytes / gib:.2f} GiB used, "
+        f"zimage: VRAM limit exceeded ({scope}){where}: {verdict.used_bytes / gib:.2f} GiB used, "
         f"limit {verdict.limit_bytes / gib:.2f} GiB"
     )
     write_termination_log(path, line)
@@ -203,7 +252,13 @@ class NvmlSource:
     Where NVML cannot read a device (some MIG setups), ``torch.cuda.mem_get_info`` is used.
     """
 
-    def __init__(self, nvml: Any = None, cuda_devices: list[int] | None = None) -> None:
+    def __init__(
+        self,
+        nvml: Any = None,
+        cuda_devices: list[int] | None = None,
+        also: Callable[[], list[int]] | None = None,
+    ) -> None:
+        self._also = also  # other processes whose memory counts as this one's (sequence-parallel ranks)
         self._reason: str | None = None
         self._handles: list[Any] = []
         self._nvml = nvml
@@ -246,31 +301,40 @@ class NvmlSource:
         if self._reason is not None or self._nvml is None:
             return None
         nvml = self._nvml
-        pid = os.getpid()
-        process = device = total = 0
+        pids = {os.getpid(), *(self._also() if self._also is not None else [])}
         found_self = False
         source = "nvml"
+        gpus = []
         for index, handle in enumerate(self._handles):
             try:
                 info = _memory_info(nvml, handle)
-                device += int(info.used)
-                total += int(info.total)
+                device, total = int(info.used), int(info.total)
             except Exception:
-                free, size = _torch_mem_get_info(index)
-                device += size - free
-                total += size
+                free, total = _torch_mem_get_info(index)
+                device = total - free
                 source = "torch"
+            process = 0
             try:
                 for proc in nvml.nvmlDeviceGetComputeRunningProcesses(handle):
-                    if proc.pid == pid and proc.usedGpuMemory is not None:
+                    if proc.pid in pids and proc.usedGpuMemory is not None:
                         process += int(proc.usedGpuMemory)
                         found_self = True
             except Exception:
                 pass
+            gpus.append(GpuMemory(str(index), process, device, total))
         if not found_self:
-            process = _torch_reserved()
+            # NVML cannot see this process (a PID namespace): PyTorch's reserved memory stands in.
+            # It knows nothing of the other sequence-parallel ranks, so a GPU this process does
+            # not use counts what is on it: the replica has its GPUs to itself, so that is theirs.
+            others = len(pids) > 1
+            fallback = []
+            for gpu in gpus:
+                reserved = _torch_reserved(int(gpu.gpu))
+                process = gpu.device_bytes if others and reserved == 0 else reserved
+                fallback.append(GpuMemory(gpu.gpu, process, gpu.device_bytes, gpu.total_bytes))
+            gpus = fallback
             source = "nvml+torch" if source == "nvml" else source
-        return Sample(process, device, total, source, time.time())
+        return Sample.of(gpus, source, time.time())
 
 
 def _memory_info(nvml: Any, handle: Any) -> Any:
@@ -292,14 +356,15 @@ def _torch_mem_get_info(index: int) -> tuple[int, int]:
     return int(free), int(total)
 
 
-def _torch_reserved() -> int:
+def _torch_reserved(index: int) -> int:
+    """What PyTorch's allocator holds on visible GPU ``index`` (0 before CUDA starts)."""
     try:
         import torch
 
         initialized = torch.cuda.is_initialized()  # type: ignore[no-untyped-call]
-        if not torch.cuda.is_available() or not initialized:
+        if not torch.cuda.is_available() or not initialized or index >= torch.cuda.device_count():
             return 0
-        return sum(int(torch.cuda.memory_reserved(i)) for i in range(torch.cuda.device_count()))
+        return int(torch.cuda.memory_reserved(index))
     except Exception:
         return 0
 
@@ -309,7 +374,10 @@ def release_torch_cache() -> None:
         import torch
 
         if torch.cuda.is_available() and torch.cuda.is_initialized():  # type: ignore[no-untyped-call]
-            torch.cuda.empty_cache()
+            for index in range(torch.cuda.device_count()):
+                if torch.cuda.memory_reserved(index):  # a GPU this process never used is left alone
+                    with torch.cuda.device(index):
+                        torch.cuda.empty_cache()
     except Exception as exc:
         logger.warning("could not release the CUDA allocator cache: %s", exc)
 
@@ -320,7 +388,8 @@ def release_torch_cache() -> None:
 class FileSource:
     """GPU memory figures read from a JSON file at each sample: ``{"process_bytes": N}``, with
     optional ``device_bytes`` (default: the process figure) and ``total_bytes`` (default
-    80 GiB). No file means nothing is used yet; a file that does not parse is logged and
+    80 GiB); or ``{"gpus": [{...}, {...}]}``, the same figures for each GPU in turn. No file
+    means nothing is used yet; a file that does not parse is logged and
     measures nothing (liveness then passes, as without a GPU). Only a file written after this
     source was made counts: the container that a drill's file got restarted finds it still
     there (the folder outlives the container) and must not fail again for it."""
@@ -344,21 +413,28 @@ class FileSource:
                 if os.fstat(figures.fileno()).st_mtime < self.since - self.CLOCK_SLACK_S:
                     raise FileNotFoundError(self.path)
                 data = json.load(figures)
-            process = int(data.get("process_bytes", 0))
-            device = int(data.get("device_bytes", process))
-            total = int(data.get("total_bytes", self.DEFAULT_TOTAL))
-            if min(process, device) < 0 or total <= 0:
-                raise ValueError("figures must not be negative")
+            each = data["gpus"] if isinstance(data, dict) and "gpus" in data else [data]
+            if not isinstance(each, list) or not each:
+                raise ValueError("gpus must be a list of figures, one per GPU")
+            gpus = [_file_figures(str(index), entry) for index, entry in enumerate(each)]
         except FileNotFoundError:
-            process = device = 0
-            total = self.DEFAULT_TOTAL
+            gpus = [GpuMemory("0", 0, 0, self.DEFAULT_TOTAL)]
         except (OSError, ValueError, TypeError, AttributeError) as exc:
             if not self._complained:
                 logger.warning("VRAM file %s does not hold figures (%s); nothing is measured", self.path, exc)
                 self._complained = True
             return None
         self._complained = False
-        return Sample(process, device, total, "file", time.time())
+        return Sample.of(gpus, "file", time.time())
+
+
+def _file_figures(gpu: str, data: dict[str, Any]) -> GpuMemory:
+    process = int(data.get("process_bytes", 0))
+    device = int(data.get("device_bytes", process))
+    total = int(data.get("total_bytes", FileSource.DEFAULT_TOTAL))
+    if min(process, device) < 0 or total <= 0:
+        raise ValueError("figures must not be negative")
+    return GpuMemory(gpu, process, device, total)
 
 
 class VramSampler:

@@ -110,11 +110,15 @@ specs = st.fixed_dictionaries(
         "resources": st.fixed_dictionaries(
             {},
             optional={
-                "gpus": st.integers(-1, 3),
+                "gpus": st.sampled_from([-1, 0, 1, 2, 3, 4, 8, 9]),
                 "gpuResourceName": gpu_names,
                 "memory": quantities,
                 "cpu": quantities,
             },
+        ),
+        "parallelism": st.fixed_dictionaries(
+            {},
+            optional={"workers": st.integers(0, 9), "sequenceParallel": st.integers(0, 9)},
         ),
         "vram": st.fixed_dictionaries(
             {},

@@ -127,6 +127,30 @@ def test_gpus_are_limited_under_the_configured_resource_name() -> None:
     assert "nvidia.com/gpu" not in resources["limits"]
 
 
+def test_several_gpus_run_one_worker_each_by_default() -> None:
+    spec = {"resources": {"gpus": 4}}
+    assert container(spec)["resources"]["limits"]["nvidia.com/gpu"] == "4"
+    values = env(spec)
+    assert (values["ZIMAGE_WORKERS"], values["ZIMAGE_SEQUENCE_PARALLEL"]) == ("4", "1")
+    assert (env()["ZIMAGE_WORKERS"], env()["ZIMAGE_SEQUENCE_PARALLEL"]) == ("1", "1")
+    assert env({"resources": {"gpus": 0}, "runtime": {"compile": False}})["ZIMAGE_WORKERS"] == "1"
+
+
+def test_sequence_parallel_makes_each_image_on_every_gpu_of_the_replica() -> None:
+    spec = {"resources": {"gpus": 2}, "parallelism": {"sequenceParallel": 2}}
+    values = env(spec)
+    assert (values["ZIMAGE_WORKERS"], values["ZIMAGE_SEQUENCE_PARALLEL"]) == ("1", "2")
+    assert container(spec)["resources"]["requests"]["nvidia.com/gpu"] == "2"
+
+
+def test_shared_memory_grows_with_the_gpus_nccl_joins() -> None:
+    def shm(gpus: int) -> str:
+        volume = next(v for v in pod_spec({"resources": {"gpus": gpus}})["volumes"] if v["name"] == "dshm")
+        return str(volume["emptyDir"]["sizeLimit"])
+
+    assert [shm(1), shm(2), shm(8)] == ["8Gi", "10Gi", "22Gi"]
+
+
 def test_cpu_and_memory_come_from_the_spec() -> None:
     resources = container({"resources": {"cpu": "4", "memory": "32Gi"}})["resources"]
     assert resources["requests"]["cpu"] == "4"
@@ -166,6 +190,8 @@ def test_the_startup_probe_budget_follows_what_the_start_must_do() -> None:
     cached = startup_budget({"model": {"source": "hf://Tongyi-MAI/Z-Image-Turbo", "cache": {"size": "40Gi"}}})
     assert downloading >= cached + 1800
     assert cached == bf16
+    # Several workers warm up one after the other.
+    assert startup_budget({"model": {"source": "builtin://tiny"}, "resources": {"gpus": 4}}) > bf16
     # Shared artifacts do not shorten it: the first replica, and any after an upgrade, compile cold.
     shared = {"compileArtifacts": {"enabled": True, "claimName": "kernels"}}
     assert startup_budget({"model": {"source": "builtin://tiny"}, "runtime": shared}) == bf16

@@ -211,7 +211,27 @@ INVALID: list[tuple[str, dict[str, Any], str]] = [
     ),
     ("gpu-in-k8s-domain", {"resources": {"gpuResourceName": "kubernetes.io/gpu"}}, "outside kubernetes.io"),
     ("tiny-memory", {"resources": {"memory": "1"}}, "memory must be at least 1Gi"),
-    ("two-gpus", {"resources": {"gpus": 2}}, "gpus above 1 is not supported yet"),
+    ("nine-gpus", {"resources": {"gpus": 9}}, "gpus is at most 8, one node's GPUs"),
+    (
+        "sequence-parallel-beyond-the-gpus",
+        {"resources": {"gpus": 2}, "parallelism": {"sequenceParallel": 4}},
+        "set resources.gpus to the same number",
+    ),
+    (
+        "sequence-parallel-on-the-cpu",
+        {"resources": {"gpus": 0}, "runtime": {"compile": False}, "parallelism": {"sequenceParallel": 2}},
+        "set resources.gpus to the same number",
+    ),
+    (
+        "fewer-workers-than-gpus",
+        {"resources": {"gpus": 4}, "parallelism": {"workers": 2}},
+        "parallelism.workers is one per GPU",
+    ),
+    (
+        "workers-beside-sequence-parallel",
+        {"resources": {"gpus": 2}, "parallelism": {"workers": 2, "sequenceParallel": 2}},
+        "parallelism.workers is one per GPU",
+    ),
     ("pvc-dotdot", {"model": {"source": "pvc://claim/../../../etc/passwd"}}, "must not contain '..'"),
     ("file-dotdot", {"model": {"source": "file:///models/../etc"}}, "must not contain '..'"),
     (

@@ -19,6 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from zimage_server.app import create_app
 from zimage_server.config import Settings
 from zimage_server.http_server import uvicorn_config
+from zimage_server.state import Phase
 from zimage_server.tiny_model import make_tiny_model
 
 # A request that keeps the tiny model busy for a second or more on a 2-core machine.
@@ -64,6 +65,9 @@ class RunningServer:
         while time.monotonic() < deadline:
             if httpx.get(f"{self.url}/healthz/ready").status_code == 200:
                 return
+            state = self.app.state.server_state
+            if state.phase is Phase.FAILED:  # the command line would have ended the process
+                raise RuntimeError(f"the server failed to start: {state.detail}")
             time.sleep(0.05)
         raise RuntimeError("the server did not become ready")
 

@@ -337,3 +337,28 @@ def test_the_file_source_ignores_figures_from_before_the_server_started(tmp_path
     got = source.read()
     assert got is not None
     assert got.process_bytes == 7
+
+
+def test_the_other_ranks_memory_counts_on_their_gpus(monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    # Sequence parallel: pid 2 is the rank on GPU 1.
+    reading = NvmlSource(nvml=FakeNvml(os.getpid()), also=lambda: [2]).read()
+    assert reading is not None
+    assert {gpu.gpu: gpu.process_bytes for gpu in reading.per_gpu()} == {"0": 6 * GIB, "1": 30 * GIB}
+
+
+def test_where_nvml_sees_no_rank_the_other_ranks_gpus_count_what_is_on_them(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    # A PID namespace: NVML names none of the ranks; this process has reserved nothing on GPU 1,
+    # which the replica has to itself, so what is on it is the other rank's.
+    reading = NvmlSource(nvml=FakeNvml(pid=-1), also=lambda: [99999]).read()
+    assert reading is not None
+    assert reading.source == "nvml+torch"
+    assert {gpu.gpu: gpu.process_bytes for gpu in reading.per_gpu()}["1"] == 30 * GIB
+    alone = NvmlSource(nvml=FakeNvml(pid=-1)).read()  # no other ranks: PyTorch's figure alone
+    assert alone is not None
+    assert {gpu.gpu: gpu.process_bytes for gpu in alone.per_gpu()}["1"] == 0

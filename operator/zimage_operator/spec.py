@@ -247,6 +247,11 @@ def _check_parallelism(spec: ZImageServiceSpec) -> None:
             f"spec.parallelism.sequenceParallel: {degree} spreads each image over {degree} GPUs; "
             f"set resources.gpus to {degree} (it is {gpus})"
         )
+    if degree > 1 and "transformer" in spec.runtime.cuda_graphs:
+        raise InvalidSpecError(
+            "spec.runtime.cudaGraphs: sequence parallel cannot replay the transformer as CUDA graphs; "
+            "remove transformer"
+        )
     if parallelism.workers is not None and parallelism.workers != spec.workers:
         raise InvalidSpecError(
             f"spec.parallelism.workers: a replica runs one worker per GPU, {spec.workers} with "

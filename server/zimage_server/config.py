@@ -260,6 +260,15 @@ class Settings(BaseSettings):
                 f"device {self.device!r} names one GPU; several workers or sequence_parallel take the "
                 "visible GPUs in order (set device auto, cuda or cpu)"
             )
+        if (
+            self.sequence_parallel > 1
+            and self.cuda_graphs is not False
+            and "transformer" in self.cuda_graph_parts
+        ):
+            raise ValueError(
+                "sequence_parallel cannot replay the transformer as CUDA graphs: its steps exchange "
+                "the sequence with the other ranks; drop transformer from cuda_graph_parts"
+            )
         if not self.served_model_names:
             raise ValueError("served_model_names needs at least one name")
         for size in [self.default_size, *self.warmup_sizes]:

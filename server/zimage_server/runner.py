@@ -64,13 +64,17 @@ def worker_devices(settings: Settings) -> list[torch.device]:
     if settings.sequence_parallel > 1:
         if settings.sequence_parallel > visible:
             raise RuntimeError(
-                f"sequence_parallel {settings.sequence_parallel} needs as many GPUs; {visible} are visible"
+                f"sequence_parallel {settings.sequence_parallel} needs as many GPUs; {_visible(visible)}"
             )
         return [torch.device("cuda", 0)]
     wanted = settings.workers or visible
     if wanted > visible:
-        raise RuntimeError(f"workers {wanted} needs {wanted} GPUs, one each; {visible} are visible")
+        raise RuntimeError(f"workers {wanted} needs {wanted} GPUs, one each; {_visible(visible)}")
     return [torch.device("cuda", index) for index in range(wanted)]
+
+
+def _visible(count: int) -> str:
+    return f"{count} {'is' if count == 1 else 'are'} visible"
 
 
 def make_runners(settings: Settings) -> list[PipelineRunner]:

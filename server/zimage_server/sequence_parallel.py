@@ -217,6 +217,7 @@ class SequenceParallelRunner(PipelineRunner):
 def follow(rank: int, lines: IO[str]) -> None:
     """Ranks 1 and up: load the pipeline as rank 0 does, then run each batch it sends."""
     settings = Settings(**json.loads(lines.readline()))
+    logging.getLogger().setLevel(settings.log_level.upper())  # as rank 0 logs
     device = rank_device(settings, rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)

@@ -223,6 +223,15 @@ INVALID: list[tuple[str, dict[str, Any], str]] = [
         "set resources.gpus to the same number",
     ),
     (
+        "sequence-parallel-transformer-graphs",
+        {
+            "resources": {"gpus": 2},
+            "parallelism": {"sequenceParallel": 2},
+            "runtime": {"cudaGraphs": ["text_encoder", "transformer"]},
+        },
+        "remove transformer from runtime.cudaGraphs",
+    ),
+    (
         "fewer-workers-than-gpus",
         {"resources": {"gpus": 4}, "parallelism": {"workers": 2}},
         "parallelism.workers is one per GPU",

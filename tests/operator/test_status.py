@@ -62,6 +62,14 @@ def test_the_spec_takes_the_crd_defaults() -> None:
         ({"runtime": {"warmupSizes": ["16x16"]}}, "multiple of 16 from 256 to 2048"),
         ({"model": {"source": "pvc://claim/../../etc"}}, "must not contain '..'"),
         ({"resources": {"gpus": 9}}, "one node's GPUs"),
+        (
+            {
+                "resources": {"gpus": 2},
+                "parallelism": {"sequenceParallel": 2},
+                "runtime": {"cudaGraphs": ["transformer"]},
+            },
+            "cannot replay the transformer",
+        ),
         ({"resources": {"gpus": 2}, "parallelism": {"sequenceParallel": 4}}, "set resources.gpus to 4"),
         ({"resources": {"gpus": 4}, "parallelism": {"workers": 2}}, "one worker per GPU, 4 with"),
         (

@@ -96,6 +96,10 @@ def test_workers_and_sequence_parallel_are_one_or_the_other() -> None:
         Settings(_env_file=None, workers=2, sequence_parallel=2)
     with pytest.raises(ValidationError, match="names one GPU"):
         Settings(_env_file=None, workers=2, device="cuda:1")
+    with pytest.raises(ValidationError, match="cannot replay the transformer"):
+        Settings(_env_file=None, sequence_parallel=2, cuda_graph_parts=["text_encoder", "transformer"])
+    # Graphs off: the parts are not used, so nothing to refuse.
+    Settings(_env_file=None, sequence_parallel=2, cuda_graphs=False, cuda_graph_parts=["transformer"])
 
 
 class TwoGpus:
@@ -256,7 +260,7 @@ def test_several_workers_on_one_gpu_are_refused_at_start() -> None:
     from zimage_server.runner import worker_devices
 
     visible = torch.cuda.device_count()
-    with pytest.raises(RuntimeError, match=f"needs {visible + 1} GPUs, one each; {visible} are visible"):
+    with pytest.raises(RuntimeError, match=f"needs {visible + 1} GPUs, one each; {visible} (is|are) visible"):
         worker_devices(Settings(_env_file=None, device="cuda", workers=visible + 1))
     with pytest.raises(RuntimeError, match="needs as many GPUs"):
         worker_devices(Settings(_env_file=None, device="cuda", sequence_parallel=visible + 1))

@@ -96,6 +96,15 @@ class RunningServer:
             time.sleep(0.02)
         raise AssertionError(f"{name} never met the condition (last value {self.metrics().get(name)})")
 
+    def wait_live(self, status: int, timeout: float = 10) -> httpx.Response:
+        """Poll /healthz/live until it answers ``status``; the last answer (checked by the caller)."""
+        deadline = time.monotonic() + timeout
+        while (live := httpx.get(f"{self.url}/healthz/live")).status_code != status:
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.02)
+        return live
+
     def wait_idle(self) -> None:
         self.wait_metric("zimage_in_flight_requests", lambda v: v == 0)
         self.wait_metric("zimage_queue_depth", lambda v: v == 0)

@@ -139,11 +139,7 @@ def test_liveness_fails_when_one_gpu_passes_its_limit_and_names_it(
     assert metrics['zimage_vram_used_bytes{gpu="1",scope="process"}'] == 10 * GIB
     assert metrics['zimage_vram_used_bytes{gpu="0",scope="device"}'] == 12 * GIB
     memory.gpu1_gib = 41  # over half of GPU 1; the sum over both (51 of 160 GiB) is not
-    deadline = time.monotonic() + 10
-    while (
-        live := httpx.get(f"{server.url}/healthz/live")
-    ).status_code == 200 and time.monotonic() < deadline:
-        time.sleep(0.05)
+    live = server.wait_live(503, timeout=10)
     assert live.status_code == 503
     vram = live.json()["vram"]
     assert (vram["over_limit"], vram["gpu"], vram["used_bytes"], vram["limit_bytes"]) == (
@@ -215,11 +211,7 @@ def test_liveness_fails_when_a_rank_exits(serve: ServerFactory) -> None:
     assert httpx.get(f"{server.url}/healthz/live").status_code == 200
     (follower,) = _followers(server)
     os.kill(follower, signal.SIGKILL)
-    deadline = time.monotonic() + 10
-    while (
-        live := httpx.get(f"{server.url}/healthz/live")
-    ).status_code == 200 and time.monotonic() < deadline:
-        time.sleep(0.05)
+    live = server.wait_live(503, timeout=10)
     assert live.status_code == 503
     assert live.json()["engine_alive"] is False
     refused = _post(server, {"prompt": "after the loss", "size": "256x256", "num_inference_steps": 2})

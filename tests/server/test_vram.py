@@ -242,11 +242,7 @@ def test_liveness_follows_the_vram_verdict(serve: ServerFactory, tmp_path: Path)
     assert live.json()["vram"]["over_limit"] is False
 
     memory.process_gib = 45
-    deadline = time.monotonic() + 5
-    while (
-        live := httpx.get(f"{server.url}/healthz/live")
-    ).status_code == 200 and time.monotonic() < deadline:
-        time.sleep(0.02)
+    live = server.wait_live(503, timeout=5)
     assert live.status_code == 503
     vram = live.json()["vram"]
     assert vram["over_limit"] is True

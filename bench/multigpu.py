@@ -39,6 +39,7 @@ from performance import (
     environment,
     metric,
     run_clients,
+    start_server,
     stop_server,
     wait_ready,
 )
@@ -47,17 +48,11 @@ from zimage_server.processes import free_port
 SEEDS = (1, 2, 3)
 
 
-def start(
-    model: Path, args: argparse.Namespace, cache: Path, *flags: str
-) -> tuple[subprocess.Popen[bytes], int]:
-    port = free_port()
-    command = [sys.executable, "-m", "zimage_server", "serve", "--port", str(port), "--model", str(model)]
-    command += ["--warmup-sizes", args.size, "--max-batch-size", "4", "--log-level", "warning"]
-    command += ["--device", args.device, "--precision", args.precision, "--compile-cache-dir", str(cache)]
-    if args.device == "cpu":
-        command += ["--compile", "false", "--min-size", "64"]
-    command += list(flags)
-    return subprocess.Popen(command), port
+def start(model: Path, args: argparse.Namespace, *flags: str) -> tuple[subprocess.Popen[bytes], int]:
+    """The server as bench/performance.py starts it (the server's own defaults: compile and CUDA
+    graphs on a GPU, neither on the CPU), with ``flags`` added."""
+    path = f"server-{args.precision}"
+    return start_server(model, path, args, args.work / "compile-cache", extra=flags)
 
 
 def request(port: int, body: dict[str, Any], timeout: float = 600) -> dict[str, Any]:
@@ -125,7 +120,7 @@ def latency(port: int, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def serve_and(model: Path, args: argparse.Namespace, flags: list[str], measure: Any) -> Any:
-    proc, port = start(model, args, args.work / "compile-cache", *flags)
+    proc, port = start(model, args, *flags)
     try:
         ready_s = wait_ready(proc, port, args.ready_timeout)
         print(f"  ready in {ready_s:.1f} s ({' '.join(flags) or 'one GPU'})", flush=True)
@@ -171,7 +166,7 @@ def stage_sequence(model: Path, args: argparse.Namespace, counts: list[int], res
 def stage_liveness(model: Path, args: argparse.Namespace, counts: list[int], results: dict[str, Any]) -> None:
     n = max(counts)
     proc, port = start(
-        model, args, args.work / "compile-cache",
+        model, args,
         "--workers", str(n), "--vram-limit", "50%", "--vram-scope", "device",
         "--vram-sample-period-s", "0.5", "--vram-consecutive", "2",
     )  # fmt: skip
@@ -236,6 +231,7 @@ def main() -> None:
         "--results", type=Path, default=None, help="JSON to write (default WORK/multigpu.json)"
     )
     args = parser.parse_args()
+    args.cuda_graphs = "default"  # the server's own choice, as start_server reads it
     args.work.mkdir(parents=True, exist_ok=True)
     counts = [int(n) for n in args.gpus.split(",") if int(n) > 1]
     if args.device != "cpu":

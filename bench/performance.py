@@ -419,9 +419,11 @@ def start_server(
     cache: Path,
     artifacts: Path | None = None,
     log: Path | None = None,
+    extra: tuple[str, ...] = (),
 ) -> tuple[subprocess.Popen[bytes], int]:
     """``artifacts``: a compile artifacts directory; ``log``: the server's output at level info
-    (with dynamo's recompile reasons), else warnings on this process's output."""
+    (with dynamo's recompile reasons), else warnings on this process's output; ``extra``: more
+    flags."""
     port = free_port()
     command = [sys.executable, "-m", "zimage_server", "serve", "--port", str(port), "--model", str(model)]
     command += ["--warmup-sizes", args.size, "--max-batch-size", "4"]
@@ -433,6 +435,7 @@ def start_server(
     for name, value in graph_settings(args.cuda_graphs).items():
         flag = "--" + name.replace("_", "-")
         command += [flag, ",".join(value) if isinstance(value, list) else str(value).lower()]
+    command += list(extra)
     if log is None:
         return subprocess.Popen(command), port
     env = {**os.environ, "TORCH_LOGS": "recompiles", "PYTHONUNBUFFERED": "1"}

@@ -176,22 +176,26 @@ async def _load_and_warm_up(
     others then hit. The artifacts are saved once every worker has warmed up."""
     loop = asyncio.get_running_loop()
     runner = engine.runner
+    where = {
+        worker.label: f" on GPU {worker.label}" if len(engine.workers) > 1 else ""
+        for worker in engine.workers
+    }
     try:
         for worker in engine.workers:
-            where = f" on GPU {worker.label}" if len(engine.workers) > 1 else ""
-            state.set(Phase.LOADING, f"loading {runner.source}{where}")
+            state.set(Phase.LOADING, f"loading {runner.source}{where[worker.label]}")
             await loop.run_in_executor(worker.thread, worker.runner.load)
         warmup_started = time.perf_counter()
         # Warm-up runs price nothing: they pay for one-time set-up and run at small sizes and
         # few steps, where fixed costs dominate (priced from them, Retry-After and the load
         # signal came out several times too high). The prior holds until the first real batch.
         for worker in engine.workers:
-            where = f" on GPU {worker.label}" if len(engine.workers) > 1 else ""
             for spec in worker.runner.warmup_specs():
                 size, count = f"{spec.width}x{spec.height}", len(spec.prompts)
-                state.set(Phase.WARMING, f"warming up at {size} (batch {count}){where}")
+                state.set(Phase.WARMING, f"warming up at {size} (batch {count}){where[worker.label]}")
                 result = await loop.run_in_executor(worker.thread, worker.runner.generate, spec)
-                logger.info("warm-up at %s, batch %d%s took %.2fs", size, count, where, result.seconds)
+                logger.info(
+                    "warm-up at %s, batch %d%s took %.2fs", size, count, where[worker.label], result.seconds
+                )
         runner.startup_seconds["warmup"] = time.perf_counter() - warmup_started
         await loop.run_in_executor(engine.workers[0].thread, runner.save_artifacts)
         metrics.compile_artifacts.labels(runner.artifacts.state).set(1)

@@ -118,7 +118,14 @@ def rank_device(settings: Settings, rank: int) -> torch.device:
     return torch.device("cuda", rank) if base.type == "cuda" else base
 
 
-class SequenceParallelRunner(PipelineRunner):
+class _Rank(PipelineRunner):
+    """Any rank: its transformer runs Ulysses attention with the others before it compiles."""
+
+    def before_compile(self, pipe: Any) -> None:
+        enable(pipe.transformer, self.settings.sequence_parallel)
+
+
+class SequenceParallelRunner(_Rank):
     """Rank 0: the server's one runner, driving the other ranks."""
 
     def __init__(self, settings: Settings, device: torch.device | None = None) -> None:
@@ -147,9 +154,6 @@ class SequenceParallelRunner(PipelineRunner):
             ", ".join(str(follower.pid) for follower in self.followers),
         )
         init_group(self.settings, 0, self.device)
-
-    def before_compile(self, pipe: Any) -> None:
-        enable(pipe.transformer, self.settings.sequence_parallel)
 
     @property
     def alive(self) -> bool:
@@ -235,7 +239,7 @@ def follow(rank: int, lines: IO[str]) -> None:
             sys.exit(1)
 
 
-class _FollowerRunner(PipelineRunner):
+class _FollowerRunner(_Rank):
     def __init__(self, settings: Settings, device: torch.device, rank: int) -> None:
         super().__init__(settings, device)
         self.rank = rank
@@ -246,9 +250,6 @@ class _FollowerRunner(PipelineRunner):
 
     def before_load(self) -> None:
         init_group(self.settings, self.rank, self.device)
-
-    def before_compile(self, pipe: Any) -> None:
-        enable(pipe.transformer, self.settings.sequence_parallel)
 
 
 def main() -> None:

@@ -93,6 +93,10 @@ def enable(transformer: Any, degree: int) -> None:
 def init_group(settings: Settings, rank: int, device: torch.device) -> None:
     import torch.distributed as dist
 
+    # The ranks are processes of one pod on one node: their sockets stay on loopback (gloo's
+    # and NCCL's bootstrap would otherwise take the interface the host name resolves to).
+    for variable in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME"):
+        os.environ.setdefault(variable, "lo")
     # The ranks meet right after start-up, before any of them loads the model: a rank that
     # never comes (it failed to start) ends the start-up in minutes, not at the collective timeout.
     store = dist.TCPStore(  # type: ignore[attr-defined]  # public, re-exported from torch._C

@@ -4,6 +4,7 @@ one image made by two processes together (sequence parallel, gloo), with the tin
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import os
 import signal
@@ -154,6 +155,41 @@ def _followers(server: RunningServer) -> list[int]:
     return list(server.app.state.runner.follower_pids())
 
 
+def _tcp_addresses(pid: int) -> set[str]:
+    """The local and remote IPv4 addresses of process ``pid``'s TCP sockets (Linux /proc)."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(OSError):
+            target = os.readlink(fd)
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+    addresses = set()
+    for table in ("tcp", "tcp6"):
+        for line in Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[9] in inodes:
+                for end in fields[1:3]:
+                    ip = end.split(":")[0]
+                    if len(ip) == 8:  # IPv4, little-endian hex
+                        addresses.add(".".join(str(int(ip[i - 2 : i], 16)) for i in (8, 6, 4, 2)))
+                    else:  # IPv6 (and IPv4-mapped): keep the hex, loopback checked below
+                        addresses.add(ip)
+    return addresses
+
+
+def _loopback(address: str) -> bool:
+    return (
+        address.startswith("127.")
+        or address
+        in (
+            "0.0.0.0",
+            "00000000000000000000000001000000",  # ::1
+            "00000000000000000000000000000000",  # ::
+        )
+        or address.endswith("0100007F")
+    )  # ::ffff:127.0.0.1
+
+
 def _running(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -193,6 +229,10 @@ def test_two_ranks_make_the_image_one_process_makes(serve: ServerFactory) -> Non
     followers = _followers(parallel)
     assert len(followers) == 1
     assert _running(followers[0])
+    # The ranks talk over loopback only: every TCP socket of the other rank, both ends.
+    addresses = _tcp_addresses(followers[0])
+    assert addresses, "the other rank holds its connections to rank 0"
+    assert all(_loopback(address) for address in addresses), addresses
     parallel.stop()
     deadline = time.monotonic() + 20
     while _running(followers[0]) and time.monotonic() < deadline:

@@ -71,6 +71,10 @@ bench-gpu: install ## On a GPU machine: every benchmark at full size; rewrites d
 	$(PY) bench/gemm_shapes.py --out $(BENCH_WORK)/gemm-b1.json
 	$(PY) bench/gemm_shapes.py --batch 4 --out $(BENCH_WORK)/gemm-b4.json
 	$(PY) bench/profile_step.py --work $(BENCH_WORK) --paths server-bf16,server-fp8 --out $(BENCH_WORK)/profile.json
+	@gpus=$$($(PY) -c "import torch; print(torch.cuda.device_count())"); \
+	if [ "$$gpus" -ge 2 ]; then \
+		$(PY) bench/multigpu.py --scale full --gpus $$(seq -s, 2 2 $$gpus) --work $(BENCH_WORK) --results $(BENCH_WORK)/multigpu.json; \
+	else echo "bench/multigpu.py skipped: it needs two or more GPUs ($$gpus here)"; fi
 	$(PY) bench/performance.py --stages report --work $(BENCH_WORK) --doc docs/performance.md
 
 .PHONY: cluster-binaries

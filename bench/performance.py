@@ -34,6 +34,7 @@ import json
 import os
 import platform
 import re
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -188,13 +189,14 @@ def encode_prompts(pipe: Any, batch: int, window: int) -> Any:
 
 def stage_text(args: argparse.Namespace, model: Path, results: dict[str, Any]) -> None:
     """Text encoding alone, as the baseline runs it (512-token window, eager) and as the
-    server does (the prompt's own window, the decoder layers compiled). Both server paths
-    share it: fp8 covers the transformer only."""
+    server does (the prompt's own window, the decoder layers compiled), and the server's way
+    with the decoder layers not compiled (``server-bf16-uncompiled``: the CUDA graphs alone,
+    where the server has them). Both server paths share it: fp8 covers the transformer only."""
     import torch
 
     rows: dict[str, Any] = results.setdefault("text", {})
     device = "cuda" if torch.cuda.is_available() and args.device != "cpu" else "cpu"
-    for path in ("diffusers", "server-bf16"):
+    for path in ("diffusers", "server-bf16", "server-bf16-uncompiled"):
         rows[path] = text_path(args, model, path, device)
         print(
             f"text {path}: window {rows[path]['window']}, {1000 * rows[path]['batch1_s']:.1f} ms", flush=True
@@ -209,8 +211,10 @@ def text_path(args: argparse.Namespace, model: Path, path: str, device: str) -> 
 
     from zimage_server.runner import PipelineRunner
 
+    uncompiled = path.endswith("-uncompiled")
+    path = path.removesuffix("-uncompiled")
     settings = server_settings(
-        model, path, args.size, device, args.cuda_graphs, compile_parts=["text_encoder"]
+        model, path, args.size, device, args.cuda_graphs, compile_parts=[] if uncompiled else ["text_encoder"]
     )
     runner = PipelineRunner(settings)
     if path == "diffusers":
@@ -435,7 +439,7 @@ def start_server(
     for name, value in graph_settings(args.cuda_graphs).items():
         flag = "--" + name.replace("_", "-")
         command += [flag, ",".join(value) if isinstance(value, list) else str(value).lower()]
-    command += list(extra)
+    command += shlex.split(getattr(args, "server_args", "")) + list(extra)
     if log is None:
         return subprocess.Popen(command), port
     env = {**os.environ, "TORCH_LOGS": "recompiles", "PYTHONUNBUFFERED": "1"}
@@ -820,6 +824,12 @@ def main() -> None:
         default="default",
         help="CUDA graphs of the server paths: default (the server's), none, or parts "
         "(text_encoder,transformer)",
+    )
+    parser.add_argument(
+        "--server-args",
+        default="",
+        help="more flags for the servers the http and coldstart stages start, e.g. "
+        "'--compile-parts transformer,vae'",
     )
     parser.add_argument(
         "--coldstart-runs",

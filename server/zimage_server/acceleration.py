@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from .block_compile import compile_blocks
+
 logger = logging.getLogger(__name__)
 
 # Candidates for attention_backend=auto: the ones PyTorch itself brings (no extra package),
@@ -175,8 +177,9 @@ def compile_layers(model: torch.nn.Module) -> int:
 
 
 def compile_pipeline(pipe: Any, parts: list[str], copies: int = 1) -> list[str]:
-    """Regional compile: the transformer's repeated block and the text encoder's decoder layer
-    are each compiled once and reused by all their instances; the VAE decoder is compiled whole.
+    """Regional compile: the transformer's repeated block (its varying dimensions dynamic from
+    the first call, see block_compile.py) and the text encoder's decoder layer are each compiled
+    once and reused by all their instances; the VAE decoder is compiled whole.
     ``copies``: pipelines in this process on other GPUs, each with variants of its own."""
     import torch._dynamo.config as dynamo_config
 
@@ -188,7 +191,7 @@ def compile_pipeline(pipe: Any, parts: list[str], copies: int = 1) -> list[str]:
     compiled = []
     for part in parts:
         if part == "transformer":
-            pipe.transformer.compile_repeated_blocks(fullgraph=True)
+            compile_blocks(pipe.transformer, fullgraph=True)
         elif part == "vae":
             pipe.vae.decoder.compile()
         elif part == "text_encoder":

@@ -35,6 +35,16 @@ MAGIC = b"ZIMGCCA1"
 HEADER = struct.Struct(">8sQ32s")  # magic, payload length, payload SHA-256
 PREFIX = "zimage-compile-"
 LIBRARIES = ("torch", "diffusers", "transformers", "torchao", "triton")
+# The server's modules that decide what is traced (the rotary swap, how blocks are compiled and
+# their dimensions marked, the parts and their settings): a change to them is a new artifact.
+TRACED_MODULES = ("acceleration.py", "block_compile.py", "rotary.py", "cuda_graphs.py")
+
+
+def server_code_digest() -> str:
+    digest = hashlib.sha256()
+    for name in TRACED_MODULES:
+        digest.update((Path(__file__).parent / name).read_bytes())
+    return digest.hexdigest()[:16]
 
 
 @dataclass
@@ -53,6 +63,7 @@ def identity(device: torch.device, **choices: Any) -> dict[str, Any]:
     for name in LIBRARIES:
         with contextlib.suppress(metadata.PackageNotFoundError):
             versions[name] = metadata.version(name)
+    versions["server-code"] = server_code_digest()
     found: dict[str, Any] = {"versions": versions, "choices": choices}
     if device.type == "cuda":
         properties = torch.cuda.get_device_properties(device)

@@ -90,7 +90,8 @@ class Metrics:
         self.ready = Gauge("zimage_model_ready", "1 once the model is loaded and warmed up", registry=r)
         self.startup_seconds = Gauge(
             "zimage_startup_seconds",
-            "Seconds each start-up phase took: load (weights to the device), tune (attention "
+            "Seconds each start-up phase took: start (process start to loading: interpreter, "
+            "imports, the HTTP server), load (weights to the device), tune (attention "
             "timing, fp8; artifacts_load included), warmup (the warm-up generations, compiles "
             "included), artifacts_load and artifacts_save (the shared compile artifacts)",
             ["phase"],

@@ -1,10 +1,13 @@
 """Child processes: stopping one (SIGTERM, a grace period, then SIGKILL), and a free loopback
-port to start one on. The health process, the tests and the benchmarks all use these."""
+port to start one on. The health process, the tests and the benchmarks all use these. And
+this process's own age, for the start-up's account of itself."""
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
+from pathlib import Path
 from typing import Any
 
 
@@ -39,3 +42,14 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as sock:
         sock.bind((host, 0))
         return int(sock.getsockname()[1])
+
+
+def process_age() -> float | None:
+    """Seconds since this process started (Linux: from /proc), or None where that is unknown."""
+    try:
+        fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+    except (OSError, IndexError, ValueError):
+        return None
+    started = int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22, starttime, in clock ticks
+    return max(0.0, uptime - started)

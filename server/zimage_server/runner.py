@@ -17,6 +17,7 @@ from PIL import Image
 from . import acceleration, compile_artifacts, cuda_graphs, partials
 from .config import Settings
 from .model_source import ModelSource, resolve
+from .processes import process_age
 
 logger = logging.getLogger(__name__)
 
@@ -143,6 +144,10 @@ class PipelineRunner:
         diffusers_logging.disable_progress_bar()
         transformers_logging.disable_progress_bar()
 
+        age = process_age()
+        if age is not None and "start" not in self.startup_seconds:
+            # Interpreter, imports (torch, diffusers, the server), the HTTP server starting.
+            self.startup_seconds["start"] = age
         self.model_path = self.resolve_model()
         self.before_load()
         started = time.perf_counter()

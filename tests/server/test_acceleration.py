@@ -152,8 +152,12 @@ def test_warm_up_covers_the_shapes_requests_bring_when_compiling(tiny_model_dir:
 def test_compiled_pipeline_matches_eager_and_does_not_recompile_after_warm_up(
     tiny_model_dir: Path, tmp_path: Path
 ) -> None:
+    import torch
+    from diffusers.models.transformers.transformer_z_image import ZImageTransformerBlock
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
     from torch._dynamo.utils import counters
 
+    torch._dynamo.reset()  # count this pipeline's traces alone
     eager = PipelineRunner(_settings(tiny_model_dir))
     eager.load()
     tuned = PipelineRunner(_settings(tiny_model_dir, compile=True, compile_cache_dir=str(tmp_path / "cc")))
@@ -167,6 +171,10 @@ def test_compiled_pipeline_matches_eager_and_does_not_recompile_after_warm_up(
             tuned.generate(spec)
     # The rotary embedding is real arithmetic in the compiled blocks (rotary.py).
     assert not [w for w in caught if "complex operators" in str(w.message)]
+    # One trace of the block per role (with modulation or without) and kind of batch (one
+    # image, several, several padded): its sequence and batch are dynamic from the first call.
+    traces = _debug_get_cache_entry_list(ZImageTransformerBlock.forward.__code__)
+    assert len(traces) <= 6, f"the transformer block was traced {len(traces)} times in the warm-up"
     compiled_frames = counters["frames"]["ok"]
     prompt = "a lighthouse on a cliff at dusk, oil painting"
     other = "a photo of a red fox in fresh snow at golden hour, detailed fur, soft rim light"

@@ -8,6 +8,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from unittest import mock
 from typing import Any
 
 import httpx
@@ -39,6 +40,11 @@ def test_artifacts_saved_whole_load_and_a_damaged_file_is_ignored(compiled: None
     # Another choice (or another version, card, driver) names another file.
     other = compile_artifacts.identity(torch.device("cpu"), precision="fp8", compiled=["transformer"])
     assert compile_artifacts.artifact_path(tmp_path / "shared", other) != path
+    # So does another version of the server's code that decides what is traced.
+    assert found["versions"]["server-code"] == compile_artifacts.server_code_digest()
+    with mock.patch.object(compile_artifacts, "server_code_digest", return_value="other-code"):
+        changed = compile_artifacts.identity(torch.device("cpu"), precision="bf16", compiled=["transformer"])
+    assert compile_artifacts.artifact_path(tmp_path / "shared", changed) != path
 
     whole = path.read_bytes()
     for damaged, reason in (

@@ -36,6 +36,7 @@ def test_make_tiny_model_writes_a_loadable_pipeline(tmp_path: Path) -> None:
 def test_serve_defaults_to_the_builtin_tiny_model(tmp_path: Path) -> None:
     port = free_port()
     env = {**os.environ, "ZIMAGE_CACHE_DIR": str(tmp_path / "cache"), "ZIMAGE_WARMUP_SIZES": "256x256"}
+    spawned = time.monotonic()
     proc = subprocess.Popen(
         [sys.executable, "-m", "zimage_server", "serve", "--port", str(port)],
         env=env,
@@ -51,6 +52,16 @@ def test_serve_defaults_to_the_builtin_tiny_model(tmp_path: Path) -> None:
         assert response.headers["content-type"] == "image/png"
         assert response.content.startswith(b"\x89PNG\r\n\x1a\n")
         assert (tmp_path / "cache" / f"tiny-model-v{TINY_MODEL_VERSION}" / "model_index.json").is_file()
+        # The start-up's account begins at the process's start: imports and the HTTP server
+        # before loading, no longer than this test has waited since it started the process.
+        metrics = httpx.get(f"{url}/metrics").text
+        phases = {
+            line.split('"')[1]: float(line.split()[-1])
+            for line in metrics.splitlines()
+            if line.startswith("zimage_startup_seconds{")
+        }
+        assert 0 < phases["start"] < time.monotonic() - spawned
+        assert {"load", "tune", "warmup"} <= phases.keys()
     finally:
         stop_process(proc)
     assert proc.returncode == 0

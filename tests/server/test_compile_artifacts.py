@@ -8,8 +8,8 @@ import sys
 import threading
 import time
 from pathlib import Path
-from unittest import mock
 from typing import Any
+from unittest import mock
 
 import httpx
 import pytest

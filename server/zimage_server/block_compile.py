@@ -62,7 +62,8 @@ class DynamicBlockForward:
         self.names = names
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        args = tuple(_mark(name, value) for name, value in zip(self.names, args, strict=False))
+        marked = tuple(_mark(name, value) for name, value in zip(self.names, args, strict=False))
+        args = marked + args[len(marked) :]
         kwargs = {name: _mark(name, value) for name, value in kwargs.items()}
         return self.compiled(*args, **kwargs)
 

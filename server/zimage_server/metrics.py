@@ -91,7 +91,7 @@ class Metrics:
         self.startup_seconds = Gauge(
             "zimage_startup_seconds",
             "Seconds each start-up phase took: start (process start to loading: interpreter, "
-            "imports, the HTTP server), load (weights to the device), tune (attention "
+            "imports, the HTTP server, CUDA's initialisation), load (weights to the device), tune (attention "
             "timing, fp8; artifacts_load included), warmup (the warm-up generations, compiles "
             "included), artifacts_load and artifacts_save (the shared compile artifacts)",
             ["phase"],

@@ -146,7 +146,8 @@ class PipelineRunner:
 
         age = process_age()
         if age is not None and "start" not in self.startup_seconds:
-            # Interpreter, imports (torch, diffusers, the server), the HTTP server starting.
+            # Interpreter, imports (torch, diffusers, the server), the HTTP server starting and
+            # CUDA's initialisation (this worker thread's first call).
             self.startup_seconds["start"] = age
         self.model_path = self.resolve_model()
         self.before_load()

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from .block_compile import compile_blocks
+from .block_compile import DECODER_LAYER, TRANSFORMER_BLOCK, compile_blocks
 
 logger = logging.getLogger(__name__)
 
@@ -163,23 +163,21 @@ def quantize_fp8(transformer: torch.nn.Module, device: torch.device) -> int:
 
 def compile_layers(model: torch.nn.Module) -> int:
     """Regional compile of a transformers model: each decoder layer (the classes the model
-    names in ``_no_split_modules``) compiled once and reused by all the others. Tracing the
-    whole 36-layer text encoder instead takes about five times longer, on every start, even
-    with a warm compile cache (docs/performance.md). Returns how many layers; a model without
-    such layers is compiled whole."""
-    names = set(getattr(model, "_no_split_modules", None) or [])
-    layers = [module for module in model.modules() if type(module).__name__ in names]
-    for layer in layers:
-        layer.compile()
-    if not layers:
+    names in ``_no_split_modules``) compiled once and reused by all the others, its prompt
+    length and batch dynamic from the first call (block_compile.py). Tracing the whole 36-layer
+    text encoder instead takes about five times longer, on every start, even with a warm
+    compile cache (docs/performance.md). Returns how many layers; a model without such layers
+    is compiled whole."""
+    count = compile_blocks(model, getattr(model, "_no_split_modules", None) or [], DECODER_LAYER)
+    if not count:
         model.compile()
-    return len(layers)
+    return count
 
 
 def compile_pipeline(pipe: Any, parts: list[str], copies: int = 1) -> list[str]:
-    """Regional compile: the transformer's repeated block (its varying dimensions dynamic from
-    the first call, see block_compile.py) and the text encoder's decoder layer are each compiled
-    once and reused by all their instances; the VAE decoder is compiled whole.
+    """Regional compile: the transformer's repeated block and the text encoder's decoder layer
+    (their varying dimensions dynamic from the first call, see block_compile.py) are each
+    compiled once and reused by all their instances; the VAE decoder is compiled whole.
     ``copies``: pipelines in this process on other GPUs, each with variants of its own."""
     import torch._dynamo.config as dynamo_config
 
@@ -191,7 +189,11 @@ def compile_pipeline(pipe: Any, parts: list[str], copies: int = 1) -> list[str]:
     compiled = []
     for part in parts:
         if part == "transformer":
-            compile_blocks(pipe.transformer, fullgraph=True)
+            blocks = getattr(pipe.transformer, "_repeated_blocks", None) or []
+            if not compile_blocks(pipe.transformer, blocks, TRANSFORMER_BLOCK, fullgraph=True):
+                raise AccelerationError(
+                    f"{type(pipe.transformer).__name__} names no repeated blocks to compile"
+                )
         elif part == "vae":
             pipe.vae.decoder.compile()
         elif part == "text_encoder":

@@ -1,5 +1,5 @@
-"""Regional compile of the Z-Image transformer block with its varying dimensions dynamic from
-the first call.
+"""Regional compile of repeated blocks with their varying dimensions dynamic from the first
+call: the Z-Image transformer block, and the text encoder's decoder layer.
 
 One block class serves the noise refiner, the caption refiner and the 30 main layers, and one
 compiled function serves every instance. Left to itself, dynamo traces each dimension static
@@ -14,20 +14,49 @@ The refiners' rotary tables arrive as slices of longer ones: dynamo guards on a 
 and a caption's table, cut from one padded for the longest caption, has a batch stride that
 no longer follows its length; either would trace again. They are copied to tensors of their
 own first (a few megabytes, in the four refiner blocks only).
+
+The text encoder's decoder layer is marked the same way (the prompt's length, the batch): two
+traces, one prompt or several, instead of three (static, then its length dynamic, then its
+batch).
 """
 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-# The block's inputs whose dimension 1 is the sequence (image tokens, caption tokens or both).
-SEQUENCE_INPUTS = frozenset({"x", "attn_mask", "freqs_cis", "noise_mask"})
-# Inputs copied to a tensor of their own before the call (see the module's note).
-CONTIGUOUS_INPUTS = frozenset({"freqs_cis"})
+
+@dataclass(frozen=True)
+class Marking:
+    """Which dimensions of a block's inputs are marked dynamic before a call: ``sequence``,
+    by input name, the dimensions that follow the sequence (a tuple of tensors, such as a
+    rotary cos and sin, has each of its tensors marked alike); dimension 0 of every tensor
+    input once it is above one (the batch). ``own_copy``: inputs copied to a tensor of their
+    own first where they are a view or not packed."""
+
+    sequence: Mapping[str, tuple[int, ...]]
+    own_copy: frozenset[str] = frozenset()
+
+
+# The Z-Image transformer block: image tokens, caption tokens or both along dimension 1.
+TRANSFORMER_BLOCK = Marking(
+    sequence={"x": (1,), "attn_mask": (1,), "freqs_cis": (1,), "noise_mask": (1,)},
+    own_copy=frozenset({"freqs_cis"}),
+)
+# A transformers decoder layer (the text encoder's): the prompt's tokens along dimension 1, and
+# along both last dimensions of a 4D attention mask (batch, 1, query, key).
+DECODER_LAYER = Marking(
+    sequence={
+        "hidden_states": (1,),
+        "position_ids": (1,),
+        "position_embeddings": (1,),
+        "attention_mask": (2, 3),
+    }
+)
 
 
 def _packed(value: torch.Tensor) -> bool:
@@ -41,15 +70,18 @@ def _packed(value: torch.Tensor) -> bool:
     return True
 
 
-def _mark(name: str, value: Any) -> Any:
+def _mark(marking: Marking, name: str, value: Any) -> Any:
+    if isinstance(value, tuple):
+        return tuple(_mark(marking, name, item) for item in value)
     if not isinstance(value, torch.Tensor) or value.dim() == 0:
         return value
-    if name in CONTIGUOUS_INPUTS and (value._base is not None or not _packed(value)):
+    if name in marking.own_copy and (value._base is not None or not _packed(value)):
         value = value.clone(memory_format=torch.contiguous_format)
     if value.shape[0] > 1:
         torch._dynamo.maybe_mark_dynamic(value, 0)
-    if name in SEQUENCE_INPUTS and value.dim() > 1:
-        torch._dynamo.maybe_mark_dynamic(value, 1)
+    for dim in marking.sequence.get(name, ()):
+        if 0 < dim < value.dim():
+            torch._dynamo.maybe_mark_dynamic(value, dim)
     return value
 
 
@@ -57,28 +89,29 @@ class DynamicBlockForward:
     """Stands in for a block's ``forward``: marks the inputs' dimensions, then calls the
     compiled forward (the block's own, or whatever wraps it, such as sequence-parallel hooks)."""
 
-    def __init__(self, compiled: Callable[..., Any], names: list[str]) -> None:
+    def __init__(self, compiled: Callable[..., Any], names: list[str], marking: Marking) -> None:
         self.compiled = compiled
         self.names = names
+        self.marking = marking
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        marked = tuple(_mark(name, value) for name, value in zip(self.names, args, strict=False))
+        marking = self.marking
+        marked = tuple(_mark(marking, name, value) for name, value in zip(self.names, args, strict=False))
         args = marked + args[len(marked) :]
-        kwargs = {name: _mark(name, value) for name, value in kwargs.items()}
+        kwargs = {name: _mark(marking, name, value) for name, value in kwargs.items()}
         return self.compiled(*args, **kwargs)
 
 
-def compile_blocks(model: torch.nn.Module, **options: Any) -> int:
-    """Compile every module of the classes ``model._repeated_blocks`` names (diffusers'
-    convention) through ``DynamicBlockForward``; returns how many."""
-    names = set(getattr(model, "_repeated_blocks", None) or [])
-    if not names:
-        raise ValueError(f"{type(model).__name__} names no repeated blocks to compile")
+def compile_blocks(model: torch.nn.Module, names: Iterable[str], marking: Marking, **options: Any) -> int:
+    """Compile the ``forward`` of every module of ``model`` whose class is one of ``names``
+    through ``DynamicBlockForward``; returns how many. The modules' hooks stay outside the
+    compiled code."""
+    wanted = set(names)
     count = 0
     for module in model.modules():
-        if type(module).__name__ not in names or isinstance(module.forward, DynamicBlockForward):
+        if type(module).__name__ not in wanted or isinstance(module.forward, DynamicBlockForward):
             continue
         parameters = list(inspect.signature(type(module).forward).parameters)[1:]  # without self
-        module.forward = DynamicBlockForward(torch.compile(module.forward, **options), parameters)
+        module.forward = DynamicBlockForward(torch.compile(module.forward, **options), parameters, marking)
         count += 1
     return count

@@ -175,6 +175,10 @@ def test_compiled_pipeline_matches_eager_and_does_not_recompile_after_warm_up(
     # image, several, several padded): its sequence and batch are dynamic from the first call.
     traces = _debug_get_cache_entry_list(ZImageTransformerBlock.forward.__code__)
     assert len(traces) <= 6, f"the transformer block was traced {len(traces)} times in the warm-up"
+    # The text encoder's decoder layer: one prompt, or several (its length dynamic throughout).
+    layer_code = type(tuned.pipe.text_encoder.layers[0]).forward.__code__
+    traces = _debug_get_cache_entry_list(layer_code)
+    assert len(traces) <= 2, f"the text encoder's layer was traced {len(traces)} times in the warm-up"
     compiled_frames = counters["frames"]["ok"]
     prompt = "a lighthouse on a cliff at dusk, oil painting"
     other = "a photo of a red fox in fresh snow at golden hour, detailed fur, soft rim light"
@@ -196,12 +200,13 @@ def test_compiled_pipeline_matches_eager_and_does_not_recompile_after_warm_up(
 
 def test_the_text_encoder_is_compiled_layer_by_layer(tiny_model_dir: Path) -> None:
     from zimage_server.acceleration import compile_layers
+    from zimage_server.block_compile import DynamicBlockForward
 
     runner = PipelineRunner(_settings(tiny_model_dir))
     runner.load()
     text_encoder = runner.pipe.text_encoder
     assert compile_layers(text_encoder) == text_encoder.config.num_hidden_layers
-    assert all(layer._compiled_call_impl is not None for layer in text_encoder.layers)
+    assert all(isinstance(layer.forward, DynamicBlockForward) for layer in text_encoder.layers)
     assert text_encoder._compiled_call_impl is None  # not traced whole
     plain = torch.nn.Sequential(torch.nn.Linear(4, 4))
     assert compile_layers(plain) == 0

@@ -61,6 +61,9 @@ def test_serve_defaults_to_the_builtin_tiny_model(tmp_path: Path) -> None:
             if line.startswith("zimage_startup_seconds{")
         }
         assert 0 < phases["start"] < time.monotonic() - spawned
+        # Part of it: the interpreter and the imports (torch, diffusers, the server's modules).
+        assert 0 < phases["imports"] < phases["start"]
+        assert "cuda_init" not in phases  # a CPU has none to report
         assert {"load", "tune", "warmup"} <= phases.keys()
     finally:
         stop_process(proc)

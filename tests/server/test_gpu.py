@@ -20,6 +20,8 @@ def test_the_gpu_is_chosen_with_bfloat16_by_default(serve: ServerFactory) -> Non
     assert runner.device.type == "cuda"
     assert runner.pipe.transformer.dtype == torch.bfloat16
     assert next(runner.pipe.transformer.parameters()).device.type == "cuda"
+    # The worker thread's CUDA initialisation is timed as a part of the start phase.
+    assert 0 < runner.startup_seconds["cuda_init"] < runner.startup_seconds["start"]
 
     body = {"prompt": "a red fox", "size": "512x512", "num_inference_steps": 8}
     responses = [

@@ -788,13 +788,18 @@ def render(results: dict[str, Any]) -> str:
             "an empty compile cache and loads what the first replica saved.",
             "",
             "| path | new replica s | container restart s | new replica with artifacts s "
-            "| of which load / tune / warm-up s (with artifacts) | warm-up calls s (new replica) |",
+            "| of which start (imports, CUDA) / load / tune / warm-up s (with artifacts) "
+            "| warm-up calls s (new replica) |",
             "|---|---|---|---|---|---|",
         ]
         for path, row in cold.items():
             shared = row.get("artifacts_phases", {})
+            start = f"{shared.get('start', float('nan')):.1f}"
+            inside = [f"{shared[phase]:.1f}" for phase in ("imports", "cuda_init") if phase in shared]
+            if inside:
+                start += f" ({', '.join(inside)})"
             parts = " / ".join(
-                f"{shared.get(phase, float('nan')):.1f}" for phase in ("load", "tune", "warmup")
+                [start] + [f"{shared.get(phase, float('nan')):.1f}" for phase in ("load", "tune", "warmup")]
             )
             calls = "; ".join(row.get("empty_cache_breakdown", {}).get("warmup_calls_s", []))
             lines.append(

@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from zimage_server.processes import free_port, stop_processes
+from zimage_server.processes import free_port, free_ports, stop_processes
 
 FLOOR_SERVER = """
 import asyncio, sys
@@ -177,7 +177,7 @@ def main() -> None:
 
     floor_port = free_port()
     floor = subprocess.Popen([sys.executable, "-c", FLOOR_SERVER, str(floor_port)])
-    port, health_port = free_port(), free_port()
+    port, health_port = free_ports(2)
     serve_args = ["--port", str(port), "--model", args.model, "--device", args.device]
     serve_args += ["--health-port", str(health_port)]
     serve_args += ["--warmup-sizes", args.size, "--vram-limit", "95%", "--max-size", "2048"]

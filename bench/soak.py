@@ -36,7 +36,7 @@ from typing import Any
 
 import httpx
 
-from zimage_server.processes import free_port, stop_process
+from zimage_server.processes import free_ports, stop_process
 
 HOST = "127.0.0.1"
 VALID = {"prompt": "a lighthouse in a storm", "size": "256x256", "num_inference_steps": 2}
@@ -178,7 +178,7 @@ def main() -> None:
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
 
-    port, health_port = free_port(), free_port()
+    port, health_port = free_ports(2)
     command = [
         sys.executable,
         "-m",

@@ -4,6 +4,7 @@ this process's own age, for the start-up's account of itself."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -39,9 +40,19 @@ def _reap(proc: subprocess.Popen[Any], grace: float) -> int:
 
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port free on ``host`` just now (the OS picks it)."""
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
+    return free_ports(1, host)[0]
+
+
+def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
+    """``count`` distinct TCP ports free on ``host`` just now. All are held while the others are
+    picked: ports picked one after another, each released at once, can repeat."""
+    with contextlib.ExitStack() as stack:
+        ports = []
+        for _ in range(count):
+            sock = stack.enter_context(socket.socket())
+            sock.bind((host, 0))
+            ports.append(int(sock.getsockname()[1]))
+        return ports
 
 
 def process_age() -> float | None:

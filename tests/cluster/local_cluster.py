@@ -38,7 +38,7 @@ from typing import Any
 import httpx
 import yaml
 
-from zimage_server.processes import free_port
+from zimage_server.processes import free_port, free_ports
 
 from . import node_host
 from .certs import Pki, make_pki
@@ -179,7 +179,7 @@ class LocalCluster:
         names = ["etcd", "etcd_peer", "apiserver", "kcm", "scheduler", "kwok"]
         if self.kubelet_nodes:
             names += ["kubelet", "kubelet_healthz", "proxy_healthz", "proxy_metrics"]
-        self.ports = {name: free_port() for name in names}
+        self.ports = dict(zip(names, free_ports(len(names)), strict=True))
         extra_ips = [node_host.NODE_IP, node_host.KUBERNETES_SERVICE_IP] if self.kubelet_nodes else []
         pki = self._pki = make_pki(self.workdir / "pki", extra_ips=extra_ips)
         self._write_kubeconfig(pki)

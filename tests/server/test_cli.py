@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from zimage_server.processes import free_port, stop_process
+from zimage_server.processes import free_port, free_ports, stop_process
 from zimage_server.tiny_model import TINY_MODEL_VERSION
 
 pytestmark = pytest.mark.slow
@@ -75,7 +75,7 @@ def test_serve_defaults_to_the_builtin_tiny_model(tmp_path: Path) -> None:
 def test_sigterm_drains_accepted_work_refuses_new_and_exits_zero(
     tiny_model_dir: Path, tmp_path: Path
 ) -> None:
-    port, health_port = free_port(), free_port()
+    port, health_port = free_ports(2)
     proc = subprocess.Popen(
         [
             sys.executable, "-m", "zimage_server", "serve", "--port", str(port),

@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from zimage_server.processes import free_port, stop_processes
+from zimage_server.processes import free_ports, stop_processes
 
 from .conftest import RunningServer, ServerFactory
 
@@ -127,7 +127,7 @@ def test_a_process_limit_below_the_model_fails_liveness_after_start_up(
 def test_probe_latency_stays_low_while_the_gpu_generates(tiny_model_dir: Path) -> None:
     """Server, load and prober each in their own process, as in a cluster where the kubelet
     probes from outside: the latency measured is the server's, not a client's GIL."""
-    port, health_port = free_port(), free_port()
+    port, health_port = free_ports(2)
     args = ["--port", str(port), "--model", str(tiny_model_dir), "--device", "cuda", "--max-size", "2048"]
     args += ["--warmup-sizes", "1024x1024", "--vram-limit", "95%", "--health-port", str(health_port)]
     # Eager: the tiny model's compile would only lengthen start-up; the GPU work is the same kind.

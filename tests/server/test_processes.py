@@ -1,12 +1,14 @@
 """Stopping child processes: one SIGTERM each (a second tells the server to skip its drain),
-then SIGKILL for one that outlives its grace period."""
+then SIGKILL for one that outlives its grace period. Free ports for the processes to start on."""
 
 from __future__ import annotations
 
+import contextlib
+import socket
 import subprocess
 import sys
 
-from zimage_server.processes import stop_process, stop_processes
+from zimage_server.processes import free_ports, stop_process, stop_processes
 
 # Exits 0 after its first SIGTERM once a moment has passed; 3 if a second SIGTERM comes first.
 CHILD = """
@@ -48,3 +50,13 @@ def test_each_process_is_asked_once() -> None:
 
 def test_a_process_that_ignores_the_request_is_killed() -> None:
     assert stop_process(_start(STUBBORN), grace=0.5) == -9
+
+
+def test_ports_picked_together_are_distinct_and_free() -> None:
+    # A cluster starts six to ten programs on ports picked at once; two of them on one port
+    # fail to start (seen: the controller manager on the API server's port).
+    ports = free_ports(64)
+    assert len(set(ports)) == 64
+    with contextlib.ExitStack() as stack:
+        for port in ports:
+            stack.enter_context(socket.create_server(("127.0.0.1", port)))

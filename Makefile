@@ -64,7 +64,7 @@ BENCH_WORK ?= /tmp/zimage-bench
 .PHONY: bench-gpu
 bench-gpu: install ## On a GPU machine: every benchmark at full size; rewrites docs/performance.md
 	$(PY) bench/performance.py --scale full --stages pipeline,text --repeat 2 --work $(BENCH_WORK)
-	$(PY) bench/performance.py --scale full --stages coldstart,http --paths server-bf16 --work $(BENCH_WORK)
+	$(PY) bench/performance.py --scale full --stages imports,coldstart,http --paths server-bf16 --work $(BENCH_WORK)
 	$(PY) bench/probe_latency.py --device cuda --probes 300 --out $(BENCH_WORK)/probe
 	$(PY) bench/png_encode.py --repeat 30 --out $(BENCH_WORK)/png.json
 	$(PY) bench/partials.py --scale full --size 1024x1024 --work $(BENCH_WORK) --out $(BENCH_WORK)/partials.json

@@ -16,7 +16,10 @@ Stages (each appends to ``--results``; ``report`` renders them as docs/performan
   restart), and an empty cache with the artifacts (a new replica that loads them); each run's
   log (``WORK/coldstart-PATH-RUN.log``) gives the warm-up calls' seconds and the recompiles;
 - ``text``: text encoding alone, the baseline's way and the server's (the parts table uses it
-  when present).
+  when present);
+- ``imports``: what the server imports before it loads the model (the bulk of the start-up's
+  ``start`` phase), in a fresh interpreter twice, with ``python -X importtime``: the time and
+  where it goes, package by package.
 
     python bench/performance.py --scale full --stages pipeline --work /tmp/zimage-bench
     python bench/performance.py --scale full --stages http,coldstart --work /tmp/zimage-bench
@@ -586,6 +589,55 @@ def warmup_breakdown(log: Path) -> dict[str, Any]:
     }
 
 
+# What the server imports before it loads the model: its app and HTTP server (torch, fastapi,
+# uvicorn among them), then the pipeline's class in ``PipelineRunner.load``.
+# The child prints its age once they are done (the interpreter's start included, its exit not).
+SERVER_IMPORTS = (
+    "import zimage_server.app, zimage_server.drain, zimage_server.http_server\n"
+    "from diffusers import ZImagePipeline\n"
+    "from zimage_server.processes import process_age\n"
+    "print(process_age())"
+)
+IMPORT_LINE = re.compile(r"^import time:\s*(\d+) \|\s*(\d+) \| ( *)(\S+)$")
+
+
+def import_profile(report: str, count: int = 10) -> dict[str, float]:
+    """From ``python -X importtime``'s report: seconds of import work per top-level package (the
+    sum of its modules' own times, wherever they were imported from), the ``count`` largest,
+    and the rest as ``other``."""
+    spent: dict[str, float] = {}
+    for line in report.splitlines():
+        if match := IMPORT_LINE.match(line):
+            package = match.group(4).split(".")[0]
+            spent[package] = spent.get(package, 0.0) + int(match.group(1)) / 1e6
+    ranked = sorted(spent.items(), key=lambda item: item[1], reverse=True)
+    profile = dict(ranked[:count])
+    if rest := sum(seconds for _, seconds in ranked[count:]):
+        profile["other"] = rest
+    return profile
+
+
+def stage_imports(args: argparse.Namespace, model: Path, results: dict[str, Any]) -> None:
+    """The server's imports alone, twice, each in a fresh interpreter (the second finds the
+    files in the page cache and the bytecode written): the process's age once they are done
+    (the server's ``imports`` phase, measured the same way), and the import work by package."""
+    runs = []
+    for _ in range(2):
+        out = subprocess.run(
+            [sys.executable, "-X", "importtime", "-c", SERVER_IMPORTS],
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        if out.returncode:
+            raise RuntimeError(f"the server's imports failed: {out.stderr[-2000:]}")
+        wall = float(out.stdout.split()[-1])
+        profile = import_profile(out.stderr)
+        runs.append({"wall_s": wall, "import_s": sum(profile.values()), "by_package_s": profile})
+        print(f"imports: {wall:.1f} s", flush=True)
+    results["imports"] = {"runs": runs}
+
+
 # The cold-start rows, run in this order: a new replica, a container restart, a new replica
 # with the artifacts the first one wrote.
 COLDSTART_RUNS = ("new", "restart", "artifacts")
@@ -808,7 +860,28 @@ def render(results: dict[str, Any]) -> str:
                 f"{parts} | {calls} |"
             )
         lines.append("")
+    imports = results.get("imports", {}).get("runs", [])
+    if imports:
+        lines += [
+            "## The server's imports (a fresh interpreter each, `python -X importtime`)",
+            "",
+            "| run | process age at the end s | import work s | by package s |",
+            "|---|---|---|---|",
+        ]
+        for number, run in enumerate(imports, 1):
+            packages = ", ".join(f"{name} {seconds:.2f}" for name, seconds in run["by_package_s"].items())
+            lines.append(f"| {number} | {run['wall_s']:.1f} | {run['import_s']:.1f} | {packages} |")
+        lines.append("")
     return "\n".join(lines)
+
+
+STAGES: dict[str, Callable[[argparse.Namespace, Path, dict[str, Any]], None]] = {
+    "pipeline": stage_pipeline,
+    "http": stage_http,
+    "coldstart": stage_coldstart,
+    "text": stage_text,
+    "imports": stage_imports,
+}
 
 
 def main() -> None:
@@ -857,6 +930,8 @@ def main() -> None:
     args.save = lambda data: results_path.write_text(json.dumps(data, indent=2))
     results: dict[str, Any] = json.loads(results_path.read_text()) if results_path.is_file() else {}
     stages = args.stages.split(",")
+    if unknown := set(stages) - {*STAGES, "report"}:
+        parser.error(f"--stages: {', '.join(sorted(unknown))} is not one of {', '.join([*STAGES, 'report'])}")
     measuring = [stage for stage in stages if stage != "report"]
     if measuring:
         results["environment"] = environment()
@@ -866,9 +941,7 @@ def main() -> None:
             results.setdefault("commands", {})[stage] = command
         model = build_model(args.scale, args.work / f"model-{args.scale}")
     for stage in measuring:
-        {"pipeline": stage_pipeline, "http": stage_http, "coldstart": stage_coldstart, "text": stage_text}[
-            stage
-        ](args, model, results)
+        STAGES[stage](args, model, results)
         results_path.write_text(json.dumps(results, indent=2))
     if "report" in stages:
         text = render(results)

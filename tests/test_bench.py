@@ -21,11 +21,11 @@ def test_the_benchmark_measures_side_by_side_and_keeps_the_notes(tmp_path: Path)
     command = [sys.executable, str(ROOT / "bench" / "performance.py"), "--scale", "tiny", "--device", "cpu"]
     command += ["--size", "256x256", "--steps", "2", "--repeat", "1", "--work", str(tmp_path / "work")]
     command += ["--requests", "4", "--clients", "2"]
-    subprocess.run([*command, "--stages", "pipeline,text,http"], check=True, cwd=ROOT, timeout=600)
+    subprocess.run([*command, "--stages", "pipeline,text,http,imports"], check=True, cwd=ROOT, timeout=600)
     subprocess.run([*command, "--stages", "report", "--doc", str(doc)], check=True, cwd=ROOT, timeout=120)
 
     results = json.loads((tmp_path / "work" / "results.json").read_text())
-    assert set(results["commands"]) == {"pipeline", "text", "http"}
+    assert set(results["commands"]) == {"pipeline", "text", "http", "imports"}
     for path in ("diffusers", "server-bf16"):
         row = results["pipeline"][path]
         assert row["batch4"]["images_per_s"] > 0
@@ -35,6 +35,12 @@ def test_the_benchmark_measures_side_by_side_and_keeps_the_notes(tmp_path: Path)
     assert results["text"]["server-bf16"]["window"] < 512
     assert results["http"]["server-bf16"]["images"] == 4
     assert 1 <= results["http"]["server-bf16"]["mean_batch"] <= 2
+    # The server's imports, twice in fresh interpreters: torch's share among the packages named.
+    runs = results["imports"]["runs"]
+    assert len(runs) == 2
+    for run in runs:
+        assert run["by_package_s"]["torch"] > 0
+        assert 0 < run["import_s"] < run["wall_s"]
 
     text = doc.read_text()
     assert "old tables" not in text
@@ -42,6 +48,8 @@ def test_the_benchmark_measures_side_by_side_and_keeps_the_notes(tmp_path: Path)
     assert "| diffusers | " in text
     assert "1.00x" in text  # the baseline's own ratio, the others' against it
     assert "## Through HTTP on loopback" in text
+    assert "## The server's imports" in text
+    assert "| 2 | " in text.split("## The server's imports")[1]
 
 
 @pytest.mark.slow

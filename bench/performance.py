@@ -688,14 +688,21 @@ def stage_coldstart(args: argparse.Namespace, model: Path, results: dict[str, An
 
 
 def environment() -> dict[str, str]:
+    import importlib.util
+
     import diffusers
     import torch
+    import transformers
 
     env = {
         "date": datetime.date.today().isoformat(),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "diffusers": diffusers.__version__,
+        "transformers": transformers.__version__,
+        # Whether the interpreters read torch's modules as bytecode (the server image's pip
+        # install writes it) or compile them at every start: seconds of the imports.
+        "torch_bytecode": str(Path(importlib.util.cache_from_source(torch.__file__)).is_file()).lower(),
     }
     with contextlib.suppress(ImportError):
         import torchao
@@ -726,7 +733,8 @@ def render(results: dict[str, Any]) -> str:
         "",
         f"- date: {env.get('date')}, card: {env.get('card')}, driver: {env.get('driver', '-')}",
         f"- python {env.get('python')}, torch {env.get('torch')}, diffusers {env.get('diffusers')}, "
-        f"torchao {env.get('torchao', '-')}",
+        f"transformers {env.get('transformers', '-')}, torchao {env.get('torchao', '-')}, "
+        f"torch bytecode read: {env.get('torch_bytecode', '-')}",
         f"- {results.get('size')}, {results.get('steps')} steps, prompt of {len(PROMPT)} characters",
         *(f"- {stage}: `{command}`" for stage, command in results.get("commands", {}).items()),
         "",

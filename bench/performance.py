@@ -569,13 +569,16 @@ def startup_phases(port: int) -> dict[str, float]:
     return {line.split('"')[1]: value for line, value in metric_lines(port, "zimage_startup_seconds")}
 
 
-WARMUP_LINE = re.compile(r"warm-up at (\S+), batch (\d+) took ([0-9.]+)s")
+WARMUP_LINE = re.compile(r"warm-up at (\S+), batch (\d+) took ([0-9.]+)s(?:, of which compiling ([0-9.]+)s)?")
 
 
 def warmup_breakdown(log: Path) -> dict[str, Any]:
     """From a server log: each warm-up call's seconds and dynamo's recompiles with their reasons."""
     text = log.read_text(errors="replace")
-    calls = [f"{size} x{batch}: {float(seconds):.1f}" for size, batch, seconds in WARMUP_LINE.findall(text)]
+    calls = []
+    for size, batch, seconds, compiling in WARMUP_LINE.findall(text):
+        of_which = f" ({float(compiling):.1f} compiling)" if compiling else ""
+        calls.append(f"{size} x{batch}: {float(seconds):.1f}{of_which}")
     recompiles = [line.strip() for line in text.splitlines() if "Recompiling function" in line]
     reasons = [
         line.strip()

@@ -185,6 +185,9 @@ async def _load_and_warm_up(
             state.set(Phase.LOADING, f"loading {runner.source}{where[worker.label]}")
             await loop.run_in_executor(worker.thread, worker.runner.load)
         warmup_started = time.perf_counter()
+        # What of the warm-up is torch.compile's (tracing, compiling or loading compiled
+        # graphs) rather than running: per call in the log, in all as `warmup_compile`.
+        compiling_before = compiling = compile_artifacts.compile_seconds()
         # Warm-up runs price nothing: they pay for one-time set-up and run at small sizes and
         # few steps, where fixed costs dominate (priced from them, Retry-After and the load
         # signal came out several times too high). The prior holds until the first real batch.
@@ -193,10 +196,18 @@ async def _load_and_warm_up(
                 size, count = f"{spec.width}x{spec.height}", len(spec.prompts)
                 state.set(Phase.WARMING, f"warming up at {size} (batch {count}){where[worker.label]}")
                 result = await loop.run_in_executor(worker.thread, worker.runner.generate, spec)
+                now = compile_artifacts.compile_seconds()
+                of_which = ""
+                if now is not None and compiling is not None:
+                    of_which = f", of which compiling {now - compiling:.2f}s"
+                compiling = now
                 logger.info(
-                    "warm-up at %s, batch %d%s took %.2fs", size, count, where[worker.label], result.seconds
-                )
+                    "warm-up at %s, batch %d%s took %.2fs%s",
+                    size, count, where[worker.label], result.seconds, of_which,
+                )  # fmt: skip
         runner.startup_seconds["warmup"] = time.perf_counter() - warmup_started
+        if compiling_before is not None and compiling is not None and compiling > compiling_before:
+            runner.startup_seconds["warmup_compile"] = compiling - compiling_before
         await loop.run_in_executor(engine.workers[0].thread, runner.save_artifacts)
         metrics.compile_artifacts.labels(runner.artifacts.state).set(1)
         for lookup, count in compile_artifacts.fx_graph_lookups().items():

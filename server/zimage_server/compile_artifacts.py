@@ -161,6 +161,18 @@ def _unwrap(data: bytes) -> bytes:
     return payload
 
 
+def compile_seconds() -> float | None:
+    """Seconds this process has spent in torch.compile so far: dynamo's tracing and the
+    backend's compile, or its cache lookups and loads, not the compiled code's runs. None where
+    this PyTorch keeps no such account."""
+    from torch._dynamo import utils
+
+    metrics = getattr(utils, "compilation_time_metrics", None)
+    if not isinstance(metrics, dict):
+        return None
+    return float(sum(metrics.get("_compile.compile_inner", ())))
+
+
 def fx_graph_lookups() -> dict[str, int]:
     """Inductor's FX graph cache lookups in this process so far: hits and misses."""
     from torch._dynamo.utils import counters

@@ -65,6 +65,7 @@ def test_serve_defaults_to_the_builtin_tiny_model(tmp_path: Path) -> None:
         assert 0 < phases["imports"] < phases["start"]
         assert "cuda_init" not in phases  # a CPU has none to report
         assert {"load", "tune", "warmup"} <= phases.keys()
+        assert "warmup_compile" not in phases  # compile is off on a CPU unless asked for
     finally:
         stop_process(proc)
     assert proc.returncode == 0

@@ -83,13 +83,16 @@ def test_replicas_saving_at_once_leave_one_whole_file(compiled: None, tmp_path: 
     assert [p.name for p in tmp_path.iterdir()] == [path.name]
 
 
+STARTUP = "zimage_startup_seconds"
+
+
 def _metrics(url: str) -> dict[str, float]:
     families = text_string_to_metric_families(httpx.get(f"{url}/metrics", timeout=10).text)
     values = {}
     for family in families:
         for sample in family.samples:
-            if sample.name in ("zimage_compile_artifacts", "zimage_compile_fx_graphs"):
-                label = sample.labels.get("state") or sample.labels["result"]
+            if sample.name in ("zimage_compile_artifacts", "zimage_compile_fx_graphs", STARTUP):
+                label = sample.labels.get("state") or sample.labels.get("result") or sample.labels["phase"]
                 values[f"{sample.name}:{label}"] = sample.value
     return values
 
@@ -146,3 +149,8 @@ def test_the_second_replica_loads_what_the_first_compiled(tiny_model_dir: Path, 
     assert second["zimage_compile_fx_graphs:hit"] >= first["zimage_compile_fx_graphs:miss"]
     assert second["zimage_compile_fx_graphs:miss"] == 0, "the second replica compiled a graph again"
     assert list(shared.glob("zimage-compile-*.bin")) == [artifact]
+    # The start-up's account tells the warm-up's compiling from its running: part of the
+    # warm-up, and less of it where the compiled graphs came from the artifacts.
+    for replica in (first, second):
+        assert 0 < replica[f"{STARTUP}:warmup_compile"] <= replica[f"{STARTUP}:warmup"]
+    assert second[f"{STARTUP}:warmup_compile"] < first[f"{STARTUP}:warmup_compile"]

@@ -208,6 +208,11 @@ async def _load_and_warm_up(
         runner.startup_seconds["warmup"] = time.perf_counter() - warmup_started
         if compiling_before is not None and compiling is not None and compiling > compiling_before:
             runner.startup_seconds["warmup_compile"] = compiling - compiling_before
+            steps = compile_artifacts.compile_time_parts()
+            logger.info(
+                "torch.compile's longest steps so far (they nest): %s",
+                ", ".join(f"{name} {seconds:.2f}s" for name, seconds in steps),
+            )
         await loop.run_in_executor(engine.workers[0].thread, runner.save_artifacts)
         metrics.compile_artifacts.labels(runner.artifacts.state).set(1)
         for lookup, count in compile_artifacts.fx_graph_lookups().items():

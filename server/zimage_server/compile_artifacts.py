@@ -161,16 +161,31 @@ def _unwrap(data: bytes) -> bytes:
     return payload
 
 
+def _compile_time_metrics() -> dict[str, list[float]] | None:
+    """PyTorch's account of its compile steps in this process, seconds per call by step
+    name (``torch._dynamo.utils.compile_times`` reads the same); None where it has none."""
+    from torch._dynamo import utils
+
+    metrics = getattr(utils, "compilation_time_metrics", None)
+    return metrics if isinstance(metrics, dict) else None
+
+
 def compile_seconds() -> float | None:
     """Seconds this process has spent in torch.compile so far: dynamo's tracing and the
     backend's compile, or its cache lookups and loads, not the compiled code's runs. None where
     this PyTorch keeps no such account."""
-    from torch._dynamo import utils
-
-    metrics = getattr(utils, "compilation_time_metrics", None)
-    if not isinstance(metrics, dict):
+    metrics = _compile_time_metrics()
+    if metrics is None:
         return None
     return float(sum(metrics.get("_compile.compile_inner", ())))
+
+
+def compile_time_parts(count: int = 8) -> list[tuple[str, float]]:
+    """The ``count`` compile steps that took longest in this process so far, with their
+    seconds (steps nest, so they overlap: tracing, the backend, its cache's loads...)."""
+    metrics = _compile_time_metrics() or {}
+    totals = sorted(((float(sum(times)), name) for name, times in metrics.items()), reverse=True)
+    return [(name, seconds) for seconds, name in totals[:count]]
 
 
 def fx_graph_lookups() -> dict[str, int]:

@@ -64,6 +64,22 @@ def test_artifacts_saved_whole_load_and_a_damaged_file_is_ignored(compiled: None
     assert [p.name for p in path.parent.iterdir()] == [path.name], "no temporary file is left"
 
 
+def test_the_compile_time_account_grows_with_a_compile(compiled: None) -> None:
+    before = compile_artifacts.compile_seconds()
+    assert before is not None
+    assert before > 0  # the fixture's compile
+    function = torch.compile(lambda x: torch.cos(x) - 3)
+    function(torch.randn(5))
+    after = compile_artifacts.compile_seconds()
+    assert after is not None
+    assert after > before
+    steps = compile_artifacts.compile_time_parts(4)
+    assert len(steps) == 4
+    assert [seconds for _, seconds in steps] == sorted((seconds for _, seconds in steps), reverse=True)
+    # The whole of a frame's compile is the step every other one nests in.
+    assert steps[0] == ("_compile.compile_inner", after)
+
+
 def test_replicas_saving_at_once_leave_one_whole_file(compiled: None, tmp_path: Path) -> None:
     path = compile_artifacts.artifact_path(tmp_path, {"case": "race"})
     results: list[str] = []

@@ -76,8 +76,9 @@ def test_the_compile_time_account_grows_with_a_compile(compiled: None) -> None:
     steps = compile_artifacts.compile_time_parts(4)
     assert len(steps) == 4
     assert [seconds for _, seconds in steps] == sorted((seconds for _, seconds in steps), reverse=True)
-    # The whole of a frame's compile is the step every other one nests in.
-    assert steps[0] == ("_compile.compile_inner", after)
+    # A frame's whole compile, which the other steps nest in (kernels compiled side by side
+    # can add up to more), is the account's total.
+    assert ("_compile.compile_inner", after) in steps
 
 
 def test_replicas_saving_at_once_leave_one_whole_file(compiled: None, tmp_path: Path) -> None:

@@ -10,7 +10,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -174,11 +174,12 @@ def compile_layers(model: torch.nn.Module) -> int:
     return count
 
 
-def compile_pipeline(pipe: Any, parts: list[str], copies: int = 1) -> list[str]:
+def compile_pipeline(pipe: Any, parts: list[str], copies: int = 1, unbacked_batch: bool = False) -> list[str]:
     """Regional compile: the transformer's repeated block and the text encoder's decoder layer
     (their varying dimensions dynamic from the first call, see block_compile.py) are each
     compiled once and reused by all their instances; the VAE decoder is compiled whole.
-    ``copies``: pipelines in this process on other GPUs, each with variants of its own."""
+    ``copies``: pipelines in this process on other GPUs, each with variants of its own.
+    ``unbacked_batch``: the transformer's block traces one image and several alike."""
     import torch._dynamo.config as dynamo_config
 
     # Sizes, prompt lengths and batch sizes vary; after the first change a dimension is
@@ -190,7 +191,8 @@ def compile_pipeline(pipe: Any, parts: list[str], copies: int = 1) -> list[str]:
     for part in parts:
         if part == "transformer":
             blocks = getattr(pipe.transformer, "_repeated_blocks", None) or []
-            if not compile_blocks(pipe.transformer, blocks, TRANSFORMER_BLOCK, fullgraph=True):
+            marking = replace(TRANSFORMER_BLOCK, unbacked_batch=unbacked_batch)
+            if not compile_blocks(pipe.transformer, blocks, marking, fullgraph=True):
                 raise AccelerationError(
                     f"{type(pipe.transformer).__name__} names no repeated blocks to compile"
                 )
@@ -214,6 +216,7 @@ def apply(
     compile_cache_dir: str | None,
     attention_tokens: int,
     compile_copies: int = 1,
+    compile_batch_unbacked: bool = False,
     before_compile: Callable[[Any], None] | None = None,
 ) -> AccelerationReport:
     report = AccelerationReport(precision=precision)
@@ -247,7 +250,7 @@ def apply(
     if compile_parts:
         if compile_cache_dir:
             report.compile_cache_dir = use_compile_cache(compile_cache_dir)
-        report.compiled = compile_pipeline(pipe, compile_parts, compile_copies)
+        report.compiled = compile_pipeline(pipe, compile_parts, compile_copies, compile_batch_unbacked)
     logger.info(
         "pipeline tuned in %.1fs: attention %s%s, precision %s (%d fp8 linears), compiled %s, cache %s",
         time.perf_counter() - started,

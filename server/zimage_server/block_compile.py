@@ -40,12 +40,20 @@ class Marking:
 
     sequence: Mapping[str, tuple[int, ...]]
     own_copy: frozenset[str] = frozenset()
+    # Inputs whose dimension 0 is always the request's batch, whatever its size: with
+    # ``unbacked_batch`` it is an unbacked size from the first call, so one image and several
+    # share a trace (a backed size of one is always traced apart).
+    batch: frozenset[str] = frozenset()
+    unbacked_batch: bool = False
 
 
 # The Z-Image transformer block: image tokens, caption tokens or both along dimension 1.
 TRANSFORMER_BLOCK = Marking(
     sequence={"x": (1,), "attn_mask": (1,), "freqs_cis": (1,), "noise_mask": (1,)},
     own_copy=frozenset({"freqs_cis"}),
+    batch=frozenset(
+        {"x", "attn_mask", "freqs_cis", "adaln_input", "noise_mask", "adaln_noisy", "adaln_clean"}
+    ),
 )
 # A transformers decoder layer (the text encoder's): the prompt's tokens along dimension 1, and
 # along both last dimensions of a 4D attention mask (batch, 1, query, key).
@@ -77,7 +85,9 @@ def _mark(marking: Marking, name: str, value: Any) -> Any:
         return value
     if name in marking.own_copy and (value._base is not None or not _packed(value)):
         value = value.clone(memory_format=torch.contiguous_format)
-    if value.shape[0] > 1:
+    if marking.unbacked_batch and name in marking.batch:
+        torch._dynamo.decorators.mark_unbacked(value, 0)
+    elif value.shape[0] > 1:
         torch._dynamo.maybe_mark_dynamic(value, 0)
     for dim in marking.sequence.get(name, ()):
         if 0 < dim < value.dim():

@@ -141,6 +141,11 @@ class Settings(BaseSettings):
         default_factory=lambda: ["transformer", "vae", "text_encoder"],
         description="What compile covers (comma-separated): transformer, vae, text_encoder",
     )
+    compile_batch_unbacked: bool = Field(
+        False,
+        description="Trace the transformer's block once for one image and several (the batch an unbacked "
+        "size from the first call): fewer traces at each start; off until measured on a GPU",
+    )
     compile_cache_dir: str | None = Field(
         None,
         description="Directory for Inductor's and Triton's compile caches (a volume, so restarts skip most "

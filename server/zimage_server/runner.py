@@ -193,6 +193,7 @@ class PipelineRunner:
             compile_parts=self.settings.compile_parts if self.compile else [],
             compile_cache_dir=self.settings.compile_cache_dir,
             compile_copies=self.workers,
+            compile_batch_unbacked=self.settings.compile_batch_unbacked,
             before_compile=self.before_compile,
             # image tokens after the 2x2 patching of the 8x smaller latents, plus a prompt's
             attention_tokens=(width // 16) * (height // 16) + 64,
@@ -245,6 +246,7 @@ class PipelineRunner:
             precision=self.tuning.precision,
             attention=self.tuning.attention_backend,
             compiled=self.tuning.compiled,
+            batch_unbacked=self.settings.compile_batch_unbacked,
             cuda_graphs=self.tuning.cuda_graphs,
             warmup=[[spec.width, spec.height, len(spec.prompts), spec.steps] for spec in self.warmup_specs()],
         )

@@ -198,6 +198,43 @@ def test_compiled_pipeline_matches_eager_and_does_not_recompile_after_warm_up(
     assert counters["frames"]["ok"] == compiled_frames, "a request shape was compiled after warm-up"
 
 
+@pytest.mark.slow
+def test_an_unbacked_batch_traces_one_image_and_several_alike(tiny_model_dir: Path, tmp_path: Path) -> None:
+    import torch
+    from diffusers.models.transformers.transformer_z_image import ZImageTransformerBlock
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    eager = PipelineRunner(_settings(tiny_model_dir))
+    eager.load()
+    tuned = PipelineRunner(
+        _settings(
+            tiny_model_dir,
+            compile=True,
+            compile_parts=["transformer"],
+            compile_batch_unbacked=True,
+            compile_cache_dir=str(tmp_path / "cc"),
+        )
+    )
+    tuned.load()
+    for spec in tuned.warmup_specs():
+        tuned.generate(spec)
+    # One trace per role (with modulation or without, padded or not), batch 1 and 4 alike: the
+    # marking that leaves the batch backed needs up to 6 (the test above).
+    traces = _debug_get_cache_entry_list(ZImageTransformerBlock.forward.__code__)
+    assert len(traces) <= 4, f"the transformer block was traced {len(traces)} times in the warm-up"
+    compiled_frames = counters["frames"]["ok"]
+    prompt = "a lighthouse on a cliff at dusk, oil painting"
+    for prompts in ([prompt], [prompt] * 3, ["short", prompt, prompt * 2], [prompt] * 4, [prompt, "x"]):
+        spec = BatchSpec(prompts, list(range(len(prompts))), 256, 256, 3)
+        images = tuned.generate(spec).images
+        reference = eager.generate(spec).images
+        for image, expected in zip(images, reference, strict=True):
+            assert pixel_difference(image, expected).mean() < 2.0, "compiled output strays from eager"
+    assert counters["frames"]["ok"] == compiled_frames, "a request shape was compiled after warm-up"
+
+
 def test_the_text_encoder_is_compiled_layer_by_layer(tiny_model_dir: Path) -> None:
     from zimage_server.acceleration import compile_layers
     from zimage_server.block_compile import DynamicBlockForward

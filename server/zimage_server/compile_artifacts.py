@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import struct
+import threading
 import uuid
 from dataclasses import dataclass
 from importlib import metadata
@@ -30,6 +31,8 @@ from typing import Any
 import torch
 
 logger = logging.getLogger(__name__)
+# PyTorch keeps its cache artifacts in process-wide state: one save or load at a time.
+_TORCH_CACHE = threading.Lock()
 
 MAGIC = b"ZIMGCCA1"
 HEADER = struct.Struct(">8sQ32s")  # magic, payload length, payload SHA-256
@@ -105,7 +108,8 @@ def load(path: Path) -> ArtifactState:
             return ArtifactState("absent", str(path))
         data = path.read_bytes()
         payload = _unwrap(data)
-        info = torch.compiler.load_cache_artifacts(payload)
+        with _TORCH_CACHE:
+            info = torch.compiler.load_cache_artifacts(payload)
     except Exception as exc:  # unreadable, corrupt, partial, or from a PyTorch that cannot read it
         logger.warning("ignoring the compile artifacts at %s: %s", path, exc)
         return ArtifactState("ignored", str(path), str(exc))
@@ -121,7 +125,8 @@ def save(path: Path, *, replace: bool = False) -> ArtifactState:
     ``replace``: put a whole file in place of one that was found partial or corrupt."""
     if path.exists() and not replace:
         return ArtifactState("exists", str(path))
-    saved = torch.compiler.save_cache_artifacts()
+    with _TORCH_CACHE:
+        saved = torch.compiler.save_cache_artifacts()
     if saved is None:
         logger.warning("nothing compiled to save as artifacts")
         return ArtifactState("absent", str(path), "nothing to save")

@@ -148,6 +148,23 @@ def test_warm_up_covers_the_shapes_requests_bring_when_compiling(tiny_model_dir:
     assert tokens[1] % 32 != 0
 
 
+def _matches_eager_without_compiling(
+    tuned: PipelineRunner, eager: PipelineRunner, batches: list[list[str]]
+) -> None:
+    """Each batch of prompts, once warmed up: the compiled pipeline's images are eager's, and
+    no request shape compiles anything new."""
+    from torch._dynamo.utils import counters
+
+    compiled_frames = counters["frames"]["ok"]
+    for prompts in batches:
+        spec = BatchSpec(prompts, list(range(len(prompts))), 256, 256, 3)
+        images = tuned.generate(spec).images
+        reference = eager.generate(spec).images
+        for image, expected in zip(images, reference, strict=True):
+            assert pixel_difference(image, expected).mean() < 2.0, "compiled output strays from eager"
+    assert counters["frames"]["ok"] == compiled_frames, "a request shape was compiled after warm-up"
+
+
 @pytest.mark.slow
 def test_compiled_pipeline_matches_eager_and_does_not_recompile_after_warm_up(
     tiny_model_dir: Path, tmp_path: Path
@@ -155,7 +172,6 @@ def test_compiled_pipeline_matches_eager_and_does_not_recompile_after_warm_up(
     import torch
     from diffusers.models.transformers.transformer_z_image import ZImageTransformerBlock
     from torch._dynamo.eval_frame import _debug_get_cache_entry_list
-    from torch._dynamo.utils import counters
 
     torch._dynamo.reset()  # count this pipeline's traces alone
     eager = PipelineRunner(_settings(tiny_model_dir))
@@ -179,23 +195,13 @@ def test_compiled_pipeline_matches_eager_and_does_not_recompile_after_warm_up(
     layer_code = type(tuned.pipe.text_encoder.layers[0]).forward.__code__
     traces = _debug_get_cache_entry_list(layer_code)
     assert len(traces) <= 2, f"the text encoder's layer was traced {len(traces)} times in the warm-up"
-    compiled_frames = counters["frames"]["ok"]
     prompt = "a lighthouse on a cliff at dusk, oil painting"
     other = "a photo of a red fox in fresh snow at golden hour, detailed fur, soft rim light"
-    for prompts in (
-        [prompt],
-        [prompt] * 3,
-        ["short", prompt, prompt * 2],
-        [prompt * 3],
-        [other] * 4,
-        [other, prompt],
-    ):
-        spec = BatchSpec(prompts, list(range(len(prompts))), 256, 256, 3)
-        images = tuned.generate(spec).images
-        reference = eager.generate(spec).images
-        for image, expected in zip(images, reference, strict=True):
-            assert pixel_difference(image, expected).mean() < 2.0, "compiled output strays from eager"
-    assert counters["frames"]["ok"] == compiled_frames, "a request shape was compiled after warm-up"
+    _matches_eager_without_compiling(
+        tuned,
+        eager,
+        [[prompt], [prompt] * 3, ["short", prompt, prompt * 2], [prompt * 3], [other] * 4, [other, prompt]],
+    )
 
 
 @pytest.mark.slow
@@ -203,7 +209,6 @@ def test_an_unbacked_batch_traces_one_image_and_several_alike(tiny_model_dir: Pa
     import torch
     from diffusers.models.transformers.transformer_z_image import ZImageTransformerBlock
     from torch._dynamo.eval_frame import _debug_get_cache_entry_list
-    from torch._dynamo.utils import counters
 
     torch._dynamo.reset()
     eager = PipelineRunner(_settings(tiny_model_dir))
@@ -224,15 +229,10 @@ def test_an_unbacked_batch_traces_one_image_and_several_alike(tiny_model_dir: Pa
     # marking that leaves the batch backed needs up to 6 (the test above).
     traces = _debug_get_cache_entry_list(ZImageTransformerBlock.forward.__code__)
     assert len(traces) <= 4, f"the transformer block was traced {len(traces)} times in the warm-up"
-    compiled_frames = counters["frames"]["ok"]
     prompt = "a lighthouse on a cliff at dusk, oil painting"
-    for prompts in ([prompt], [prompt] * 3, ["short", prompt, prompt * 2], [prompt] * 4, [prompt, "x"]):
-        spec = BatchSpec(prompts, list(range(len(prompts))), 256, 256, 3)
-        images = tuned.generate(spec).images
-        reference = eager.generate(spec).images
-        for image, expected in zip(images, reference, strict=True):
-            assert pixel_difference(image, expected).mean() < 2.0, "compiled output strays from eager"
-    assert counters["frames"]["ok"] == compiled_frames, "a request shape was compiled after warm-up"
+    _matches_eager_without_compiling(
+        tuned, eager, [[prompt], [prompt] * 3, ["short", prompt, prompt * 2], [prompt] * 4, [prompt, "x"]]
+    )
 
 
 def test_the_text_encoder_is_compiled_layer_by_layer(tiny_model_dir: Path) -> None:

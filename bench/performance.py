@@ -153,13 +153,26 @@ def graph_settings(parts: str) -> dict[str, Any]:
 
 
 def server_settings(
-    model: Path, path: str, size: str, device: str, graphs: str = "default", **extra: Any
+    model: Path,
+    path: str,
+    size: str,
+    device: str,
+    graphs: str = "default",
+    server_args: str = "",
+    **extra: Any,
 ) -> Any:
+    """The settings of a path measured in this process; ``server_args`` (``--server-args``, the
+    server's own flags) apply to the server paths, as they do to the servers the other stages
+    start."""
+    from pydantic_settings import CliSettingsSource
+
     from zimage_server.config import Settings
 
     tuned = path != "diffusers"
     if tuned and device == "cuda":
         extra = {**graph_settings(graphs), **extra}
+    if tuned and server_args:
+        extra = {**extra, **CliSettingsSource(Settings, cli_parse_args=shlex.split(server_args))()}
     return Settings(
         model=str(model),
         device=device,
@@ -354,7 +367,13 @@ def measure_path(
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     settings = server_settings(
-        model, path, args.size, device, args.cuda_graphs, compile_cache_dir=str(args.work / "compile-cache")
+        model,
+        path,
+        args.size,
+        device,
+        args.cuda_graphs,
+        args.server_args,
+        compile_cache_dir=str(args.work / "compile-cache"),
     )
     runner = PipelineRunner(settings)
     started = time.perf_counter()
@@ -917,8 +936,8 @@ def main() -> None:
     parser.add_argument(
         "--server-args",
         default="",
-        help="more flags for the servers the http and coldstart stages start, e.g. "
-        "'--compile-parts transformer,vae'",
+        help="more flags of the server, for the servers the http and coldstart stages start and "
+        "the server paths the pipeline stage measures, e.g. '--compile-parts transformer,vae'",
     )
     parser.add_argument(
         "--coldstart-runs",

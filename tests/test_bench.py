@@ -3,6 +3,7 @@ docs/performance.md come from the same script at full size)."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -50,6 +51,24 @@ def test_the_benchmark_measures_side_by_side_and_keeps_the_notes(tmp_path: Path)
     assert "## Through HTTP on loopback" in text
     assert "## The server's imports" in text
     assert "| 2 | " in text.split("## The server's imports")[1]
+
+
+def test_server_flags_reach_the_server_paths_measured_in_process(tmp_path: Path) -> None:
+    """``--server-args`` sets the server paths of the pipeline stage as it sets the servers the
+    other stages start; the plain diffusers baseline stays as diffusers has it."""
+    spec = importlib.util.spec_from_file_location("bench_performance", ROOT / "bench" / "performance.py")
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    flags = "--compile-batch-unbacked --compile-parts transformer,vae"
+    server = bench.server_settings(tmp_path, "server-bf16", "256x256", "cpu", server_args=flags)
+    assert server.compile_batch_unbacked is True
+    assert server.compile_parts == ["transformer", "vae"]
+    assert server.warmup_sizes == ["256x256"]  # the benchmark's own settings are kept
+    plain = bench.server_settings(tmp_path, "server-bf16", "256x256", "cpu")
+    assert plain.compile_batch_unbacked is False
+    baseline = bench.server_settings(tmp_path, "diffusers", "256x256", "cpu", server_args=flags)
+    assert baseline.compile_batch_unbacked is False
 
 
 @pytest.mark.slow

@@ -57,7 +57,8 @@ def test_server_flags_reach_the_server_paths_measured_in_process(tmp_path: Path)
     """``--server-args`` sets the server paths of the pipeline stage as it sets the servers the
     other stages start; the plain diffusers baseline stays as diffusers has it."""
     spec = importlib.util.spec_from_file_location("bench_performance", ROOT / "bench" / "performance.py")
-    assert spec is not None and spec.loader is not None
+    assert spec is not None
+    assert spec.loader is not None
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     flags = "--compile-batch-unbacked --compile-parts transformer,vae"

@@ -23,11 +23,14 @@ batch).
 from __future__ import annotations
 
 import inspect
+import logging
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -95,21 +98,55 @@ def _mark(marking: Marking, name: str, value: Any) -> Any:
     return value
 
 
-class DynamicBlockForward:
-    """Stands in for a block's ``forward``: marks the inputs' dimensions, then calls the
-    compiled forward (the block's own, or whatever wraps it, such as sequence-parallel hooks)."""
+def _unmark_batch(value: Any) -> None:
+    if isinstance(value, tuple):
+        for item in value:
+            _unmark_batch(item)
+    elif isinstance(value, torch.Tensor):
+        getattr(value, "_dynamo_unbacked_indices", set()).discard(0)
 
-    def __init__(self, compiled: Callable[..., Any], names: list[str], marking: Marking) -> None:
-        self.compiled = compiled
-        self.names = names
+
+class SharedMarking:
+    """The marking every block compiled together uses; one block finding the unbacked batch
+    untraceable turns it off for all of them."""
+
+    def __init__(self, marking: Marking) -> None:
         self.marking = marking
 
+
+class DynamicBlockForward:
+    """Stands in for a block's ``forward``: marks the inputs' dimensions, then calls the
+    compiled forward (the block's own, or whatever wraps it, such as sequence-parallel hooks).
+
+    Where dynamo cannot trace the block with an unbacked batch (an operation that asks whether
+    the batch is one, as PyTorch 2.11's CUDA attention does), the block is traced per batch
+    size instead, with a warning, rather than failing the request."""
+
+    def __init__(self, compiled: Callable[..., Any], names: list[str], shared: SharedMarking) -> None:
+        self.compiled = compiled
+        self.names = names
+        self.shared = shared
+
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        marking = self.marking
+        marking = self.shared.marking
         marked = tuple(_mark(marking, name, value) for name, value in zip(self.names, args, strict=False))
         args = marked + args[len(marked) :]
         kwargs = {name: _mark(marking, name, value) for name, value in kwargs.items()}
-        return self.compiled(*args, **kwargs)
+        try:
+            return self.compiled(*args, **kwargs)
+        except torch._dynamo.exc.UserError as error:
+            if not marking.unbacked_batch or "data-dependent" not in str(error):
+                raise
+            logger.warning(
+                "compile_batch_unbacked: torch %s cannot trace this block with an unbacked batch "
+                "(%s); tracing it per batch size instead",
+                torch.__version__,
+                str(error).splitlines()[0][:200],
+            )
+            self.shared.marking = replace(marking, unbacked_batch=False)
+            for value in (*args, *kwargs.values()):
+                _unmark_batch(value)
+            return self(*args, **kwargs)
 
 
 def compile_blocks(model: torch.nn.Module, names: Iterable[str], marking: Marking, **options: Any) -> int:
@@ -117,11 +154,12 @@ def compile_blocks(model: torch.nn.Module, names: Iterable[str], marking: Markin
     through ``DynamicBlockForward``; returns how many. The modules' hooks stay outside the
     compiled code."""
     wanted = set(names)
+    shared = SharedMarking(marking)
     count = 0
     for module in model.modules():
         if type(module).__name__ not in wanted or isinstance(module.forward, DynamicBlockForward):
             continue
         parameters = list(inspect.signature(type(module).forward).parameters)[1:]  # without self
-        module.forward = DynamicBlockForward(torch.compile(module.forward, **options), parameters, marking)
+        module.forward = DynamicBlockForward(torch.compile(module.forward, **options), parameters, shared)
         count += 1
     return count

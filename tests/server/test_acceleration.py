@@ -235,6 +235,42 @@ def test_an_unbacked_batch_traces_one_image_and_several_alike(tiny_model_dir: Pa
     )
 
 
+class _AsksForOneImage(torch.nn.Module):
+    """A block that branches on whether its batch is one, as PyTorch 2.11's CUDA attention
+    does inside: dynamo cannot trace it with an unbacked batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.linear(x)
+        return out * 2 if x.shape[0] == 1 else out
+
+
+def test_a_block_that_cannot_take_an_unbacked_batch_is_traced_per_batch_size_with_a_warning(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from zimage_server.block_compile import Marking, compile_blocks
+
+    torch._dynamo.reset()
+    model = torch.nn.Sequential(_AsksForOneImage(), _AsksForOneImage())
+    one, four = torch.randn(1, 3, 8), torch.randn(4, 3, 8)
+    with torch.no_grad():
+        expected = [model(one), model(four)]
+        marking = Marking(sequence={"x": (1,)}, batch=frozenset({"x"}), unbacked_batch=True)
+        assert compile_blocks(model, ["_AsksForOneImage"], marking, fullgraph=True, backend="eager") == 2
+        with caplog.at_level("WARNING", logger="zimage_server.block_compile"):
+            got = [model(one), model(four), model(one)]
+    torch.testing.assert_close(got[0], expected[0])
+    torch.testing.assert_close(got[1], expected[1])
+    torch.testing.assert_close(got[2], expected[0])
+    warned = [record.getMessage() for record in caplog.records]
+    assert len(warned) == 1, warned  # once for the blocks compiled together, not once per block
+    assert "tracing it per batch size instead" in warned[0]
+    assert "data-dependent" in warned[0]
+
+
 def test_the_text_encoder_is_compiled_layer_by_layer(tiny_model_dir: Path) -> None:
     from zimage_server.acceleration import compile_layers
     from zimage_server.block_compile import DynamicBlockForward

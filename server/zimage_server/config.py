@@ -144,8 +144,8 @@ class Settings(BaseSettings):
     compile_batch_unbacked: bool = Field(
         False,
         description="Trace the transformer's block once for one image and several (the batch an unbacked "
-        "size from the first call): fewer traces on the CPU; on an H100 with torch 2.11 the block cannot be traced "
-        "so (it falls back per batch size, with a warning) and images were 12% slower, so it stays off",
+        "size from the first call): fewer traces on the CPU; on an H100 with torch 2.11 the block cannot "
+        "be traced so (it falls back per batch size, with a warning); images were 12% slower: leave it off",
     )
     compile_cache_dir: str | None = Field(
         None,

@@ -124,3 +124,19 @@ def test_the_multi_gpu_benchmark_runs_each_case_beside_one_worker(tmp_path: Path
     assert sequence["s_per_image"] > 0
     assert sequence["step_ms"] > 0
     assert sequence["max_pixel_diff"] <= 2, "two ranks make the one-process image"
+
+
+@pytest.mark.slow
+def test_the_weight_prefetch_benchmark_starts_the_server_each_way(tmp_path: Path) -> None:
+    out = tmp_path / "prefetch.json"
+    command = [sys.executable, str(ROOT / "bench" / "weights_prefetch.py"), "--gib", "0.05", "--runs", "1"]
+    command += ["--work", str(tmp_path / "work"), "--results", str(out)]
+    subprocess.run(command, check=True, cwd=ROOT, timeout=600)
+    results = json.loads(out.read_text())
+    assert 0.04 < results["weights_gib"] < 0.06
+    modes = {run["mode"]: run for run in results["runs"]}
+    assert set(modes) == {"on", "off", "warm"}
+    # Only the server that reads ahead reports the reading; every start loads the weights.
+    assert modes["on"]["weights_prefetch_s"] > 0
+    assert "weights_prefetch_s" not in modes["off"]
+    assert all(run["load_s"] > 0 and run["ready_s"] > run["start_s"] for run in modes.values())

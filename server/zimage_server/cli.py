@@ -74,6 +74,10 @@ def _serve(args: list[str]) -> int:
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    if settings.prefetch_weights:  # first: it reads while the imports below run
+        from . import weight_prefetch
+
+        weight_prefetch.start(settings.model, settings.revision, settings.hf_cache_dir)
     from .app import create_app
 
     try:

@@ -53,6 +53,12 @@ class Settings(BaseSettings):
     revision: str = Field("main", description="Hub revision when model is hf://REPO without @REVISION")
     hf_cache_dir: str | None = Field(None, description="Hugging Face cache directory (default: HF_HOME)")
     hf_token: SecretStr | None = Field(None, description="Hub token for gated or private repositories")
+    prefetch_weights: bool = Field(
+        False,
+        description="Read the model's weight files into the page cache on a background thread from the "
+        "process's start, while the server imports its libraries, so that a load slowed by its volume reads "
+        "memory instead (a local directory, or a Hub cache with HF_HUB_OFFLINE set)",
+    )
     api_keys: SecretStr | None = Field(
         None,
         description="Keys a client must send to the images API (one per line or comma-separated); "

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from . import acceleration, compile_artifacts, cuda_graphs, partials
+from . import acceleration, compile_artifacts, cuda_graphs, partials, weight_prefetch
 from .config import Settings
 from .model_source import ModelSource, resolve
 from .processes import process_age
@@ -167,6 +167,9 @@ class PipelineRunner:
         self.before_load()
         started = time.perf_counter()
         pipe = ZImagePipeline.from_pretrained(str(self.model_path), dtype=self.dtype)
+        prefetch = weight_prefetch.finish()  # the weights are read: its reading would only cost CPU now
+        if prefetch is not None:
+            self.startup_seconds["weights_prefetch"] = prefetch.seconds
         pipe.to(self.device)
         # Encoding a prompt is one pass: a key/value cache is never read, and filling one
         # per layer makes every compiled layer guard on its own cache slot (a recompile each).

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import shutil
 import socket
 import threading
 import time
@@ -21,6 +22,20 @@ from zimage_server.config import Settings
 from zimage_server.http_server import uvicorn_config
 from zimage_server.state import Phase
 from zimage_server.tiny_model import make_tiny_model
+
+# A snapshot's commit in a Hub cache laid out by hand (``hub_cache``).
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+def hub_cache(cache: Path, tiny_model_dir: Path, repo: str = "acme/tiny-zimage") -> Path:
+    """Lay the tiny model out the way huggingface_hub caches a downloaded snapshot."""
+    repo_dir = cache / f"models--{repo.replace('/', '--')}"
+    snapshot = repo_dir / "snapshots" / COMMIT
+    shutil.copytree(tiny_model_dir, snapshot)
+    (repo_dir / "refs").mkdir(parents=True)
+    (repo_dir / "refs" / "main").write_text(COMMIT)
+    return snapshot
+
 
 # A request that keeps the tiny model busy for a second or more on a 2-core machine.
 SLOW = {"size": "1024x1024", "num_inference_steps": 30}

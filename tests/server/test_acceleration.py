@@ -244,7 +244,7 @@ class _AsksForOneImage(torch.nn.Module):
         self.linear = torch.nn.Linear(8, 8)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.linear(x)
+        out: torch.Tensor = self.linear(x)
         return out * 2 if x.shape[0] == 1 else out
 
 

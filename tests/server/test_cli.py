@@ -233,3 +233,30 @@ def test_sigterm_during_the_warm_up_exits_at_once(tiny_model_dir: Path) -> None:
     assert proc.returncode == 0
     assert proc.stdout is not None
     assert "the warm-up is abandoned" in proc.stdout.read()
+
+
+@pytest.mark.parametrize("prefetch", [True, False])
+def test_the_weights_are_read_ahead_of_the_load_when_asked_for(tiny_model_dir: Path, prefetch: bool) -> None:
+    port = free_port()
+    flags = ["--port", str(port), "--model", str(tiny_model_dir), "--warmup-sizes", "256x256"]
+    flags += ["--log-level", "info"] + (["--prefetch-weights"] if prefetch else [])  # off by default
+    proc = _start(flags)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_ready(proc, url)
+        phases = {
+            line.split('"')[1]: float(line.split()[-1])
+            for line in httpx.get(f"{url}/metrics").text.splitlines()
+            if line.startswith("zimage_startup_seconds{")
+        }
+    finally:
+        stop_process(proc)
+    assert proc.stdout is not None
+    log = proc.stdout.read()
+    if prefetch:
+        # From the process's start: no longer than the start and the load together.
+        assert 0 < phases["weights_prefetch"] <= phases["start"] + phases["load"]
+        assert "weight prefetch: read" in log
+    else:
+        assert "weights_prefetch" not in phases
+        assert "weight prefetch" not in log

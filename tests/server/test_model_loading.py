@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
@@ -12,7 +11,7 @@ from zimage_server.config import Settings
 from zimage_server.model_source import ModelSource, ModelSourceError, resolve
 from zimage_server.runner import BatchSpec, PipelineRunner, pick_device, pick_dtype
 
-COMMIT = "0123456789abcdef0123456789abcdef01234567"
+from .conftest import COMMIT, hub_cache
 
 
 @pytest.mark.parametrize(
@@ -44,21 +43,11 @@ def test_bad_model_sources_are_explained(source: str, words: str) -> None:
         ModelSource.parse(source)
 
 
-def _hub_cache(cache: Path, tiny_model_dir: Path, repo: str = "acme/tiny-zimage") -> Path:
-    """Lay the tiny model out the way huggingface_hub caches a downloaded snapshot."""
-    repo_dir = cache / f"models--{repo.replace('/', '--')}"
-    snapshot = repo_dir / "snapshots" / COMMIT
-    shutil.copytree(tiny_model_dir, snapshot)
-    (repo_dir / "refs").mkdir(parents=True)
-    (repo_dir / "refs" / "main").write_text(COMMIT)
-    return snapshot
-
-
 def test_hf_source_loads_from_the_cache_when_offline(
     tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    snapshot = _hub_cache(tmp_path / "hub", tiny_model_dir)
+    snapshot = hub_cache(tmp_path / "hub", tiny_model_dir)
     assert resolve(ModelSource.parse("hf://acme/tiny-zimage"), str(tmp_path / "hub")) == snapshot
     assert resolve(ModelSource.parse(f"hf://acme/tiny-zimage@{COMMIT}"), str(tmp_path / "hub")) == snapshot
 
@@ -127,7 +116,7 @@ def test_prefetch_finds_a_cached_snapshot(
     from zimage_server.cli import main
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    snapshot = _hub_cache(tmp_path / "hub", tiny_model_dir)
+    snapshot = hub_cache(tmp_path / "hub", tiny_model_dir)
     assert (
         main(["prefetch", "--model", "hf://acme/tiny-zimage", "--hf-cache-dir", str(tmp_path / "hub")]) == 0
     )

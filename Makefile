@@ -71,6 +71,8 @@ bench-gpu: install ## On a GPU machine: every benchmark at full size; rewrites d
 	$(PY) bench/gemm_shapes.py --out $(BENCH_WORK)/gemm-b1.json
 	$(PY) bench/gemm_shapes.py --batch 4 --out $(BENCH_WORK)/gemm-b4.json
 	$(PY) bench/profile_step.py --work $(BENCH_WORK) --paths server-bf16,server-fp8 --out $(BENCH_WORK)/profile.json
+	$(PY) bench/weights_prefetch.py --model $(BENCH_WORK)/model-full --device cuda --server-args "--compile false" \
+		--runs 3 --work $(BENCH_WORK)/prefetch --results $(BENCH_WORK)/prefetch.json
 	@gpus=$$($(PY) -c "import torch; print(torch.cuda.device_count())"); \
 	if [ "$$gpus" -ge 2 ]; then \
 		$(PY) bench/multigpu.py --scale full --gpus $$(seq -s, 2 2 $$gpus) --work $(BENCH_WORK) --results $(BENCH_WORK)/multigpu.json; \

@@ -2,9 +2,11 @@
 
 A new replica spends its first seconds importing torch, diffusers and the server and making
 its CUDA context, all on the CPU, while its weights (about 20 GB for Z-Image-Turbo in bf16) sit
-on a disk or a network volume that the load then reads at the speed of page faults. Reading
-the files sequentially on a background thread meanwhile (a read releases the GIL) overlaps the
-two: the load then copies from memory. Once the load has its weights the reading stops.
+on a disk or a network volume that only the load starts reading. Reading the files on a
+background thread meanwhile (a read releases the GIL) overlaps the two: where the volume is
+the slow part, the load then copies from memory. Once the load has its weights the reading
+stops. On the CPU machine, where the load's own read-ahead kept up, it changed nothing
+(docs/performance.md): off by default (``prefetch_weights``).
 
 Only sources that resolve without a download are read: a local directory, and a Hub source
 with ``HF_HUB_OFFLINE`` set (the cache a prefetch Job filled). A source that does not resolve

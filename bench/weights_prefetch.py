@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from performance import environment, startup_phases, stop_server, wait_ready
 from zimage_server.processes import free_port
+from zimage_server.weight_prefetch import WeightPrefetch, weight_files
 
 
 def build_model(directory: Path, gib: float) -> Path:
@@ -61,24 +62,17 @@ def build_model(directory: Path, gib: float) -> Path:
     return directory
 
 
-def drop_from_page_cache(directory: Path) -> int:
-    """Ask the kernel to drop the files' cached pages; returns the bytes asked for."""
-    total = 0
+def drop_from_page_cache(directory: Path) -> None:
+    """Ask the kernel to drop the files' cached pages."""
     for path in directory.rglob("*"):
         if path.is_file():
             with path.open("rb") as handle:
                 os.posix_fadvise(handle.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
-            total += path.stat().st_size
-    return total
 
 
 def read_through(directory: Path) -> None:
-    """Read every weight file once (into the page cache), a chunk at a time."""
-    buffer = memoryview(bytearray(16 << 20))
-    for path in directory.rglob("*.safetensors"):
-        with path.open("rb", buffering=0) as handle:
-            while handle.readinto(buffer):
-                pass
+    """Read every weight file once (into the page cache), as the server's prefetch reads them."""
+    WeightPrefetch(lambda: weight_files(directory)).start().finished.wait()
 
 
 def cold_read_seconds(directory: Path) -> float:
@@ -138,7 +132,7 @@ def main() -> None:
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     model = args.model or build_model(args.work / "model", args.gib)
-    weights = sum(path.stat().st_size for path in model.rglob("*.safetensors"))
+    weights = sum(path.stat().st_size for path in weight_files(model))
     results: dict[str, Any] = {
         "environment": environment(),
         "command": "python bench/weights_prefetch.py " + " ".join(sys.argv[1:]),

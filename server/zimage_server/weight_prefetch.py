@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from .model_source import ModelSource, hub_offline
+from .model_source import ModelSource, hub_offline, resolve
 
 logger = logging.getLogger(__name__)
 
@@ -40,21 +40,13 @@ def local_directory(model: str, revision: str, cache_dir: str | None) -> Path | 
     """The directory ``model`` resolves to without downloading anything, else ``None``."""
     try:
         source = ModelSource.parse(model, revision)
-        if source.scheme == "file":
-            path = Path(source.location).expanduser()
-        elif source.scheme == "hf" and hub_offline():
-            from huggingface_hub import snapshot_download
-
-            found = snapshot_download(
-                repo_id=source.location, revision=source.revision, cache_dir=cache_dir, local_files_only=True
-            )
-            path = Path(found)
-        else:  # the built-in tiny model is small; an online Hub source is read as it downloads
+        # The built-in tiny model is small; an online Hub source is read as it downloads.
+        if source.scheme == "builtin" or (source.scheme == "hf" and not hub_offline()):
             return None
-    except Exception as exc:  # not in the cache, not a source: the load says so, in its words
+        return resolve(source, cache_dir)  # offline: the Hub cache's snapshot, no download
+    except Exception as exc:  # not in the cache, not a pipeline: the load says so, in its words
         logger.debug("weight prefetch: %s does not resolve locally: %s", model, exc)
         return None
-    return path if path.is_dir() else None
 
 
 class WeightPrefetch:

@@ -54,12 +54,7 @@ def test_serve_defaults_to_the_builtin_tiny_model(tmp_path: Path) -> None:
         assert (tmp_path / "cache" / f"tiny-model-v{TINY_MODEL_VERSION}" / "model_index.json").is_file()
         # The start-up's account begins at the process's start: imports and the HTTP server
         # before loading, no longer than this test has waited since it started the process.
-        metrics = httpx.get(f"{url}/metrics").text
-        phases = {
-            line.split('"')[1]: float(line.split()[-1])
-            for line in metrics.splitlines()
-            if line.startswith("zimage_startup_seconds{")
-        }
+        phases = _startup_phases(url)
         assert 0 < phases["start"] < time.monotonic() - spawned
         # Part of it: the interpreter and the imports (torch, diffusers, the server's modules).
         assert 0 < phases["imports"] < phases["start"]
@@ -124,6 +119,15 @@ def test_sigterm_drains_accepted_work_refuses_new_and_exits_zero(
     assert "drained: every accepted request is answered" in proc.stdout.read()
     with pytest.raises(httpx.ConnectError):  # the health process went with the server
         httpx.get(f"http://127.0.0.1:{health_port}/healthz/live")
+
+
+def _startup_phases(url: str) -> dict[str, float]:
+    """The server's own account of its start: ``zimage_startup_seconds`` by phase."""
+    return {
+        line.split('"')[1]: float(line.split()[-1])
+        for line in httpx.get(f"{url}/metrics").text.splitlines()
+        if line.startswith("zimage_startup_seconds{")
+    }
 
 
 def _wait_ready(proc: subprocess.Popen[str], url: str, timeout: float = 120) -> float:
@@ -244,11 +248,7 @@ def test_the_weights_are_read_ahead_of_the_load_when_asked_for(tiny_model_dir: P
     url = f"http://127.0.0.1:{port}"
     try:
         _wait_ready(proc, url)
-        phases = {
-            line.split('"')[1]: float(line.split()[-1])
-            for line in httpx.get(f"{url}/metrics").text.splitlines()
-            if line.startswith("zimage_startup_seconds{")
-        }
+        phases = _startup_phases(url)
     finally:
         stop_process(proc)
     assert proc.stdout is not None

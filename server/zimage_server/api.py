@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from pathlib import PurePath
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from . import health
+from . import compile_artifacts, health
 from .errors import bad_request
 from .openapi import IMAGE_ERRORS, PROBE_RESPONSES, errors
 from .protocol import MEDIA_TYPES, ImageGenerationRequest, ImageGenerationResponse, SingleImageRequest
@@ -145,10 +144,10 @@ async def load(request: Request) -> dict[str, Any]:
         "busy_workers": sum(1 for worker in engine.workers if worker.jobs),
         "sequence_parallel": service.settings.sequence_parallel,
         # What this replica did with the shared compile artifacts (off unless configured), and
-        # the file's name, which names its GPU, versions and choices.
+        # the artifact's key, a digest of its GPU, versions and choices.
         "compile_artifacts": {
             "state": artifacts.state,
-            "artifact": PurePath(artifacts.path).name if artifacts.path else None,
+            "artifact": compile_artifacts.artifact_key(artifacts.path) if artifacts.path else None,
         },
     }
 

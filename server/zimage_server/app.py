@@ -18,8 +18,9 @@ from .config import Settings
 from .engine import Engine
 from .errors import install_error_handlers
 from .health import HealthProcess, probe_responses
+from .http_server import MAX_HEAD_BYTES
 from .metrics import Metrics
-from .middleware import BodyLimitMiddleware, RequestMetricsMiddleware
+from .middleware import LastWordMiddleware, RequestLimitMiddleware, RequestMetricsMiddleware
 from .openapi import openapi_document
 from .runner import make_runners
 from .service import ImageService
@@ -94,9 +95,16 @@ def create_app(settings: Settings, memory_source: MemorySource | None = None) ->
         version=__version__,
         description="Z-Image-Turbo text-to-image over an OpenAI-compatible images API.",
         lifespan=lifespan,
+        # The interactive pages load scripts from third-party hosts onto the origin where the
+        # playground keeps its API key; the document itself is served at /openapi.json.
+        docs_url=None,
+        redoc_url=None,
+        # A redirect for a trailing slash is built from the Host header a client chose.
+        redirect_slashes=False,
     )
     app.state.settings = settings
     app.state.on_load_failure = lambda: None  # serve sets it to end the process
+    app.state.abandoned = 0  # requests a drain that ran out of time answered 503 (drain.py)
     app.state.metrics = metrics
     app.state.server_state = state
     app.state.runner = runner
@@ -104,10 +112,13 @@ def create_app(settings: Settings, memory_source: MemorySource | None = None) ->
     app.state.vram = sampler
     install_error_handlers(app)
     # The last added runs first: metrics see every answer, keys are checked before the body.
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(
+        RequestLimitMiddleware, max_bytes=settings.max_body_bytes, max_head_bytes=MAX_HEAD_BYTES
+    )
     if settings.authenticated:
         app.add_middleware(ApiKeyMiddleware, ring=key_ring(settings))
     app.add_middleware(RequestMetricsMiddleware, metrics=metrics)
+    app.add_middleware(LastWordMiddleware)
     app.include_router(router)
     if settings.playground:
         app.include_router(playground.router)
@@ -168,7 +179,8 @@ async def _load_and_warm_up(
     settings: Settings,
     on_failure: Callable[[], None],
 ) -> None:
-    """Load the model and warm it up on every worker; ``on_failure`` when it cannot be loaded
+    """Load the model and warm it up on every worker (the phase's detail, which the probes
+    answer to anyone, names no path and no error: the log has them); ``on_failure`` when it cannot be loaded
     (the command line ends the process then, so that the kubelet restarts it with backoff).
 
     The workers load and warm up one after the other: the first one loads the shared compile
@@ -182,7 +194,7 @@ async def _load_and_warm_up(
     }
     try:
         for worker in engine.workers:
-            state.set(Phase.LOADING, f"loading {runner.source}{where[worker.label]}")
+            state.set(Phase.LOADING, f"loading the model{where[worker.label]}")
             await loop.run_in_executor(worker.thread, worker.runner.load)
         warmup_started = time.perf_counter()
         # What of the warm-up is torch.compile's (tracing, compiling or loading compiled
@@ -223,7 +235,7 @@ async def _load_and_warm_up(
         raise
     except Exception as exc:
         logger.exception("the model could not be loaded")
-        state.set(Phase.FAILED, f"model load failed: {exc}")
+        state.set(Phase.FAILED, "the model could not be loaded; the server log says why")
         write_termination_log(settings.termination_log_path, f"zimage: the model could not be loaded: {exc}")
         on_failure()
         return
@@ -232,6 +244,6 @@ async def _load_and_warm_up(
     # keeps such pauses out of request and probe latency.
     gc.collect()
     gc.freeze()
-    state.set(Phase.READY, f"serving {runner.source}")
+    state.set(Phase.READY, f"serving {settings.served_model_names[0]}")
     metrics.ready.set(1)
     logger.info("ready: serving %s", runner.source)

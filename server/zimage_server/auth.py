@@ -29,15 +29,16 @@ PROTECTED_PREFIXES = ("/v1/", "/generate")
 RECHECK_S = 1.0  # how often the key file is looked at for a change
 
 
-def parse_keys(text: str) -> frozenset[str]:
-    """Keys one per line or comma-separated; blanks ignored."""
-    return frozenset(key.strip() for key in re.split(r"[,\n]", text) if key.strip())
+def parse_keys(text: str, commas: bool = True) -> frozenset[str]:
+    """Keys one per line, or also comma-separated (``api_keys``; a key file is lines only, so a
+    key may hold a comma); blanks ignored."""
+    return frozenset(key.strip() for key in re.split(r"[,\n]" if commas else r"\n", text) if key.strip())
 
 
 def read_key_file(path: str | os.PathLike[str]) -> frozenset[str]:
     """The keys in ``path``; ``ValueError`` saying what is wrong when it has none or cannot be read."""
     try:
-        keys = parse_keys(Path(path).read_text(encoding="utf-8"))
+        keys = parse_keys(Path(path).read_text(encoding="utf-8"), commas=False)
     except (OSError, UnicodeDecodeError) as exc:
         raise ValueError(f"api_keys_file {str(path)!r} cannot be read: {type(exc).__name__}") from None
     if not keys:
@@ -108,13 +109,13 @@ class ApiKeyMiddleware:
         if scope["type"] != "http" or not str(scope.get("path", "")).startswith(PROTECTED_PREFIXES):
             await self.app(scope, receive, send)
             return
-        token = presented_key(scope)
-        if token is not None and self.ring.accepts(token):
+        tokens = presented_keys(scope)
+        if any(self.ring.accepts(token) for token in tokens):
             await self.app(scope, receive, send)
             return
         message = (
             "missing API key: send it as 'Authorization: Bearer KEY' (or 'x-api-key: KEY')"
-            if token is None
+            if not tokens
             else "invalid API key; check the key your administrator gave you"
         )
         response = JSONResponse(
@@ -125,15 +126,16 @@ class ApiKeyMiddleware:
         await response(scope, receive, send)
 
 
-def presented_key(scope: Scope) -> bytes | None:
-    """The key a request carries: its bearer token, else its ``x-api-key`` header."""
-    fallback = None
+def presented_keys(scope: Scope) -> list[bytes]:
+    """The keys a request carries: its bearer token and its ``x-api-key`` header; one that is
+    right is enough (a stale header beside it does not hide it)."""
+    found = []
     for name, value in scope.get("headers") or []:
         lowered = name.lower()
         if lowered == b"authorization":
             scheme, _, token = value.partition(b" ")
             if scheme.lower() == b"bearer" and token.strip():
-                return bytes(token.strip())
+                found.append(bytes(token.strip()))
         elif lowered == b"x-api-key" and value.strip():
-            fallback = bytes(value.strip())
-    return fallback
+            found.append(bytes(value.strip()))
+    return found

@@ -101,11 +101,17 @@ def _exit(app: Any, code: int) -> int:
     """End the process with ``code``. Stopped while it loads or warms up, it exits at once: the
     worker thread is inside a load or a warm-up call (a compile can take minutes), which the
     interpreter's exit would wait for, and no request has been accepted that could be lost.
-    Otherwise returns ``code``."""
+    The same after a drain whose time ran out: every request got its 503 already. Otherwise
+    returns ``code``."""
     from .state import Phase
 
-    if app.state.server_state.phase in (Phase.LOADING, Phase.WARMING):
-        logging.getLogger(__name__).info("stopped during start-up: the warm-up is abandoned")
+    starting = app.state.server_state.phase in (Phase.LOADING, Phase.WARMING)
+    if starting or app.state.abandoned:
+        logging.getLogger(__name__).info(
+            "stopped during start-up: the warm-up is abandoned"
+            if starting
+            else "the drain's time is up: a batch still on the GPU is abandoned"
+        )
         logging.shutdown()
         sys.stdout.flush()
         sys.stderr.flush()

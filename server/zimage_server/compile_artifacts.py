@@ -95,6 +95,12 @@ def _driver_version() -> str:
         return "unknown"
 
 
+def artifact_key(path: str | Path) -> str:
+    """The artifact's key, what ``/load`` names it by: its file name less prefix and suffix (a
+    client-facing answer names no file)."""
+    return Path(path).stem.removeprefix(PREFIX)
+
+
 def artifact_path(directory: str | Path, found: dict[str, Any]) -> Path:
     digest = hashlib.sha256(json.dumps(found, sort_keys=True).encode()).hexdigest()[:24]
     return Path(directory) / f"{PREFIX}{digest}.bin"

@@ -11,7 +11,8 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 # ASCII digits only (\d would take fullwidth and other scripts' digits), the whole string.
-SIZE_RE = re.compile(r"([0-9]{1,5})x([0-9]{1,5})")
+# What the published schema's pattern admits: no leading zeros; "x" in either case.
+SIZE_RE = re.compile(r"([1-9][0-9]{0,4})[xX]([1-9][0-9]{0,4})")
 # The VAE downsamples by 8 and the transformer patches by 2: sides must be multiples of 16.
 SIZE_MULTIPLE = 16
 
@@ -24,7 +25,7 @@ def _check_parts(setting: str, parts: list[str], allowed: tuple[str, ...]) -> No
 
 def parse_size(value: str) -> tuple[int, int]:
     """Parse ``"WxH"`` into ``(width, height)``; raise ``ValueError`` with a readable message."""
-    match = SIZE_RE.fullmatch(value.lower())
+    match = SIZE_RE.fullmatch(value)
     if not match:
         raise ValueError(f"size must look like '1024x1024' (width x height in pixels), got {value!r}")
     return int(match.group(1)), int(match.group(2))
@@ -97,6 +98,12 @@ class Settings(BaseSettings):
         10.0,
         gt=0,
         description="A request's head and body must arrive within this; then the connection closes",
+    )
+    send_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        description="A client that leaves its answer unread this long (its write buffer full, or "
+        "unsent after the response ended) is cut and the answer dropped",
     )
     keep_alive_timeout_s: float = Field(
         5.0, gt=0, description="An idle kept-alive connection closes after this"

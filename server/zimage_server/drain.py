@@ -19,6 +19,7 @@ from fastapi import FastAPI
 
 from .engine import Engine
 from .metrics import Metrics
+from .service import ImageService
 from .state import ServerState
 
 logger = logging.getLogger(__name__)
@@ -68,7 +69,12 @@ class DrainingServer(uvicorn.Server):
             await asyncio.wait_for(engine.wait_idle(), self.drain_seconds)
             logger.info("drained: every accepted request is answered")
         except TimeoutError:
-            logger.warning("drain time is up with work still queued; exiting anyway")
+            service: ImageService = self.fastapi.state.service
+            count = engine.abandon(service.draining_error)
+            # A batch may still run on a GPU; its images have no one to go to now, and the
+            # interpreter's exit would wait for it (cli.py ends the process without it).
+            self.fastapi.state.abandoned = count
+            logger.warning("drain time is up: %d requests not finished get 503 draining; exiting", count)
         # Let the handlers send the responses of the last batch before the server closes.
         await asyncio.sleep(0.2)
         self.should_exit = True

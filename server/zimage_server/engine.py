@@ -22,6 +22,7 @@ import logging
 import math
 import time
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -62,6 +63,11 @@ class Job:
     partial_images: int = 0
     events: asyncio.Queue[tuple[Any, ...]] | None = None
 
+    def __post_init__(self) -> None:
+        # Mark a failure as seen even when no handler is left to read it (its client went, or
+        # the shutdown cancelled it): asyncio would log "exception was never retrieved".
+        self.future.add_done_callback(_observe)
+
     @property
     def key(self) -> BatchKey:
         return (self.width, self.height, self.steps)
@@ -69,6 +75,11 @@ class Job:
     @property
     def remaining(self) -> int:
         return len(self.seeds) - self.taken
+
+
+def _observe(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()
 
 
 @dataclass(eq=False)
@@ -103,6 +114,7 @@ class Engine:
         self.settings = settings
         self.metrics = metrics
         self._jobs: deque[Job] = deque()
+        self._live: set[Job] = set()  # submitted and not yet answered, queued or on a GPU
         self._arrived = asyncio.Event()
         self._forming = asyncio.Lock()  # one free worker at a time takes from the queue
         self._tasks: list[asyncio.Task[None]] = []
@@ -140,7 +152,15 @@ class Engine:
         while self._jobs:
             job = self._jobs.popleft()
             if not job.future.done():
-                job.future.set_exception(APIError(503, "the server is shutting down", type="server_error"))
+                job.future.set_exception(
+                    APIError(
+                        503,
+                        "the server is shutting down; retry, another replica will answer",
+                        type="server_error",
+                        code="draining",
+                        headers={"Retry-After": "1"},
+                    )
+                )
         self._update_gauges()
         for worker in self.workers:
             worker.thread.shutdown(wait=False, cancel_futures=True)
@@ -215,6 +235,8 @@ class Engine:
                 headers={"Retry-After": str(self.retry_after())},
             )
         self._jobs.append(job)
+        self._live.add(job)
+        job.future.add_done_callback(lambda _: self._live.discard(job))
         self._arrived_since += 1
         self._update_gauges()
         self._arrived.set()
@@ -231,6 +253,15 @@ class Engine:
             self._jobs.remove(job)
         self._update_gauges()
         self._progress.set()
+
+    def abandon(self, error: Callable[[], APIError]) -> int:
+        """Answer every request not yet answered with ``error()``, queued or on a GPU (whose
+        images are thrown away when they come); how many there were."""
+        jobs = [job for job in self._live if not job.future.done()]
+        for job in jobs:
+            self.cancel(job, "abandoned")
+            job.future.set_exception(error())
+        return len(jobs)
 
     # -- worker ----------------------------------------------------------------------------
 

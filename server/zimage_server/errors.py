@@ -103,8 +103,12 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         if exc.status_code == 400:  # FastAPI's answer to a body json.loads raised on
             return _response(invalid_json("it is not UTF-8, nests too deep or holds too long a number"))
+        if exc.status_code == 413:  # middleware.BodyTooLargeError: the rest of the body stays unread
+            return _response(
+                APIError(413, str(exc.detail), code="request_too_large", headers={"Connection": "close"})
+            )
         if exc.status_code == 404:
-            message = f"no route {request.method} {request.url.path}; see /docs for the API"
+            message = f"no route {request.method} {request.url.path}; see /openapi.json for the API"
         elif exc.status_code == 405:
             message = f"method {request.method} is not allowed on {request.url.path}"
         else:

@@ -15,14 +15,18 @@ import os
 import sys
 from typing import Any
 
+from .connection_table import ConnectionTable
 from .health_board import PROBES, HealthBoard
 
 PATHS = {f"/healthz/{name}": name for name in PROBES}
 # One event loop answers every connection, so idle ones cost a socket, not a thread. A request
 # head must arrive whole within HEAD_TIMEOUT_S, an idle keep-alive connection is closed after
-# IDLE_TIMEOUT_S, and past MAX_CONNECTIONS open ones a new connection is closed at once.
+# IDLE_TIMEOUT_S, and an answer the client does not take within SEND_TIMEOUT_S (one that
+# pipelines requests and never reads) cuts its connection. Past MAX_CONNECTIONS open ones, the
+# address that holds the most loses its oldest (ConnectionTable), so a new probe always gets in.
 HEAD_TIMEOUT_S = 5.0
 IDLE_TIMEOUT_S = 30.0
+SEND_TIMEOUT_S = 5.0
 MAX_CONNECTIONS = 256
 MAX_HEAD_BYTES = 8192
 
@@ -80,13 +84,20 @@ def respond(board: HealthBoard, stall_s: float, head: bytes) -> tuple[bytes, boo
 class HealthServer:
     def __init__(self, board: HealthBoard, stall_s: float) -> None:
         self.board, self.stall_s = board, stall_s
-        self.open = 0
+        self.table: ConnectionTable[asyncio.StreamWriter] = ConnectionTable(MAX_CONNECTIONS)
 
     async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.open += 1
+        peer = writer.get_extra_info("peername")
+        host = str(peer[0]) if isinstance(peer, tuple) else "local"
+        self.table.add(host, writer)
         try:
-            if self.open > MAX_CONNECTIONS:
-                return
+            if self.table.full:
+                # Every connection waits on its client here (for a request, or to read an
+                # answer): any may go, and the heaviest address's oldest does.
+                found = self.table.victim(lambda conn: True)
+                if found is not None:
+                    self.table.remove(*found)
+                    found[1].transport.abort()
             timeout = HEAD_TIMEOUT_S
             while True:
                 try:
@@ -100,14 +111,18 @@ class HealthServer:
                     return
                 data, keep = respond(self.board, self.stall_s, head)
                 writer.write(data)
-                await writer.drain()
+                try:
+                    await asyncio.wait_for(writer.drain(), SEND_TIMEOUT_S)
+                except TimeoutError:
+                    writer.transport.abort()  # it does not read: drop what waits for it
+                    return
                 if not keep:
                     return
                 timeout = IDLE_TIMEOUT_S
         except ConnectionError:
             return
         finally:
-            self.open -= 1
+            self.table.remove(host, writer)
             writer.close()
 
 

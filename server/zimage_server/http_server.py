@@ -3,11 +3,20 @@ not have a setting for.
 
 uvicorn bounds a request head's size (``h11_max_incomplete_event_size``) and an idle keep-alive
 connection (``timeout_keep_alive``), and its ``limit_concurrency`` answers 503 to *requests*
-past a count. Nothing in it bounds the time a request may take to arrive, or the connections
-that never finish one: each holds a descriptor until the process runs out. ``BoundedH11Protocol``
-adds both: a request (head and body) must arrive whole within ``read_timeout_s`` of its first
-byte (or of the connection), and a connection past ``max_connections`` open ones is answered
-503 and closed at once.
+past a count. Nothing in it bounds the time a request may take to arrive, the time a client may
+leave its answer unread, or the connections that never finish a request: each holds a
+descriptor (and an unread answer its memory) until the process runs out. ``BoundedH11Protocol``
+adds them all:
+
+- a request (head and body) must arrive whole within ``read_timeout_s`` of its first byte (or
+  of the connection);
+- an answer the client does not take, its write buffer above the transport's high-water mark
+  (or still unsent after the response ended) for ``send_timeout_s``, cuts the connection and
+  drops the buffer;
+- past ``max_connections`` open ones, the address holding the most gives up its oldest idle
+  connection (``ConnectionTable``); only when every connection is busy with accepted work is a
+  new one answered 503 and closed;
+- uvicorn's own 400s (a malformed or oversized head) are JSON in the OpenAI error shape.
 """
 
 from __future__ import annotations
@@ -17,6 +26,7 @@ import functools
 import json
 import logging
 import resource
+from collections.abc import Callable
 from typing import Any
 
 import h11
@@ -24,6 +34,7 @@ import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from .config import Settings
+from .connection_table import ConnectionTable
 from .errors import error_body
 
 logger = logging.getLogger(__name__)
@@ -34,39 +45,89 @@ RESERVED_DESCRIPTORS = 128
 MAX_HEAD_BYTES = 64 * 1024
 
 
-def _over_capacity() -> bytes:
-    body = json.dumps(
-        error_body(
-            "the server has too many open connections; retry shortly or reuse a connection",
-            "server_error",
-            code="too_many_connections",
-        )
-    ).encode()
-    head = (
-        "HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\n"
-        f"Connection: close\r\nContent-Length: {len(body)}\r\n\r\n"
-    )
-    return head.encode() + body
+def _refusal(status: str, message: str, type: str, code: str, *extra: str) -> bytes:
+    body = json.dumps(error_body(message, type, code=code)).encode()
+    lines = [f"HTTP/1.1 {status}", "Content-Type: application/json", *extra, "Connection: close"]
+    return ("\r\n".join([*lines, f"Content-Length: {len(body)}", "", ""])).encode() + body
 
 
-OVER_CAPACITY = _over_capacity()
+OVER_CAPACITY = _refusal(
+    "503 Service Unavailable",
+    "the server has too many open connections busy with requests; retry shortly or reuse a connection",
+    "server_error",
+    "too_many_connections",
+    "Retry-After: 1",
+)
+BAD_REQUEST = _refusal(
+    "400 Bad Request",
+    "the request is not valid HTTP/1.1; check the request line and headers",
+    "invalid_request_error",
+    "invalid_http",
+)
+HEAD_TOO_LARGE = _refusal(
+    "431 Request Header Fields Too Large",
+    f"the request line and headers are over {MAX_HEAD_BYTES // 1024} KiB; send smaller headers",
+    "invalid_request_error",
+    "request_header_too_large",
+)
 RECEIVED = (h11.DONE, h11.MUST_CLOSE, h11.CLOSED, h11.ERROR)
+CutCounter = Callable[[str], None]
 
 
 class BoundedH11Protocol(H11Protocol):
-    def __init__(self, *args: Any, read_timeout_s: float, max_connections: int, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        read_timeout_s: float,
+        send_timeout_s: float,
+        table: ConnectionTable[BoundedH11Protocol],
+        on_cut: CutCounter | None = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(*args, **kwargs)
         self.read_timeout_s = read_timeout_s
-        self.max_connections = max_connections
+        self.send_timeout_s = send_timeout_s
+        self.table = table
+        self.on_cut = on_cut or (lambda reason: None)
+        self.host = "local"
         self._deadline: asyncio.TimerHandle | None = None
+        self._send_deadline: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
-        if len(self.connections) > self.max_connections:
-            transport.write(OVER_CAPACITY)
-            transport.close()
-            return
+        if self.client is not None:
+            self.host = self.client[0]
+        self.table.add(self.host, self)
+        if self.table.full:
+            found = self.table.victim(BoundedH11Protocol.idle)
+            if found is None or found[1] is self:
+                self.table.remove(self.host, self)
+                self.on_cut("over_capacity")
+                transport.write(OVER_CAPACITY)
+                transport.close()
+                return
+            found[1].evict()
         self._arm()
+
+    def idle(self) -> bool:
+        """Whether closing this connection loses nothing the server accepted: no request has
+        arrived whole and is being answered, or its client does not take its answer."""
+        if self.transport.is_closing():
+            return False
+        answering = self.cycle is not None and not self.cycle.response_complete
+        return not answering or self.conn.their_state not in RECEIVED or self.flow.write_paused
+
+    def evict(self) -> None:
+        self.table.remove(self.host, self)
+        self.on_cut("evicted")
+        self._drop()
+
+    def _drop(self) -> None:
+        """Close now; what waits in the write buffer is discarded (``close`` would wait for a
+        client that does not read)."""
+        self._disarm()
+        self._disarm_send()
+        self.transport.abort()
 
     def data_received(self, data: bytes) -> None:
         if self._deadline is None and self.conn.their_state is h11.IDLE:
@@ -76,8 +137,17 @@ class BoundedH11Protocol(H11Protocol):
             self._disarm()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self.table.remove(self.host, self)
         self._disarm()
+        self._disarm_send()
         super().connection_lost(exc)
+
+    def send_400_response(self, msg: str) -> None:
+        oversized = len(self.conn.trailing_data[0]) > MAX_HEAD_BYTES
+        self.transport.write(HEAD_TOO_LARGE if oversized else BAD_REQUEST)
+        self.transport.close()
+
+    # -- the request's arrival -------------------------------------------------------------
 
     def _arm(self) -> None:
         self._disarm()
@@ -92,7 +162,43 @@ class BoundedH11Protocol(H11Protocol):
         self._deadline = None
         if self.conn.their_state not in RECEIVED and not self.transport.is_closing():
             logger.debug("closing a connection whose request did not arrive within %gs", self.read_timeout_s)
+            self.on_cut("read_timeout")
             self.transport.close()
+
+    # -- the answer's departure ------------------------------------------------------------
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        self._arm_send()
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        self._disarm_send()
+
+    def on_response_complete(self) -> None:
+        if self.cycle is not None:
+            self.cycle.body = bytearray()  # a body the route did not read: nothing reads it now
+        super().on_response_complete()
+        if self.transport.get_write_buffer_size():
+            self._arm_send()
+
+    def _arm_send(self) -> None:
+        if self._send_deadline is None:
+            self._send_deadline = self.loop.call_later(self.send_timeout_s, self._send_expire)
+
+    def _disarm_send(self) -> None:
+        if self._send_deadline is not None:
+            self._send_deadline.cancel()
+            self._send_deadline = None
+
+    def _send_expire(self) -> None:
+        self._send_deadline = None
+        if self.transport.is_closing() and not self.transport.get_write_buffer_size():
+            return
+        if self.flow.write_paused or self.transport.get_write_buffer_size():
+            logger.info("cutting a client that did not take its answer within %gs", self.send_timeout_s)
+            self.on_cut("send_timeout")
+            self._drop()
 
 
 def connection_limit(settings: Settings) -> int:
@@ -112,8 +218,13 @@ def uvicorn_config(app: Any, settings: Settings, **overrides: Any) -> uvicorn.Co
             settings.max_connections,
             limit,
         )
+    metrics = getattr(getattr(app, "state", None), "metrics", None)
     protocol = functools.partial(
-        BoundedH11Protocol, read_timeout_s=settings.request_read_timeout_s, max_connections=limit
+        BoundedH11Protocol,
+        read_timeout_s=settings.request_read_timeout_s,
+        send_timeout_s=settings.send_timeout_s,
+        table=ConnectionTable(limit),
+        on_cut=None if metrics is None else metrics.connection_cut,
     )
     options: dict[str, Any] = {
         "host": settings.host,

@@ -110,6 +110,17 @@ class Metrics:
             ["result"],
             registry=r,
         )
+        self.connections_cut = Counter(
+            "zimage_connections_cut",
+            "Connections the serving port closed on its own, by reason: read_timeout (the request did "
+            "not arrive in time), send_timeout (the client did not take its answer), evicted (an idle "
+            "one closed to let a new one in past max_connections), over_capacity (a new one refused: "
+            "every connection busy)",
+            ["reason"],
+            registry=r,
+        )
+        for reason in ("read_timeout", "send_timeout", "evicted", "over_capacity"):
+            self.connections_cut.labels(reason)
         self.draining = Gauge("zimage_draining", "1 while finishing accepted work before exit", registry=r)
         self.vram_used = Gauge(
             "zimage_vram_used_bytes",
@@ -129,3 +140,6 @@ class Metrics:
             registry=r,
         )
         self.vram_samples = Counter("zimage_vram_samples", "GPU memory samples taken", registry=r)
+
+    def connection_cut(self, reason: str) -> None:
+        self.connections_cut.labels(reason).inc()

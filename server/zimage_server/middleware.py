@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .errors import error_body
@@ -39,61 +41,128 @@ class RequestMetricsMiddleware:
             self.metrics.request_seconds.labels(route).observe(time.perf_counter() - started)
 
 
-class BodyLimitMiddleware:
-    """413 for a request body over ``max_bytes``: at once when its Content-Length says so, else
-    as soon as that much has arrived; the app sees the body only once it is known to fit."""
+class BodyTooLargeError(StarletteHTTPException):
+    """Raised from ``receive`` when a body read past the limit; FastAPI passes it on as it is
+    (any other exception from reading a body becomes its 400) and errors.py answers 413."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(self, max_bytes: int) -> None:
+        super().__init__(413, f"the request body is over the limit of {max_bytes} bytes; send a smaller one")
+
+
+class RequestLimitMiddleware:
+    """The request's own bounds, none of which reads a body no route asked for:
+
+    - a head (request line and headers) over ``MAX_HEAD_BYTES``: 431 (uvicorn's parser only
+      bounds a head that arrives in pieces);
+    - a ``Content-Length`` over ``max_bytes``: 413 at once, nothing read;
+    - a body that grows past ``max_bytes`` as the route reads it: 413 then. A route that takes no
+      body never reads one, and the server drops it unread (``http_server.py``).
+
+    FastAPI's own ``max_body_size`` counts the same way, but swaps any answer to a request whose
+    ``Content-Length`` is over the limit for a text/plain 413, a keyless request's 401 included.
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int, max_head_bytes: int) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.max_head_bytes = max_head_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        for name, value in scope.get("headers") or []:
+        headers = scope.get("headers") or []
+        head = len(scope.get("raw_path") or b"") + len(scope.get("query_string") or b"") + 16
+        head += sum(len(name) + len(value) + 4 for name, value in headers)
+        if head > self.max_head_bytes:
+            limit = self.max_head_bytes // 1024
+            message = f"the request line and headers are over {limit} KiB; send smaller headers"
+            await _refuse(send, 431, message, "request_header_too_large")
+            return
+        for name, value in headers:
             if name.lower() == b"content-length" and value.isdigit() and int(value) > self.max_bytes:
-                await self._refuse(scope, receive, send, f" ({int(value)} bytes)")
+                message = (
+                    f"the request body ({int(value)} bytes) is over the limit of {self.max_bytes} bytes; "
+                    "send a smaller one"
+                )
+                await _refuse(send, 413, message, "request_too_large")
                 return
-        chunks: list[bytes] = []
         size = 0
-        while True:
+
+        async def counted() -> Message:
+            nonlocal size
             message = await receive()
-            if message["type"] != "http.request":  # the client left: let the app see it
-                chunks = []
-                first: Message = message
-                break
-            chunks.append(message.get("body", b""))
-            size += len(chunks[-1])
-            if size > self.max_bytes:
-                await self._refuse(scope, receive, send, "")
-                return
-            if not message.get("more_body", False):
-                first = {"type": "http.request", "body": b"".join(chunks), "more_body": False}
-                break
-        replayed = False
+            if message["type"] == "http.request":
+                size += len(message.get("body", b""))
+                if size > self.max_bytes:
+                    raise BodyTooLargeError(self.max_bytes)
+            return message
 
-        async def replay() -> Message:
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return first
-            return await receive()
+        await self.app(scope, counted, send)
 
-        await self.app(scope, replay, send)
 
-    async def _refuse(self, scope: Scope, receive: Receive, send: Send, size: str) -> None:
-        message = f"the request body{size} is over the limit of {self.max_bytes} bytes; send a smaller one"
-        body = json.dumps(error_body(message, "invalid_request_error", code="request_too_large")).encode()
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 413,
-                "headers": [
-                    (b"content-type", b"application/json"),
-                    (b"content-length", str(len(body)).encode()),
-                    (b"connection", b"close"),
-                ],
-            }
-        )
-        await send({"type": "http.response.body", "body": body})
+async def _refuse(send: Send, status: int, message: str, code: str) -> None:
+    body = json.dumps(error_body(message, "invalid_request_error", code=code)).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                (b"connection", b"close"),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+class LastWordMiddleware:
+    """Outermost: a request whose handler was cancelled before it answered (uvicorn's shutdown
+    cancels what is still running when its grace ends) gets the OpenAI-shaped 503 ``draining``
+    instead of uvicorn's text/plain 500, and ends there."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def watched(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watched)
+        except asyncio.CancelledError:
+            if started:
+                raise
+            task = asyncio.current_task()
+            if task is not None:
+                task.uncancel()
+            body = json.dumps(
+                error_body(
+                    "the server is shutting down and could not finish this request; retry, another "
+                    "replica will answer",
+                    "server_error",
+                    code="draining",
+                )
+            ).encode()
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 503,
+                    "headers": [
+                        (b"content-type", b"application/json"),
+                        (b"content-length", str(len(body)).encode()),
+                        (b"retry-after", b"1"),
+                        (b"connection", b"close"),
+                    ],
+                }
+            )
+            await send({"type": "http.response.body", "body": body})

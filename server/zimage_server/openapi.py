@@ -52,13 +52,16 @@ def _publish_limits(properties: dict[str, Any], settings: Settings, max_n: int) 
     properties["size"] = _nullable(
         {
             "type": "string",
-            "pattern": f"^(auto|({sides})x({sides}))$",
+            "pattern": f"^(auto|({sides})[xX]({sides}))$",
             "description": properties["size"].get("description", ""),
         }
     )
     steps = {"type": "integer", "minimum": 1, "maximum": settings.max_steps}
     properties["num_inference_steps"] = _nullable({**steps, "description": "Denoising steps"})
     properties["response_format"] = _nullable({"type": "string", "enum": ["b64_json"]})
+    for name, values in (("background", ["auto", "opaque"]), ("moderation", ["low"])):
+        description = properties[name].get("description", "")
+        properties[name] = _nullable({"type": "string", "enum": values, "description": description})
 
 
 # One server-sent event of a streamed answer (streaming.py); its data is JSON.

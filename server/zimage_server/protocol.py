@@ -21,6 +21,9 @@ OutputFormat = Literal["png", "jpeg", "webp"]
 
 MEDIA_TYPES: dict[str, str] = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 MAX_SEED = 2**63 - 1
+# Seeds the server draws stay below 2**53: a JavaScript client (the playground among them)
+# holds an integer exactly only up to there, and would send back a different seed.
+RANDOM_SEED_LIMIT = 2**53
 
 
 def _integral(value: object) -> object:
@@ -70,6 +73,13 @@ class ImageGenerationRequest(BaseModel):
     quality: Literal["auto", "standard", "hd", "low", "medium", "high"] | None = None
     style: Literal["vivid", "natural"] | None = None
     user: StrictStr | None = None
+    # OpenAI's; the service accepts what this model honours and names any other value it refuses.
+    background: StrictStr | None = Field(
+        None, description="'auto' or 'opaque' (this model draws opaque images; 'transparent' is refused)"
+    )
+    moderation: StrictStr | None = Field(
+        None, description="'low' only: this server does no content filtering, so 'auto' is refused"
+    )
 
     @field_validator("prompt")
     @classmethod
@@ -82,16 +92,32 @@ class ImageGenerationRequest(BaseModel):
         return "jpeg" if value == "jpg" else value
 
 
-# A character that draws something: not whitespace, not a control or format character (zero-width
-# space, joiners, direction marks, the byte-order mark). The check and the published schema's
-# pattern are this one expression, in the dialect both Python and ECMA 262 (JSON Schema's) read;
-# an unpaired surrogate, which JSON text can spell but no tokenizer takes, is refused before it.
-# Escapes, not the characters: the published document is JSON, which cannot hold a surrogate.
+# A character that draws something: in the Basic Multilingual Plane, not whitespace, not a
+# control, format, private-use or filler character (zero-width space, joiners, direction marks,
+# the byte-order mark, variation selectors, the Hangul fillers, the blank Braille pattern); past
+# it, anything in planes 1 to 13 (emoji, rare CJK), not the tag characters, variation selectors
+# and private use of planes 14 to 16. One expression for the check and the published schema,
+# read on UTF-16 code units: so ECMA 262 (JSON Schema's dialect, without the u flag) reads it as
+# written, and the check hands Python the prompt with each character past the BMP as its two
+# surrogates. Escapes, not the characters: the published document is JSON, which cannot hold a
+# lone surrogate.
 VISIBLE = (
-    r"[^\s\x00-\x1f\x7f-\x9f\u00ad\u061c\u180e\u200b-\u200f\u202a-\u202e\u2060-\u206f"
-    r"\ufeff\ufff9-\ufffb]"
+    r"[^\s\x00-\x1f\x7f-\x9f\u00ad\u034f\u061c\u115f\u1160\u17b4\u17b5\u180e\u200b-\u200f"
+    r"\u202a-\u202e\u2060-\u206f\u2800\u3164\ud800-\udfff\ue000-\uf8ff\ufe00-\ufe0f\ufeff\uffa0"
+    r"\ufff9-\ufffb]|[\ud800-\udb3f][\udc00-\udfff]"
 )
 _VISIBLE = re.compile(VISIBLE)
+_ASTRAL = re.compile("[\U00010000-\U0010ffff]")
+
+
+def _surrogates(match: re.Match[str]) -> str:
+    offset = ord(match.group()) - 0x10000
+    return chr(0xD800 + (offset >> 10)) + chr(0xDC00 + (offset & 0x3FF))
+
+
+def utf16_units(value: str) -> str:
+    """``value`` with each character past the BMP spelt as its UTF-16 surrogate pair."""
+    return _ASTRAL.sub(_surrogates, value)
 
 
 def check_prompt_text(value: str) -> str:
@@ -103,7 +129,7 @@ def check_prompt_text(value: str) -> str:
             f"the prompt holds an unpaired UTF-16 surrogate at character {exc.start}; "
             "send well-formed Unicode text"
         ) from None
-    if _VISIBLE.search(value) is None:
+    if _VISIBLE.search(utf16_units(value)) is None:
         raise ValueError("the prompt is empty; describe the image to generate")
     return value
 

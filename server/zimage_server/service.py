@@ -19,7 +19,7 @@ from .encoding import encode_image
 from .engine import Engine, Job
 from .errors import APIError, bad_request
 from .metrics import Metrics
-from .protocol import MAX_SEED, ImageGenerationRequest, OutputFormat
+from .protocol import MAX_SEED, RANDOM_SEED_LIMIT, ImageGenerationRequest, OutputFormat
 from .state import Phase, ServerState
 
 
@@ -110,7 +110,21 @@ class ImageService:
             for name in ("partial_images", "stream_progress"):
                 if getattr(req, name) is not None:
                     raise bad_request(f"'{name}' needs \"stream\": true", param=name)
-        seed = secrets.randbelow(MAX_SEED + 1) if req.seed is None else req.seed
+        if req.background not in (None, "auto", "opaque"):
+            raise bad_request(
+                f"background {req.background!r} is not supported: this model draws opaque images; "
+                "send 'opaque' or 'auto', or leave it out",
+                param="background",
+                code="unsupported_value",
+            )
+        if req.moderation not in (None, "low"):
+            raise bad_request(
+                f"moderation {req.moderation!r} is not supported: this server does no content "
+                "filtering; send 'low', or leave it out",
+                param="moderation",
+                code="unsupported_value",
+            )
+        seed = secrets.randbelow(RANDOM_SEED_LIMIT - req.n) if req.seed is None else req.seed
         quality = s.default_quality if req.output_compression is None else max(1, req.output_compression)
         return GenerationParams(
             prompt=req.prompt,
@@ -152,16 +166,19 @@ class ImageService:
             code="timeout",
         )
 
+    def draining_error(self, what: str = "could not finish this request in its drain time") -> APIError:
+        return APIError(
+            503,
+            f"the server is shutting down and {what}; retry, another replica will answer",
+            type="server_error",
+            code="draining",
+            headers={"Retry-After": "1"},
+        )
+
     def admit(self, params: GenerationParams) -> Job:
         """Queue the work, or raise the 503 or 429 that says why not."""
         if self.state.draining:
-            raise APIError(
-                503,
-                "the server is shutting down and takes no new work; retry, another replica will answer",
-                type="server_error",
-                code="draining",
-                headers={"Retry-After": "1"},
-            )
+            raise self.draining_error("takes no new work")
         if self.state.phase is Phase.FAILED:
             raise APIError(
                 503,

@@ -270,13 +270,16 @@ class NvmlSource:
                 self._nvml = pynvml
             self._nvml.nvmlInit()
         except Exception as exc:  # no library, no driver, no GPU
-            self._reason = f"NVML is not available: {exc}"
+            # The probes answer the reason to anyone: the exception (library paths) goes to the log.
+            logger.info("NVML is not available: %s", exc)
+            self._reason = "NVML is not available (no driver or no GPU); the server log says more"
             self._nvml = None
             return
         try:
             self._handles = self._map_devices()
         except Exception as exc:
-            self._reason = f"NVML could not map the visible devices: {exc}"
+            logger.warning("NVML could not map the visible devices: %s", exc)
+            self._reason = "NVML could not map the visible devices; the server log says why"
         if not self._handles and self._reason is None:
             self._reason = "no GPU is visible to this process"
 

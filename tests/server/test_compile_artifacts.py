@@ -157,12 +157,12 @@ def test_the_second_replica_loads_what_the_first_compiled(tiny_model_dir: Path, 
     assert first["zimage_compile_fx_graphs:miss"] > 0
     (artifact,) = shared.glob("zimage-compile-*.bin")
     # The load signal the operator reads tells it too, with the file's name.
-    assert first_load == {"state": "saved", "artifact": artifact.name}
+    assert first_load == {"state": "saved", "artifact": compile_artifacts.artifact_key(artifact)}
 
     # A new replica, on a node of its own: nothing in its local cache, the shared file only.
     second, second_load = _serve_until_ready(tiny_model_dir, shared, tmp_path / "local-2")
     assert second["zimage_compile_artifacts:loaded"] == 1
-    assert second_load == {"state": "loaded", "artifact": artifact.name}
+    assert second_load == {"state": "loaded", "artifact": compile_artifacts.artifact_key(artifact)}
     assert second["zimage_compile_fx_graphs:hit"] >= first["zimage_compile_fx_graphs:miss"]
     assert second["zimage_compile_fx_graphs:miss"] == 0, "the second replica compiled a graph again"
     assert list(shared.glob("zimage-compile-*.bin")) == [artifact]

@@ -85,6 +85,23 @@ def test_a_key_may_come_as_x_api_key(serve: ServerFactory) -> None:
     assert _generate(server.url, {"x-api-key": "sk-wrong"}) == 401
 
 
+def test_a_right_key_beside_a_wrong_one_is_accepted(serve: ServerFactory) -> None:
+    server = serve(api_keys="sk-right")
+    assert _generate(server.url, {"Authorization": "Bearer sk-stale", "x-api-key": "sk-right"}) == 200
+    assert _generate(server.url, {"Authorization": "Bearer sk-right", "x-api-key": "sk-stale"}) == 200
+    assert _generate(server.url, {"Authorization": "Bearer sk-stale", "x-api-key": "sk-old"}) == 401
+
+
+def test_a_key_file_holds_one_key_per_line_commas_included(serve: ServerFactory, tmp_path: Path) -> None:
+    keys = tmp_path / "keys"
+    keys.write_text("alpha,beta\ngamma\n")
+    server = serve(api_keys_file=str(keys))
+    assert _generate(server.url, {"Authorization": "Bearer alpha,beta"}) == 200
+    assert _generate(server.url, {"Authorization": "Bearer gamma"}) == 200
+    for part in ("alpha", "beta"):
+        assert _generate(server.url, {"Authorization": f"Bearer {part}"}) == 401
+
+
 def test_a_key_file_without_keys_stops_the_start(tmp_path: Path) -> None:
     from pydantic import ValidationError
 

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import json
+import re
+import socket
 from typing import Any
 
 import httpx
 import pytest
+
+from zimage_server.protocol import utf16_units
 
 from .conftest import RunningServer
 
@@ -32,6 +37,26 @@ CASES: list[tuple[str, str, Any, int, str | None, str]] = [
     ("prompt-missing", GEN, {"size": "256x256"}, 400, "prompt", "'prompt' is required"),
     ("prompt-empty", GEN, {"prompt": ""}, 400, "prompt", "the prompt is empty"),
     ("prompt-blank", GEN, {"prompt": "   \n"}, 400, "prompt", "the prompt is empty"),
+    (
+        "prompt-variation-selectors",
+        GEN,
+        {"prompt": "\ufe0f\ufe0e \U000e0100"},
+        400,
+        "prompt",
+        "the prompt is empty",
+    ),
+    ("prompt-tag-characters", GEN, {"prompt": "\U000e0068\U000e0069"}, 400, "prompt", "the prompt is empty"),
+    ("prompt-hangul-filler", GEN, {"prompt": "\u3164\u2800"}, 400, "prompt", "the prompt is empty"),
+    ("size-leading-zero", GEN, {"prompt": "x", "size": "0512x512"}, 400, "size", "look like"),
+    (
+        "background-transparent",
+        GEN,
+        {"prompt": "x", "background": "transparent"},
+        400,
+        "background",
+        "background 'transparent' is not supported",
+    ),
+    ("moderation-auto", GEN, {"prompt": "x", "moderation": "auto"}, 400, "moderation", "moderation 'auto'"),
     ("prompt-too-long", GEN, {"prompt": "x" * 4001}, 400, "prompt", "the limit is 4000"),
     ("prompt-not-a-string", GEN, {"prompt": 42}, 400, "prompt", "valid string"),
     (
@@ -173,3 +198,75 @@ def test_unknown_route_and_method_answer_in_the_error_shape(server: RunningServe
     wrong_method = httpx.get(f"{server.url}{GEN}")
     assert wrong_method.status_code == 405
     assert "not allowed" in wrong_method.json()["error"]["message"]
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"size": "256X256"},
+        {"prompt": "\U0001f98a"},  # an emoji alone is a prompt
+        {"background": "opaque"},
+        {"background": "auto"},
+        {"moderation": "low"},
+    ],
+)
+def test_what_the_schema_admits_is_served(server: RunningServer, extra: dict[str, Any]) -> None:
+    body = {"prompt": "x", "size": "256x256", "num_inference_steps": 1, **extra}
+    response = httpx.post(f"{server.url}{GEN}", json=body, timeout=60)
+    assert response.status_code == 200, response.text
+    schema = httpx.get(f"{server.url}/openapi.json").json()["components"]["schemas"]["ImageGenerationRequest"]
+    for name, value in extra.items():
+        published = schema["properties"][name]
+        if name == "prompt":
+            assert re.search(published["pattern"], utf16_units(value))
+        elif name == "size":
+            assert re.fullmatch(published["anyOf"][0]["pattern"], value)
+        else:
+            assert value in published["anyOf"][0]["enum"]
+
+
+def test_random_seeds_are_exact_in_javascript(server: RunningServer) -> None:
+    body = {"prompt": "x", "size": "64x64", "num_inference_steps": 1, "n": 4}
+    seeds = [
+        item["seed"]
+        for _ in range(5)
+        for item in httpx.post(f"{server.url}{GEN}", json=body, timeout=60).json()["data"]
+    ]
+    assert all(0 <= seed < 2**53 for seed in seeds), seeds
+    assert len(set(seeds)) == len(seeds)
+
+
+def test_no_third_party_pages_and_no_redirect_built_from_the_host(server: RunningServer) -> None:
+    for page in ("/docs", "/redoc"):
+        assert httpx.get(f"{server.url}{page}").status_code == 404
+    assert httpx.get(f"{server.url}/openapi.json").status_code == 200
+    slashed = httpx.get(f"{server.url}/metrics/", headers={"Host": "evil.example"})
+    assert slashed.status_code == 404
+    assert "location" not in slashed.headers
+
+
+def test_a_head_over_64_kib_is_431_in_the_error_shape(server: RunningServer) -> None:
+    for size in (98 * 1024, 116 * 1024):  # whole in one read, as a client sends it
+        response = httpx.get(f"{server.url}/v1/models", headers={"X-Padding": "p" * size})
+        assert response.status_code == 431, size
+        assert response.json()["error"]["code"] == "request_header_too_large"
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(b"GET /v1/models HTTP/1.1\r\nHost: x\r\n")
+        for _ in range(100):  # in pieces that never end the head
+            sock.sendall(b"X-Padding: " + b"p" * 1000 + b"\r\n")
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 431"), head
+    assert b"application/json" in head
+    assert json.loads(body)["error"]["code"] == "request_header_too_large"
+
+
+def test_a_malformed_request_is_a_json_400(server: RunningServer) -> None:
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(b"GET /v1/models HTTP/1.1\r\nHost x\r\n\r\n")
+        answer = sock.recv(65536)
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400"), head
+    assert json.loads(body)["error"]["code"] == "invalid_http"

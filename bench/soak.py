@@ -9,7 +9,18 @@ probes on a health port). Client threads, all on 127.0.0.1, keep up:
 - ``flood``: bursts past the queue (429 expected), some clients leaving mid-request;
 - ``oversize``: bodies over the limit (413 expected);
 - ``slowloris``: connections that send half a request head and hold it (closed by the server);
-- ``probe``: the health port's liveness, ten times a second, timed.
+- ``probe``: the health port's liveness, ten times a second, timed, a new connection each time
+  as the kubelet makes it;
+
+and, from other loopback addresses as other pods would (``--no-hostile`` leaves them out):
+
+- ``health-hold``: 3000 idle connections and 300 that pipeline probes and never read, held
+  against the health port and reopened as the server closes them;
+- ``api-hold``: 3000 idle connections held against the serving port, reopened likewise;
+- ``nonreader``: requests for four images whose answers are never read (cut by the server);
+- ``bodiless``: 1 MB of a declared 1 MiB body sent to ``GET /load``, 50 connections at a time.
+
+The well-behaved kinds (valid, invalid, oversize, probe) must never see a 5xx.
 
 Every ``--sample-s`` seconds it records the server's RSS and the status counts so far. At the
 end it prints a Markdown table and writes everything as JSON. Nothing leaves loopback, the
@@ -39,6 +50,8 @@ import httpx
 from zimage_server.processes import free_ports, stop_process
 
 HOST = "127.0.0.1"
+TCP_ESTABLISHED = 1  # tcp_info.tcpi_state: the server has neither closed nor reset it
+IP_BIND_ADDRESS_NO_PORT = 24  # Linux; not in the socket module before Python 3.12
 VALID = {"prompt": "a lighthouse in a storm", "size": "256x256", "num_inference_steps": 2}
 INVALID: list[tuple[str, bytes]] = [
     ("size", json.dumps({**VALID, "size": "1000x1000"}).encode()),
@@ -79,8 +92,144 @@ def post(http: httpx.Client, url: str, body: bytes) -> str:
         return type(exc).__name__
 
 
+def port_of(url: str) -> int:
+    return int(url.rsplit(":", 1)[1].split("/", 1)[0])
+
+
+def connect(port: int, source: str, receive_buffer: int | None = None) -> socket.socket | None:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    if receive_buffer is not None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
+    # The port is picked at connect, knowing the server's end: bound first, it may collide with
+    # one of the server's closed connections still in TIME_WAIT, and the connect stalls a second.
+    sock.setsockopt(socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1)
+    try:
+        sock.bind((source, 0))
+        sock.settimeout(5)
+        sock.connect((HOST, port))
+    except OSError:
+        sock.close()
+        return None
+    sock.setblocking(False)
+    return sock
+
+
+def closed(sock: socket.socket) -> bool:
+    """Whether the server closed ``sock``; what it sent is read and dropped."""
+    try:
+        while sock.recv(65536):
+            pass
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
+# At most this many connections opened per holder every 2 s: bounded load, which on one small
+# machine would otherwise take the CPU the server needs (another pod's would not).
+REOPEN_PER_PASS = 250
+
+
+def hold(
+    port: int, count: int, source: str, kind: str, counts: Counts, stop: threading.Event, first: bytes = b""
+) -> None:
+    """Keep ``count`` connections open from ``source``, reopening those the server closes; each
+    sends ``first`` (what fits) and never reads an answer."""
+    held: list[socket.socket] = []
+    while not stop.is_set():
+        alive = []
+        for sock in held:
+            if first or not closed(sock):  # a pipelining one is never read
+                alive.append(sock)
+            else:
+                counts.add(kind, "closed by server")
+                sock.close()
+        held = alive
+        for _ in range(min(count - len(held), REOPEN_PER_PASS)):
+            sock = connect(port, source, receive_buffer=4096 if first else None)
+            if sock is None:
+                counts.add(kind, "connect failed")
+                break
+            if first:
+                with contextlib.suppress(OSError):
+                    sock.send(first)
+            held.append(sock)
+        stop.wait(2)
+    for sock in held:
+        sock.close()
+
+
+def hostile_clients(url: str, health_url: str, counts: Counts, stop: threading.Event) -> list[Any]:
+    port, health_port = port_of(url), port_of(health_url.split("//", 1)[1])
+    probe = b"GET /healthz/live HTTP/1.1\r\nHost: x\r\n\r\n"
+
+    def health_hold() -> None:
+        hold(health_port, 3000, "127.0.0.2", "health-hold", counts, stop)
+
+    def health_pipeline() -> None:
+        hold(health_port, 300, "127.0.0.3", "health-pipeline", counts, stop, first=probe * 2000)
+
+    def api_hold() -> None:
+        hold(port, 3000, "127.0.0.4", "api-hold", counts, stop)
+
+    def nonreader() -> None:
+        body = json.dumps({**VALID, "n": 4, "size": "768x768", "num_inference_steps": 1})
+        request = (
+            f"POST /v1/images/generations HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n{body}"
+        ).encode()
+        held: list[socket.socket] = []
+        while not stop.is_set():
+            sock = connect(port, "127.0.0.5", receive_buffer=4096)
+            if sock is not None:
+                with contextlib.suppress(OSError):
+                    sock.send(request)
+                held.append(sock)
+            stop.wait(5)
+            alive = []
+            for old in held:  # looked at without reading what the server sent
+                gone = old.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0] != TCP_ESTABLISHED
+                if gone or len(alive) > 20:
+                    counts.add("nonreader", "closed by server" if gone else "given up")
+                    old.close()
+                else:
+                    alive.append(old)
+            held = alive
+        for sock in held:
+            sock.close()
+
+    def bodiless() -> None:
+        data = b"GET /load HTTP/1.1\r\nHost: x\r\nContent-Length: 1048576\r\n\r\n" + b"x" * 1_000_000
+        while not stop.is_set():
+            socks = [sock for sock in (connect(port, "127.0.0.6") for _ in range(50)) if sock is not None]
+            for sock in socks:
+                with contextlib.suppress(OSError):
+                    sock.send(data)
+            stop.wait(2)
+            for sock in socks:
+                sock.setblocking(True)
+                sock.settimeout(5)
+                try:
+                    answer = sock.recv(64)
+                    counts.add("bodiless", answer[9:12].decode() or "closed")
+                except OSError as exc:
+                    counts.add("bodiless", type(exc).__name__)
+                sock.close()
+
+    return [health_hold, health_pipeline, api_hold, nonreader, bodiless]
+
+
+WELL_BEHAVED = ("valid", "invalid", "oversize", "probe")
+
+
 def run_clients(
-    url: str, health_url: str, counts: Counts, stop: threading.Event, probes: list[float]
+    url: str,
+    health_url: str,
+    counts: Counts,
+    stop: threading.Event,
+    probes: list[float],
+    hostile: bool = True,
 ) -> list[threading.Thread]:
     gen = f"{url}/v1/images/generations"
     valid_body = json.dumps(VALID).encode()
@@ -150,18 +299,19 @@ def run_clients(
             sock.close()
 
     def probe() -> None:
-        with httpx.Client(timeout=5) as http:
-            while not stop.is_set():
-                started = time.perf_counter()
-                try:
-                    status = str(http.get(health_url).status_code)
-                except httpx.HTTPError as exc:
-                    status = type(exc).__name__
-                probes.append((time.perf_counter() - started) * 1000)
-                counts.add("probe", status)
-                stop.wait(0.1)
+        while not stop.is_set():
+            started = time.perf_counter()
+            try:
+                status = str(httpx.get(health_url, timeout=5).status_code)
+            except httpx.HTTPError as exc:
+                status = type(exc).__name__
+            probes.append((time.perf_counter() - started) * 1000)
+            counts.add("probe", status)
+            stop.wait(0.1)
 
     workers = [valid, valid, valid, invalid, flood, oversize, slowloris, probe]
+    if hostile:
+        workers += hostile_clients(url, health_url, counts, stop)
     threads = [threading.Thread(target=worker, daemon=True) for worker in workers]
     for thread in threads:
         thread.start()
@@ -175,6 +325,7 @@ def main() -> None:
     parser.add_argument("--model", default="builtin://tiny")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", type=Path, default=Path(".out/soak"))
+    parser.add_argument("--no-hostile", action="store_true", help="leave out the hostile clients")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
 
@@ -211,7 +362,7 @@ def main() -> None:
             time.sleep(0.2)
         started = time.monotonic()
         samples.append({"t_s": 0.0, "rss_mib": rss_bytes(server.pid) / 2**20, "counts": {}})
-        threads = run_clients(url, health_url, counts, stop, probes)
+        threads = run_clients(url, health_url, counts, stop, probes, hostile=not args.no_hostile)
         end = started + args.minutes * 60
         while time.monotonic() < end:
             time.sleep(min(args.sample_s, max(0.0, end - time.monotonic())))
@@ -249,6 +400,14 @@ def summarize(
     for outcomes in counts.values():
         statuses.update(outcomes)
     server_errors = sum(n for status, n in statuses.items() if status.startswith("5"))
+    # What a well-behaved client saw: no 5xx, no failed connection.
+    behaved_errors = sum(
+        n
+        for kind, outcomes in counts.items()
+        if kind.split(":", 1)[0] in WELL_BEHAVED
+        for status, n in outcomes.items()
+        if not status[:1].isdigit() or status.startswith("5")
+    )
     lines = ["| time | RSS (MiB) | probe p50 / p99 (ms) |", "|---|---|---|"]
     for sample in samples:
         probe = (
@@ -267,13 +426,16 @@ def summarize(
     lines += [
         "",
         f"RSS at ready {samples[0]['rss_mib']:.0f} MiB, after the first minute {settled['rss_mib']:.0f} MiB, "
-        f"at the end {last['rss_mib']:.0f} MiB ({growth:+.1%}); 5xx answers: {server_errors}; "
+        f"at the end {last['rss_mib']:.0f} MiB ({growth:+.1%}); 5xx answers: {server_errors}, "
+        f"5xx or failed connections to well-behaved clients: {behaved_errors}; "
         f"probes: {len(probes)}, p99 {p99:.2f} ms; server exit code {code}",
     ]
     return {
         "statuses": dict(statuses),
         "rss_growth": growth,
         "server_errors": server_errors,
+        "well_behaved_errors": behaved_errors,
+        "probe_p99_ms": p99,
         "markdown": "\n".join(lines),
     }
 

@@ -92,6 +92,12 @@ def test_the_soak_runs_its_mixed_traffic_and_reports(tmp_path: Path) -> None:
     counts = report["samples"][-1]["counts"]
     assert counts["slowloris"].get("closed by server", 0) > 0, "half-sent requests were closed"
     assert counts["probe"].get("200", 0) > 0
+    assert report["well_behaved_errors"] == 0, counts
+    # The hostile clients ran beside them, and the server closed what they held.
+    assert counts["api-hold"].get("closed by server", 0) > 0, "idle connections past the cap made room"
+    assert counts["health-hold"].get("closed by server", 0) > 0
+    assert counts["bodiless"].get("200", 0) > 0
+    assert counts["nonreader"].get("closed by server", 0) > 0, "unread answers were cut"
     assert "| time | RSS (MiB) |" in out.stdout
 
 

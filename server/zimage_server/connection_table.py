@@ -11,8 +11,11 @@ Standard library only: the health process imports it.
 
 from __future__ import annotations
 
+import contextlib
+import socket
+import struct
 from collections.abc import Callable, Hashable
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 C = TypeVar("C", bound=Hashable)
 
@@ -51,3 +54,14 @@ class ConnectionTable(Generic[C]):
                 if evictable(conn):
                     return host, conn
         return None
+
+
+def reset(transport: Any) -> None:
+    """Close ``transport`` at once with a reset: what waits for its client, in the process and in
+    the kernel's send buffer, is dropped (a plain close would leave the kernel sending it to a
+    client that does not read)."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    transport.abort()

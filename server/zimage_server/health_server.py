@@ -15,7 +15,7 @@ import os
 import sys
 from typing import Any
 
-from .connection_table import ConnectionTable
+from .connection_table import ConnectionTable, reset
 from .health_board import PROBES, HealthBoard
 
 PATHS = {f"/healthz/{name}": name for name in PROBES}
@@ -97,7 +97,7 @@ class HealthServer:
                 found = self.table.victim(lambda conn: True)
                 if found is not None:
                     self.table.remove(*found)
-                    found[1].transport.abort()
+                    reset(found[1].transport)
             timeout = HEAD_TIMEOUT_S
             while True:
                 try:
@@ -114,7 +114,7 @@ class HealthServer:
                 try:
                     await asyncio.wait_for(writer.drain(), SEND_TIMEOUT_S)
                 except TimeoutError:
-                    writer.transport.abort()  # it does not read: drop what waits for it
+                    reset(writer.transport)  # it does not read: drop what waits for it
                     return
                 if not keep:
                     return
@@ -129,7 +129,7 @@ class HealthServer:
 async def _serve(board: HealthBoard, host: str, port: int, stall_s: float, parent: int) -> int:
     handler = HealthServer(board, stall_s)
     try:
-        server = await asyncio.start_server(handler.serve, host, port, limit=MAX_HEAD_BYTES)
+        server = await asyncio.start_server(handler.serve, host, port, limit=MAX_HEAD_BYTES, backlog=1024)
     except OSError as exc:
         print(f"zimage-server health: cannot listen on {host}:{port}: {exc}", file=sys.stderr)
         return 2

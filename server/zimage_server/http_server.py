@@ -34,7 +34,7 @@ import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from .config import Settings
-from .connection_table import ConnectionTable
+from .connection_table import ConnectionTable, reset
 from .errors import error_body
 
 logger = logging.getLogger(__name__)
@@ -127,7 +127,7 @@ class BoundedH11Protocol(H11Protocol):
         client that does not read)."""
         self._disarm()
         self._disarm_send()
-        self.transport.abort()
+        reset(self.transport)
 
     def data_received(self, data: bytes) -> None:
         if self._deadline is None and self.conn.their_state is h11.IDLE:

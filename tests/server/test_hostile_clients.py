@@ -29,6 +29,7 @@ from .conftest import RunningServer, ServerFactory
 pytestmark = pytest.mark.slow
 
 GEN = "/v1/images/generations"
+IP_BIND_ADDRESS_NO_PORT = 24  # Linux; not in the socket module before Python 3.12
 PROBE = b"GET /healthz/live HTTP/1.1\r\nHost: x\r\n\r\n"
 
 
@@ -44,6 +45,8 @@ def held(
             sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
             if receive_buffer is not None:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
+            # The port picked at connect: bound first, it may meet a closed one in TIME_WAIT.
+            sock.setsockopt(socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1)
             sock.bind((source, 0))
             sock.settimeout(10)
             sock.connect(("127.0.0.1", port))

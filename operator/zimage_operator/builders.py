@@ -513,6 +513,21 @@ def build_pdb(owner: Owner, spec: ZImageServiceSpec) -> Manifest:
     }
 
 
+def build_network_policy(owner: Owner) -> Manifest:
+    """The server pods admit the serving port only, from anywhere. The health port stays open
+    to the kubelet, which probes from the pod's own node: no NetworkPolicy can block that."""
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": _metadata(owner, owner.name, common_labels(owner)),
+        "spec": {
+            "podSelector": {"matchLabels": selector_labels(owner)},
+            "policyTypes": ["Ingress"],
+            "ingress": [{"ports": [{"protocol": "TCP", "port": PORT_NAME}]}],
+        },
+    }
+
+
 def build_cache_claim(owner: Owner, spec: ZImageServiceSpec) -> Manifest | None:
     cache = spec.model.cache
     if not spec.needs_cache or cache is None:

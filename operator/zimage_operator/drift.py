@@ -74,6 +74,9 @@ def foreign_changes(live: dict[str, Any], want: dict[str, Any]) -> list[dict[str
         if not exactly(live_selector, want_selector):
             ops.append(_replace("/spec/selector", live_selector, want_selector))
         return ops
+    if kind == "NetworkPolicy":  # the whole spec: a rule someone added would open the health port
+        live_spec, want_spec = _at(live, "spec"), _at(want, "spec")
+        return [] if exactly(live_spec, want_spec) else [_replace("/spec", live_spec, want_spec)]
     return []
 
 

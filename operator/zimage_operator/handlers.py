@@ -46,6 +46,7 @@ CHILDREN = [
     ("batch", "v1", "jobs"),
     ("", "v1", "persistentvolumeclaims"),
     ("autoscaling", "v2", "horizontalpodautoscalers"),
+    ("networking.k8s.io", "v1", "networkpolicies"),
 ]
 # KEDA's kinds (ScaledObject, HTTPScaledObject) are not watched: a watch on a kind whose CRD is
 # later deleted (KEDA uninstalled) fails inside Kopf with a 404 that stops the whole operator.

@@ -193,6 +193,8 @@ class Reconciler:
                 )
         desired.append(builders.build_service(owner, spec))
         desired.append(builders.build_pdb(owner, spec))
+        if spec.network_policy.enabled:
+            desired.append(builders.build_network_policy(owner))
 
         apply_error = None
         retry = False
@@ -267,7 +269,7 @@ class Reconciler:
 
     def _prune(self, owner: Owner, spec: ZImageServiceSpec, job_name: str) -> None:
         """Delete what this service owns but no longer wants: old prefetch Jobs, a cache
-        claim, an HPA after a switch to another autoscaling mode."""
+        claim, an HPA after a switch to another autoscaling mode, a NetworkPolicy turned off."""
         selector = f"{MANAGED_SELECTOR},app.kubernetes.io/instance={owner.name}"
         for job in self.kube.list_objects("batch/v1", "Job", owner.namespace, selector):
             name = job["metadata"]["name"]
@@ -294,6 +296,10 @@ class Reconciler:
             scaled = self.kube.get(api_version, kind, owner.namespace, owner.name)
             if scaled is not None and _owned_by(scaled, owner):
                 self.kube.delete(api_version, kind, owner.namespace, owner.name)
+        if not spec.network_policy.enabled:
+            policy = self.kube.get("networking.k8s.io/v1", "NetworkPolicy", owner.namespace, owner.name)
+            if policy is not None and _owned_by(policy, owner):
+                self.kube.delete("networking.k8s.io/v1", "NetworkPolicy", owner.namespace, owner.name)
         if not spec.needs_cache:
             claim = self.kube.get(
                 "v1", "PersistentVolumeClaim", owner.namespace, builders.cache_claim_name(owner)

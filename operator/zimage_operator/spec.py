@@ -120,6 +120,10 @@ class DisruptionSpec(_Model):
     max_unavailable: int | str = Field(1, alias="maxUnavailable")
 
 
+class NetworkPolicySpec(_Model):
+    enabled: bool = True
+
+
 class ApiKeySecretRef(SecretKeyRef):
     key: str = "keys"
 
@@ -139,6 +143,7 @@ class ZImageServiceSpec(_Model):
     scheduling: SchedulingSpec = Field(default_factory=SchedulingSpec)
     service: ServiceSpec = Field(default_factory=ServiceSpec)
     disruption: DisruptionSpec = Field(default_factory=DisruptionSpec)
+    network_policy: NetworkPolicySpec = Field(default_factory=NetworkPolicySpec, alias="networkPolicy")
     auth: AuthSpec = Field(default_factory=AuthSpec)
 
     @property

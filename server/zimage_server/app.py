@@ -117,8 +117,9 @@ def create_app(settings: Settings, memory_source: MemorySource | None = None) ->
     )
     if settings.authenticated:
         app.add_middleware(ApiKeyMiddleware, ring=key_ring(settings))
-    app.add_middleware(RequestMetricsMiddleware, metrics=metrics)
+    # A request cancelled at shutdown gets its JSON 503 there, and the metrics count that 503.
     app.add_middleware(LastWordMiddleware)
+    app.add_middleware(RequestMetricsMiddleware, metrics=metrics)
     app.include_router(router)
     if settings.playground:
         app.include_router(playground.router)

@@ -43,6 +43,11 @@ def read_key_file(path: str | os.PathLike[str]) -> frozenset[str]:
         raise ValueError(f"api_keys_file {str(path)!r} cannot be read: {type(exc).__name__}") from None
     if not keys:
         raise ValueError(f"api_keys_file {str(path)!r} holds no key")
+    if any("," in key for key in keys):
+        logger.warning(
+            "a key in api_keys_file holds a comma: keys there are one per line, the comma is part of "
+            "the key (put several keys on lines of their own)"
+        )
     return keys
 
 

@@ -111,8 +111,9 @@ class Settings(BaseSettings):
     max_connections: int = Field(
         1000,
         ge=1,
-        description="Open connections on the serving port; past it a new one gets 503 and is closed "
-        "(kept below the descriptor limit)",
+        description="Open connections on the serving port (kept below the descriptor limit); past it "
+        "the address holding the most closes its oldest idle one, and only when all are busy does a "
+        "new one get 503",
     )
 
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N")

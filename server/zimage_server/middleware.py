@@ -1,4 +1,5 @@
-"""ASGI middleware: request metrics by route and status, and the request body limit."""
+"""ASGI middleware: request metrics by route and status, the request's own bounds (head, body),
+and the last word for a request cancelled at shutdown."""
 
 from __future__ import annotations
 
@@ -118,7 +119,7 @@ async def _refuse(send: Send, status: int, message: str, code: str) -> None:
 
 
 class LastWordMiddleware:
-    """Outermost: a request whose handler was cancelled before it answered (uvicorn's shutdown
+    """A request whose handler was cancelled before it answered (uvicorn's shutdown
     cancels what is still running when its grace ends) gets the OpenAI-shaped 503 ``draining``
     instead of uvicorn's text/plain 500, and ends there."""
 

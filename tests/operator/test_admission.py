@@ -179,6 +179,8 @@ def _children(body: dict[str, Any]) -> list[dict[str, Any]]:
         builders.build_service(owner, spec),
         builders.build_pdb(owner, spec),
     ]
+    if spec.network_policy.enabled:
+        children.append(builders.build_network_policy(owner))
     if spec.autoscaling.mode == "hpa":
         children.append(builders.build_hpa(owner, spec))
     claim = builders.build_cache_claim(owner, spec)

@@ -377,6 +377,18 @@ def test_the_pdb_comes_from_the_disruption_spec() -> None:
     assert pdb["spec"]["selector"]["matchLabels"] == builders.selector_labels(OWNER)
 
 
+def test_the_network_policy_admits_the_serving_port_only() -> None:
+    policy = builders.build_network_policy(OWNER)
+    assert policy["spec"]["podSelector"] == {"matchLabels": builders.selector_labels(OWNER)}
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    # From anywhere, to the port the Service targets; the health port is in no rule.
+    assert policy["spec"]["ingress"] == [{"ports": [{"protocol": "TCP", "port": builders.PORT_NAME}]}]
+    service = builders.build_service(OWNER, parse_spec({}))
+    assert service["spec"]["ports"][0]["targetPort"] == builders.PORT_NAME
+    assert parse_spec({}).network_policy.enabled
+    assert not parse_spec({"networkPolicy": {"enabled": False}}).network_policy.enabled
+
+
 def test_a_cache_claim_is_built_only_for_a_cached_hub_model() -> None:
     assert builders.build_cache_claim(OWNER, parse_spec({"model": {"source": "builtin://tiny"}})) is None
     assert builders.build_cache_claim(OWNER, parse_spec({})) is None

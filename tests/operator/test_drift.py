@@ -82,3 +82,13 @@ def test_a_toleration_added_by_hand_is_removed() -> None:
     live = _served(want)
     live["spec"]["template"]["spec"]["tolerations"] = [{"key": "x", "operator": "Exists"}]
     assert foreign_changes(live, want) == [{"op": "remove", "path": "/spec/template/spec/tolerations"}]
+
+
+def test_a_rule_added_to_the_network_policy_is_put_back() -> None:
+    want = builders.build_network_policy(OWNER)
+    assert foreign_changes(copy.deepcopy(want), want) == []
+    live = copy.deepcopy(want)
+    live["spec"]["ingress"].append({"ports": [{"protocol": "TCP", "port": builders.HEALTH_PORT_NAME}]})
+    changes = foreign_changes(live, want)
+    assert [op["path"] for op in changes] == ["/spec"]
+    assert foreign_changes(jsonpatch.apply_patch(live, changes), want) == []

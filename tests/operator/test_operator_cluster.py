@@ -386,7 +386,14 @@ def test_deleting_the_service_collects_every_child(
 
     def gone() -> bool:
         leftovers = cluster.kubectl(
-            "get", "deployments,replicasets,pods,services,pdb", "-n", namespace, "-l", selector, "-o", "name"
+            "get",
+            "deployments,replicasets,pods,services,pdb,networkpolicies",
+            "-n",
+            namespace,
+            "-l",
+            selector,
+            "-o",
+            "name",
         )
         return leftovers.stdout.strip() == ""
 
@@ -470,6 +477,8 @@ CAN = [
     ("patch", "deployments.apps", "-n", "default"),
     ("patch", "services", "-n", "default"),
     ("patch", "poddisruptionbudgets.policy", "-n", "default"),
+    ("patch", "networkpolicies.networking.k8s.io", "-n", "default"),
+    ("delete", "networkpolicies.networking.k8s.io", "-n", "default"),
     ("delete", "jobs.batch", "-n", "default"),
     ("list", "pods", "-n", "default"),
     ("create", "events", "-n", "default"),
@@ -639,6 +648,38 @@ def test_a_vram_restart_is_recorded_as_an_event_and_in_the_status(
         "finishedAt": "2026-01-01T00:00:00Z",
         "message": message,
     }
+
+
+def test_a_network_policy_keeps_other_pods_off_the_health_port_and_goes_when_turned_off(
+    operator: LocalPodRunner, cluster: LocalCluster, api: client.ApiClient, namespace: str
+) -> None:
+    apply(cluster, namespace, zis("fenced"))
+    wait_ready(api, namespace, "fenced")
+    policies = client.NetworkingV1Api(api)
+    policy = wait_for(
+        lambda: policies.read_namespaced_network_policy("fenced", namespace), 30, "the NetworkPolicy"
+    )
+    assert policy.metadata.owner_references[0].kind == "ZImageService"
+    assert policy.spec.pod_selector.match_labels["app.kubernetes.io/instance"] == "fenced"
+    assert policy.spec.policy_types == ["Ingress"]
+    (rule,) = policy.spec.ingress
+    assert rule._from is None, "the serving port from anywhere"
+    assert [(port.protocol, port.port) for port in rule.ports] == [("TCP", "http")]
+
+    # A rule someone adds for the health port is put back.
+    opened = [{"op": "add", "path": "/spec/ingress/-", "value": {"ports": [{"port": "health"}]}}]
+    cluster.kubectl("patch", "networkpolicy/fenced", "-n", namespace, "--type=json", "-p", json.dumps(opened))
+    wait_for(
+        lambda: len(policies.read_namespaced_network_policy("fenced", namespace).spec.ingress) == 1,
+        30,
+        "the added rule to be removed",
+    )
+
+    apply(cluster, namespace, zis("fenced", networkPolicy={"enabled": False}))
+    wait_for(
+        lambda: not policies.list_namespaced_network_policy(namespace).items, 30, "the NetworkPolicy to go"
+    )
+    wait_ready(api, namespace, "fenced")
 
 
 def test_hpa_mode_makes_an_hpa_and_switching_away_removes_it(

@@ -6,6 +6,7 @@ their own; the kubelet's probes and the well-behaved clients come from 127.0.0.1
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -17,11 +18,13 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 
 from zimage_server import health_server
+from zimage_server.middleware import LastWordMiddleware
 from zimage_server.processes import free_port, free_ports
 
 from .conftest import RunningServer, ServerFactory
@@ -276,6 +279,31 @@ def test_a_drain_that_runs_out_of_time_answers_only_200_or_json_503(tiny_model_d
     log = proc.stdout.read()
     for sign in ("never retrieved", "Exception in ASGI application", "Traceback"):
         assert sign not in log, log[-3000:]
+
+
+def test_a_request_cancelled_at_shutdown_gets_a_json_503() -> None:
+    """uvicorn cancels what still runs when its shutdown's grace ends; the client gets the
+    OpenAI-shaped 503, not uvicorn's text/plain 500."""
+    sent: list[dict[str, Any]] = []
+
+    async def stuck(scope: Any, receive: Any, send: Any) -> None:
+        await asyncio.sleep(3600)
+
+    async def record(message: Any) -> None:
+        sent.append(message)
+
+    async def main() -> None:
+        app = LastWordMiddleware(stuck)
+        task = asyncio.create_task(app({"type": "http"}, None, record))
+        await asyncio.sleep(0.01)
+        task.cancel()
+        await task  # ends: the cancellation was answered
+
+    asyncio.run(main())
+    start, body = sent
+    assert start["status"] == 503
+    assert (b"content-type", b"application/json") in start["headers"]
+    assert json.loads(body["body"])["error"]["code"] == "draining"
 
 
 # -- what a client is told ----------------------------------------------------------------------

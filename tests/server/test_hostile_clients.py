@@ -292,9 +292,12 @@ def test_a_request_cancelled_at_shutdown_gets_a_json_503() -> None:
     async def record(message: Any) -> None:
         sent.append(message)
 
+    async def nothing() -> Any:
+        return {"type": "http.disconnect"}
+
     async def main() -> None:
         app = LastWordMiddleware(stuck)
-        task = asyncio.create_task(app({"type": "http"}, None, record))
+        task = asyncio.create_task(app({"type": "http"}, nothing, record))
         await asyncio.sleep(0.01)
         task.cancel()
         await task  # ends: the cancellation was answered

@@ -25,7 +25,7 @@ PATHS = {f"/healthz/{name}": name for name in PROBES}
 # pipelines requests and never reads) cuts its connection. Past MAX_CONNECTIONS open ones, the
 # address that holds the most loses its oldest (ConnectionTable), so a new probe always gets in.
 HEAD_TIMEOUT_S = 5.0
-IDLE_TIMEOUT_S = 30.0
+IDLE_TIMEOUT_S = 5.0  # the kubelet does not keep probe connections alive
 SEND_TIMEOUT_S = 5.0
 MAX_CONNECTIONS = 256
 MAX_HEAD_BYTES = 8192

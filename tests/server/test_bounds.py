@@ -122,3 +122,13 @@ def test_the_health_port_holds_idle_connections_without_threads(serve: ServerFac
     with connection(health_port) as half:
         half.sendall(b"GET /healthz/live HTTP/1.1\r\n")  # the kubelet never does this
         assert closed_within(half, health_server.HEAD_TIMEOUT_S + 5) < health_server.HEAD_TIMEOUT_S + 2
+
+
+def test_an_idle_kept_alive_connection_is_closed(serve: ServerFactory) -> None:
+    health_port = free_port()
+    server = serve(keep_alive_timeout_s=1.0, health_port=health_port)
+    for port, idle_s in ((server.port, 1.0), (health_port, health_server.IDLE_TIMEOUT_S)):
+        with connection(port) as sock:
+            sock.sendall(b"GET /healthz/live HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert sock.recv(65536).startswith(b"HTTP/1.1 200")
+            assert closed_within(sock, idle_s + 5) < idle_s + 2

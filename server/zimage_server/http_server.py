@@ -70,6 +70,8 @@ HEAD_TOO_LARGE = _refusal(
     "invalid_request_error",
     "request_header_too_large",
 )
+# How long a connection refused with a 400 or 431 stays to take the rest of the request unread.
+LINGER_S = 1.0
 RECEIVED = (h11.DONE, h11.MUST_CLOSE, h11.CLOSED, h11.ERROR)
 CutCounter = Callable[[str], None]
 
@@ -92,6 +94,7 @@ class BoundedH11Protocol(H11Protocol):
         self.host = "local"
         self._deadline: asyncio.TimerHandle | None = None
         self._send_deadline: asyncio.TimerHandle | None = None
+        self._discarding = False  # answered a request it could not parse: the rest is dropped
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -130,6 +133,8 @@ class BoundedH11Protocol(H11Protocol):
         reset(self.transport)
 
     def data_received(self, data: bytes) -> None:
+        if self._discarding:
+            return
         if self._deadline is None and self.conn.their_state is h11.IDLE:
             self._arm()  # the first bytes of the next request on a kept-alive connection
         super().data_received(data)
@@ -145,7 +150,13 @@ class BoundedH11Protocol(H11Protocol):
     def send_400_response(self, msg: str) -> None:
         oversized = len(self.conn.trailing_data[0]) > MAX_HEAD_BYTES
         self.transport.write(HEAD_TOO_LARGE if oversized else BAD_REQUEST)
-        self.transport.close()
+        # Closed with the rest of the client's request unread, the socket would be reset and
+        # the answer lost: end our side, drop what still comes, and close soon after.
+        self._discarding = True
+        self._disarm()
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+        self.loop.call_later(LINGER_S, self.transport.close)
 
     # -- the request's arrival -------------------------------------------------------------
 

@@ -7,6 +7,7 @@ from typing import Annotated, Literal
 
 from annotated_types import Ge, Le
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -20,7 +21,7 @@ from pydantic import (
 OutputFormat = Literal["png", "jpeg", "webp"]
 
 MEDIA_TYPES: dict[str, str] = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
-MAX_SEED = 2**63 - 1
+MAX_SEED = 2**63
 # Seeds the server draws stay below 2**53: a JavaScript client (the playground among them)
 # holds an integer exactly only up to there, and would send back a different seed.
 RANDOM_SEED_LIMIT = 2**53
@@ -33,7 +34,18 @@ def _integral(value: object) -> object:
 # An integer as JSON Schema means it: 2 and 2.0, never "2", 2.5 or true.
 JsonInt = Annotated[int, Strict(), BeforeValidator(_integral)]
 Compression = Annotated[int, Strict(), Ge(0), Le(100), BeforeValidator(_integral)]
-Seed = Annotated[int, Strict(), Ge(0), Le(MAX_SEED), BeforeValidator(_integral)]
+
+
+def _seed_in_range(value: int) -> int:
+    # Past MAX_SEED by less than a double's rounding, a number is MAX_SEED to a client (or a JSON
+    # Schema validator) that reads JSON numbers as doubles: 9223372036854776000 is 2**63 there.
+    # The seed is used as sent; the CPU generators take any seed below 2**64.
+    if value > MAX_SEED and float(value) > MAX_SEED:
+        raise ValueError(f"Input should be less than or equal to {MAX_SEED}")
+    return value
+
+
+Seed = Annotated[int, Strict(), Ge(0), AfterValidator(_seed_in_range), BeforeValidator(_integral)]
 # The OpenAI Images API allows 0 to 3 partial images per image.
 MAX_PARTIAL_IMAGES = 3
 PartialCount = Annotated[int, Strict(), Ge(0), Le(MAX_PARTIAL_IMAGES), BeforeValidator(_integral)]
@@ -67,7 +79,9 @@ class ImageGenerationRequest(BaseModel):
         description="With stream: also 'zimage.queue' and 'zimage.progress' events (queue position, "
         "steps done); an extension the OpenAI clients do not read",
     )
-    seed: Seed | None = Field(None, description="Same seed, same image")
+    seed: Seed | None = Field(
+        None, description="Same seed, same image", json_schema_extra={"maximum": MAX_SEED}
+    )
     num_inference_steps: JsonInt | None = Field(None, description="Denoising steps (Turbo: 8)")
     # Accepted for compatibility with OpenAI clients; they do not change the result.
     quality: Literal["auto", "standard", "hd", "low", "medium", "high"] | None = None
@@ -92,32 +106,36 @@ class ImageGenerationRequest(BaseModel):
         return "jpeg" if value == "jpg" else value
 
 
-# A character that draws something: in the Basic Multilingual Plane, not whitespace, not a
-# control, format, private-use or filler character (zero-width space, joiners, direction marks,
-# the byte-order mark, variation selectors, the Hangul fillers, the blank Braille pattern); past
-# it, anything in planes 1 to 13 (emoji, rare CJK), not the tag characters, variation selectors
-# and private use of planes 14 to 16. One expression for the check and the published schema,
-# read on UTF-16 code units: so ECMA 262 (JSON Schema's dialect, without the u flag) reads it as
-# written, and the check hands Python the prompt with each character past the BMP as its two
-# surrogates. Escapes, not the characters: the published document is JSON, which cannot hold a
-# lone surrogate.
-VISIBLE = (
-    r"[^\s\x00-\x1f\x7f-\x9f\u00ad\u034f\u061c\u115f\u1160\u17b4\u17b5\u180e\u200b-\u200f"
-    r"\u202a-\u202e\u2060-\u206f\u2800\u3164\ud800-\udfff\ue000-\uf8ff\ufe00-\ufe0f\ufeff\uffa0"
-    r"\ufff9-\ufffb]|[\ud800-\udb3f][\udc00-\udfff]"
-)
+# Characters of the Basic Multilingual Plane that draw nothing: whitespace (Python's and ECMA
+# 262's), controls, format characters (zero-width space, joiners, direction marks, the byte-order
+# mark, soft hyphen), variation selectors, the Hangul fillers, the blank Braille pattern, the
+# surrogates and private use.
+INVISIBLE = (
+    (0x0000, 0x0020), (0x007F, 0x00A0), (0x00AD, 0x00AD), (0x034F, 0x034F), (0x061C, 0x061C),
+    (0x115F, 0x1160), (0x1680, 0x1680), (0x17B4, 0x17B5), (0x180E, 0x180E), (0x2000, 0x200F),
+    (0x2028, 0x202F), (0x205F, 0x206F), (0x2800, 0x2800), (0x3000, 0x3000), (0x3164, 0x3164),
+    (0xD800, 0xF8FF), (0xFE00, 0xFE0F), (0xFEFF, 0xFEFF), (0xFFA0, 0xFFA0), (0xFFF9, 0xFFFB),
+)  # fmt: skip
+
+
+def _visible_class() -> str:
+    ranges, start = [], 0
+    for low, high in INVISIBLE:
+        if start < low:
+            ranges.append((start, low - 1))
+        start = high + 1
+    ranges.append((start, 0xFFFF))
+    return "[" + "".join(f"\\u{a:04x}" + (f"-\\u{b:04x}" if b > a else "") for a, b in ranges) + "]"
+
+
+# A character that draws something: one of the BMP's, not INVISIBLE. Listed rather than negated,
+# so that the check and the published schema's pattern are one expression that Python (on code
+# points) and ECMA 262 (JSON Schema's dialect, on UTF-16 code units, without the u flag) read
+# alike: neither finds a match in a character past the BMP (code point or surrogates), so such
+# characters (emoji among them) do not make a prompt on their own. Escapes, not the characters:
+# the published document is JSON, which cannot hold a lone surrogate.
+VISIBLE = _visible_class()
 _VISIBLE = re.compile(VISIBLE)
-_ASTRAL = re.compile("[\U00010000-\U0010ffff]")
-
-
-def _surrogates(match: re.Match[str]) -> str:
-    offset = ord(match.group()) - 0x10000
-    return chr(0xD800 + (offset >> 10)) + chr(0xDC00 + (offset & 0x3FF))
-
-
-def utf16_units(value: str) -> str:
-    """``value`` with each character past the BMP spelt as its UTF-16 surrogate pair."""
-    return _ASTRAL.sub(_surrogates, value)
 
 
 def check_prompt_text(value: str) -> str:
@@ -129,8 +147,11 @@ def check_prompt_text(value: str) -> str:
             f"the prompt holds an unpaired UTF-16 surrogate at character {exc.start}; "
             "send well-formed Unicode text"
         ) from None
-    if _VISIBLE.search(utf16_units(value)) is None:
-        raise ValueError("the prompt is empty; describe the image to generate")
+    if _VISIBLE.search(value) is None:
+        raise ValueError(
+            "the prompt is empty: it has no visible character (a letter, digit, punctuation mark or "
+            "symbol of the Basic Multilingual Plane; emoji alone do not count); describe the image"
+        )
     return value
 
 

@@ -19,7 +19,7 @@ from .encoding import encode_image
 from .engine import Engine, Job
 from .errors import APIError, bad_request
 from .metrics import Metrics
-from .protocol import MAX_SEED, RANDOM_SEED_LIMIT, ImageGenerationRequest, OutputFormat
+from .protocol import RANDOM_SEED_LIMIT, ImageGenerationRequest, OutputFormat
 from .state import Phase, ServerState
 
 
@@ -131,7 +131,7 @@ class ImageService:
             width=width,
             height=height,
             steps=steps,
-            seeds=[(seed + i) % (MAX_SEED + 1) for i in range(req.n)],
+            seeds=[(seed + i) % 2**64 for i in range(req.n)],  # what the generators take
             output_format=req.output_format or "png",
             quality=quality,
             stream=bool(req.stream),

@@ -107,7 +107,7 @@ class Autoscaler:
                 int(load.get("in_flight", 0)),
                 float(load.get("pending_gpu_seconds", 0.0)),
                 artifacts=artifacts.get("state"),
-                artifact=artifacts.get("artifact"),
+                artifact=artifact_file(artifacts.get("artifact")),
                 serving=bool(load.get("ready", True)),
             )
         except (httpx.HTTPError, ValueError) as exc:
@@ -154,3 +154,11 @@ class Autoscaler:
                 body, "Normal", verb, f"{current} -> {decision.desired} replicas: {decision.reason}"
             )
             await asyncio.to_thread(self.reconciler.reconcile, owner.namespace, owner.name)
+
+
+def artifact_file(artifact: Any) -> str | None:
+    """The artifact's file name in the shared folder, what the status names: a server's /load
+    gives the artifact's key (a client-facing answer names no file), older servers the name."""
+    if not isinstance(artifact, str) or not artifact:
+        return None
+    return artifact if artifact.endswith(".bin") else f"zimage-compile-{artifact}.bin"

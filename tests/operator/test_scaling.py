@@ -97,3 +97,16 @@ def test_artifacts_are_unknown_without_a_report() -> None:
     warming = PodLoad("a", True, artifacts="absent", artifact="zimage-compile-1.bin", serving=False)
     for pods in ([], [PodLoad("a", False)], [PodLoad("a", True)], [warming]):
         assert artifacts_status(pods)["state"] == "Unknown"
+
+
+def test_the_status_names_the_artifact_file_the_server_keys() -> None:
+    from zimage_operator.autoscaler import artifact_file
+    from zimage_server import compile_artifacts
+
+    path = compile_artifacts.artifact_path("/shared", {"gpu": "H100", "torch": "2.11"})
+    key = compile_artifacts.artifact_key(path)
+    assert "/" not in key
+    assert not key.endswith(".bin"), "the server's answer names no file"
+    assert artifact_file(key) == path.name
+    assert artifact_file(path.name) == path.name, "what older servers sent"
+    assert artifact_file(None) is None

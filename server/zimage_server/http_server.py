@@ -123,7 +123,11 @@ class BoundedH11Protocol(H11Protocol):
     def evict(self) -> None:
         self.table.remove(self.host, self)
         self.on_cut("evicted")
-        self._drop()
+        if self.flow.write_paused or self.transport.get_write_buffer_size():
+            self._drop()  # it does not read: what waits for it goes too
+        else:  # an idle one is closed as a keep-alive timeout would close it
+            self._disarm()
+            self.transport.close()
 
     def _drop(self) -> None:
         """Close now; what waits in the write buffer is discarded (``close`` would wait for a

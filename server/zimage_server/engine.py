@@ -31,7 +31,7 @@ from PIL import Image
 
 from .config import Settings
 from .cost_model import CostModel
-from .errors import APIError
+from .errors import APIError, draining_error
 from .metrics import Metrics
 from .runner import BatchResult, BatchSpec, PipelineRunner
 
@@ -152,15 +152,7 @@ class Engine:
         while self._jobs:
             job = self._jobs.popleft()
             if not job.future.done():
-                job.future.set_exception(
-                    APIError(
-                        503,
-                        "the server is shutting down; retry, another replica will answer",
-                        type="server_error",
-                        code="draining",
-                        headers={"Retry-After": "1"},
-                    )
-                )
+                job.future.set_exception(draining_error("stopped before this request was answered"))
         self._update_gauges()
         for worker in self.workers:
             worker.thread.shutdown(wait=False, cancel_futures=True)

@@ -40,6 +40,17 @@ def bad_request(message: str, param: str | None = None, code: str = "invalid_val
     return APIError(400, message, param=param, code=code)
 
 
+def draining_error(what: str) -> APIError:
+    """503 ``draining``: the server is shutting down and ``what``."""
+    return APIError(
+        503,
+        f"the server is shutting down and {what}; retry, another replica will answer",
+        type="server_error",
+        code="draining",
+        headers={"Retry-After": "1"},
+    )
+
+
 def invalid_json(detail: str | None = None) -> APIError:
     return bad_request(
         f"the request body is not valid JSON{f' ({detail})' if detail else ''}; send a JSON object "

@@ -10,7 +10,7 @@ import time
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .errors import error_body
+from .errors import draining_error, error_body
 from .metrics import Metrics
 
 
@@ -146,14 +146,8 @@ class LastWordMiddleware:
             task = asyncio.current_task()
             if task is not None:
                 task.uncancel()
-            body = json.dumps(
-                error_body(
-                    "the server is shutting down and could not finish this request; retry, another "
-                    "replica will answer",
-                    "server_error",
-                    code="draining",
-                )
-            ).encode()
+            refusal = draining_error("could not finish this request")
+            body = json.dumps(error_body(refusal.message, refusal.type, code=refusal.code)).encode()
             await send(
                 {
                     "type": "http.response.start",

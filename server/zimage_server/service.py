@@ -17,7 +17,7 @@ from PIL import Image
 from .config import Settings
 from .encoding import encode_image
 from .engine import Engine, Job
-from .errors import APIError, bad_request
+from .errors import APIError, bad_request, draining_error
 from .metrics import Metrics
 from .protocol import RANDOM_SEED_LIMIT, ImageGenerationRequest, OutputFormat
 from .state import Phase, ServerState
@@ -166,19 +166,13 @@ class ImageService:
             code="timeout",
         )
 
-    def draining_error(self, what: str = "could not finish this request in its drain time") -> APIError:
-        return APIError(
-            503,
-            f"the server is shutting down and {what}; retry, another replica will answer",
-            type="server_error",
-            code="draining",
-            headers={"Retry-After": "1"},
-        )
+    def draining_error(self) -> APIError:
+        return draining_error("could not finish this request in its drain time")
 
     def admit(self, params: GenerationParams) -> Job:
         """Queue the work, or raise the 503 or 429 that says why not."""
         if self.state.draining:
-            raise self.draining_error("takes no new work")
+            raise draining_error("takes no new work")
         if self.state.phase is Phase.FAILED:
             raise APIError(
                 503,

@@ -39,9 +39,6 @@ class ConnectionTable(Generic[C]):
         if not held:
             del self._by_host[host]
 
-    def held_by(self, host: str) -> int:
-        return len(self._by_host.get(host, ()))
-
     @property
     def full(self) -> bool:
         return self.count > self.limit

@@ -134,22 +134,30 @@ REOPEN_PER_PASS = 250
 
 
 def hold(
-    port: int, count: int, source: str, kind: str, counts: Counts, stop: threading.Event, first: bytes = b""
+    port: int,
+    count: int,
+    source: str,
+    kind: str,
+    counts: Counts,
+    stop: threading.Event,
+    first: bytes = b"",
+    pipelining: bool = False,
 ) -> None:
-    """Keep ``count`` connections open from ``source``, reopening those the server closes; each
-    sends ``first`` (what fits) and never reads an answer."""
+    """Keep ``count`` connections open from ``source``, reopening those the server closes
+    (``REOPEN_PER_PASS`` every 2 s); each sends ``first`` (what fits). A ``pipelining`` one has a
+    small receive buffer and is never read, so whether the server closed it is not looked at."""
     held: list[socket.socket] = []
     while not stop.is_set():
         alive = []
         for sock in held:
-            if first or not closed(sock):  # a pipelining one is never read
+            if pipelining or not closed(sock):
                 alive.append(sock)
             else:
                 counts.add(kind, "closed by server")
                 sock.close()
         held = alive
         for _ in range(min(count - len(held), REOPEN_PER_PASS)):
-            sock = connect(port, source, receive_buffer=4096 if first else None)
+            sock = connect(port, source, receive_buffer=4096 if pipelining else None)
             if sock is None:
                 counts.add(kind, "connect failed")
                 break
@@ -170,7 +178,7 @@ def hostile_clients(url: str, health_url: str, counts: Counts, stop: threading.E
         hold(health_port, 3000, "127.0.0.2", "health-hold", counts, stop)
 
     def health_pipeline() -> None:
-        hold(health_port, 300, "127.0.0.3", "health-pipeline", counts, stop, first=probe * 2000)
+        hold(health_port, 300, "127.0.0.3", "health-pipeline", counts, stop, probe * 2000, pipelining=True)
 
     def api_hold() -> None:
         hold(port, 3000, "127.0.0.4", "api-hold", counts, stop)
@@ -288,31 +296,8 @@ def run_clients(
                 stop.wait(1)
 
     def slowloris() -> None:
-        held: list[socket.socket] = []
-        port = int(url.rsplit(":", 1)[1])
-        while not stop.is_set():
-            while len(held) < 50:
-                sock = socket.create_connection((HOST, port), timeout=5)
-                sock.sendall(b"POST /v1/images/generations HTTP/1.1\r\nHost: x\r\n")
-                held.append(sock)
-            stop.wait(1)
-            alive = []
-            for sock in held:  # the server closes them; count and replace
-                sock.setblocking(False)
-                try:
-                    closed = sock.recv(1) == b""
-                except BlockingIOError:
-                    closed = False
-                except OSError:
-                    closed = True
-                if closed:
-                    counts.add("slowloris", "closed by server")
-                    sock.close()
-                else:
-                    alive.append(sock)
-            held = alive
-        for sock in held:
-            sock.close()
+        half = b"POST /v1/images/generations HTTP/1.1\r\nHost: x\r\n"
+        hold(port_of(url), 50, HOST, "slowloris", counts, stop, first=half)
 
     def probe() -> None:
         # The kubelet is a process of its own: timed here among the client threads, a probe

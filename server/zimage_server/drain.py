@@ -18,8 +18,8 @@ import uvicorn
 from fastapi import FastAPI
 
 from .engine import Engine
+from .errors import draining_error
 from .metrics import Metrics
-from .service import ImageService
 from .state import ServerState
 
 logger = logging.getLogger(__name__)
@@ -69,8 +69,7 @@ class DrainingServer(uvicorn.Server):
             await asyncio.wait_for(engine.wait_idle(), self.drain_seconds)
             logger.info("drained: every accepted request is answered")
         except TimeoutError:
-            service: ImageService = self.fastapi.state.service
-            count = engine.abandon(service.draining_error)
+            count = engine.abandon(lambda: draining_error("could not finish this request in its drain time"))
             # A batch may still run on a GPU; its images have no one to go to now, and the
             # interpreter's exit would wait for it (cli.py ends the process without it).
             self.fastapi.state.abandoned = count

@@ -166,9 +166,6 @@ class ImageService:
             code="timeout",
         )
 
-    def draining_error(self) -> APIError:
-        return draining_error("could not finish this request in its drain time")
-
     def admit(self, params: GenerationParams) -> Job:
         """Queue the work, or raise the 503 or 429 that says why not."""
         if self.state.draining:

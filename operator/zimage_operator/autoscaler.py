@@ -17,7 +17,7 @@ from .builders import Owner
 from .config import OperatorSettings
 from .kube import Kube
 from .metrics import DECISIONS
-from .reconcile import EventSink, Reconciler
+from .reconcile import EventSink, Reconciler, owns
 from .scaling import Decision, History, PodLoad, artifacts_status, decide
 from .spec import InvalidSpecError, parse_spec
 from .status import now_rfc3339
@@ -71,8 +71,8 @@ class Autoscaler:
         deployment = await asyncio.to_thread(
             self.kube.get, "apps/v1", "Deployment", owner.namespace, owner.name
         )
-        if deployment is None:
-            return True
+        if deployment is None or not owns(deployment, owner):
+            return True  # not made yet, or someone else's (the reconciler reports a NameConflict)
         current = int((deployment.get("spec") or {}).get("replicas") or 0)
         if current == 0 and spec.needs_cache:
             return True  # waiting for the model cache; the reconciler owns this

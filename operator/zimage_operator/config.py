@@ -37,6 +37,9 @@ class OperatorSettings(BaseSettings):
         "http://prometheus-operated.monitoring.svc:9090",
         description="Prometheus that KEDA queries for the servers' metrics (autoscaling.mode keda)",
     )
+    permission_check_seconds: float = Field(
+        60.0, gt=0, description="How often the account's permissions are checked against what it needs"
+    )
     health_host: str = Field("0.0.0.0", description="Address of the liveness endpoint")
     health_port: int = Field(8080, ge=1, le=65535)
     log_level: str = "info"

@@ -33,6 +33,7 @@ from .builders import GROUP, KIND, PLURAL, VERSION
 from .config import FIELD_MANAGER, OperatorSettings
 from .kube import OUTAGE, Kube
 from .metrics import SERVICE_LOOPS, start_health_server
+from .permissions import REPORT, missing_permissions
 from .reconcile import Reconciler, TemporaryFailureError
 from .scaling import History
 
@@ -110,6 +111,25 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     memo.loops = {}
     memo.autoscaler = Autoscaler(kube, memo.reconciler, operator_settings, post_event)
     memo.health = await start_health_server(operator_settings.health_host, operator_settings.health_port)
+    if operator_settings.namespaces:
+        # The namespaces are named exactly: nothing to discover, and a namespaced account may not
+        # list namespaces (Kopf would retry that refusal forever).
+        settings.scanning.disabled = True
+    memo.permissions = asyncio.create_task(check_permissions(kube, operator_settings))
+
+
+async def check_permissions(kube: Kube, settings: OperatorSettings) -> None:
+    """Compare the account's permissions with what the operator needs, now and every
+    ``permission_check_seconds`` (a grant or a revocation shows without a restart)."""
+    while True:
+        try:
+            missing = await asyncio.to_thread(missing_permissions, kube.api_client, settings.namespaces)
+        except Exception as exc:
+            if not OUTAGE.record(exc):
+                logger.warning("cannot check the operator's permissions: %s: %s", type(exc).__name__, exc)
+        else:
+            REPORT.update(missing)
+        await asyncio.sleep(settings.permission_check_seconds)
 
 
 class _Backoffs:
@@ -122,6 +142,9 @@ class _Backoffs:
 
 
 async def stop(memo: kopf.Memo, **_: Any) -> None:
+    checker = getattr(memo, "permissions", None)
+    if checker is not None:
+        checker.cancel()
     health = getattr(memo, "health", None)
     if health is not None:
         await health.cleanup()

@@ -56,7 +56,9 @@ class Kube:
         items = self._resource(api_version, kind).get(namespace=namespace, label_selector=selector).items
         return [item.to_dict() for item in items]
 
-    def apply(self, manifest: dict[str, Any]) -> dict[str, Any]:
+    def apply(self, manifest: dict[str, Any], *, force: bool = True) -> dict[str, Any]:
+        """Server-side apply; ``force`` takes over fields another manager set (only ever on an
+        object the operator owns)."""
         meta = manifest["metadata"]
         WRITES.labels(manifest["kind"], "apply").inc()
         logger.info("applying %s %s/%s", manifest["kind"], meta["namespace"], meta["name"])
@@ -65,7 +67,19 @@ class Kube:
             name=meta["name"],
             namespace=meta["namespace"],
             field_manager=FIELD_MANAGER,
-            force_conflicts=True,
+            force_conflicts=force,
+        )
+        result: dict[str, Any] = obj.to_dict()
+        return result
+
+    def defaulted(self, manifest: dict[str, Any]) -> dict[str, Any]:
+        """``manifest`` as the API server would store it, defaults filled in: a server-side dry
+        run of creating it under a generated name (nothing is stored)."""
+        body = json.loads(json.dumps(manifest))
+        meta = body["metadata"]
+        meta["generateName"] = f"{meta.pop('name')[:50]}-"
+        obj = self._resource(manifest["apiVersion"], manifest["kind"]).create(
+            body=body, namespace=meta["namespace"], dry_run="All"
         )
         result: dict[str, Any] = obj.to_dict()
         return result

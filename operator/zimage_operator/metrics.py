@@ -7,6 +7,8 @@ import logging
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, generate_latest
 
+from .permissions import REPORT
+
 logger = logging.getLogger(__name__)
 
 RECONCILES = Counter(
@@ -34,7 +36,11 @@ API_REACHABLE.set(1)
 
 
 async def _healthz(request: web.Request) -> web.Response:
-    # Answered by the operator's own event loop: when that stalls or dies, liveness fails.
+    # Answered by the operator's own event loop: when that stalls or dies, liveness fails; and
+    # while the operator's account may not watch what it serves (a restart may pick up a grant).
+    problem = REPORT.health_problem()
+    if problem is not None:
+        return web.Response(status=503, text=f"{problem}\n")
     return web.Response(text="ok\n")
 
 

@@ -19,7 +19,7 @@ from kubernetes.client.rest import ApiException
 
 from . import builders
 from .builders import Manifest, Owner
-from .config import OperatorSettings
+from .config import FIELD_MANAGER, OperatorSettings
 from .drift import contains, foreign_changes
 from .kube import OUTAGE, Kube, api_message, is_temporary, namespace_terminating
 from .metrics import ERRORS, RECONCILES
@@ -31,6 +31,7 @@ from .status import (
     merge_conditions,
     model_state,
     now_rfc3339,
+    scaling_condition,
     transitions,
 )
 
@@ -41,6 +42,13 @@ EventSink = Callable[[dict[str, Any], str, str, str], None]
 MANAGED_SELECTOR = "app.kubernetes.io/managed-by=zimage-operator"
 # The start of the server's termination message when liveness failed for VRAM.
 VRAM_MARKER = "zimage: VRAM limit exceeded"
+
+
+# Children compared field for field with their rendering as the API server stores it.
+DEFAULTED_KINDS = frozenset({"Deployment", "Service", "PodDisruptionBudget", "NetworkPolicy"})
+# Children deleted and created again when an edit leaves them unable to take the rendering.
+RECREATED_KINDS = frozenset({"PodDisruptionBudget", "NetworkPolicy"})
+MAX_DEFAULTS = 1024
 
 
 class TemporaryFailureError(RuntimeError):
@@ -62,6 +70,7 @@ class Reconciler:
     _seen_restarts: set[tuple[str, str, int]] = field(default_factory=set)
     _failures: dict[str, str] = field(default_factory=dict)  # namespace/name -> the problem last logged
     _guard: threading.Lock = field(default_factory=threading.Lock)
+    _defaults: dict[str, dict[str, Any] | None] = field(default_factory=dict)  # rendering -> defaulted
 
     def _lock(self, key: str) -> threading.Lock:
         with self._guard:
@@ -150,6 +159,10 @@ class Reconciler:
         )
         model = model_state(spec.needs_cache, job, job_pods)
         live_deployment = self.kube.get("apps/v1", "Deployment", owner.namespace, owner.name)
+        if live_deployment is not None and not owns(live_deployment, owner):
+            foreign_deployment, live_deployment = live_deployment, None
+        else:
+            foreign_deployment = None
         current = None if live_deployment is None else (live_deployment.get("spec") or {}).get("replicas")
         if spec.autoscaling.mode == "builtin":
             scaled = ((body.get("status") or {}).get("autoscaling") or {}).get("desiredReplicas")
@@ -196,14 +209,41 @@ class Reconciler:
         if spec.network_policy.enabled:
             desired.append(builders.build_network_policy(owner))
 
+        lives = [
+            foreign_deployment or live_deployment
+            if manifest["kind"] == "Deployment"
+            else self.kube.get(
+                manifest["apiVersion"], manifest["kind"], owner.namespace, manifest["metadata"]["name"]
+            )
+            for manifest in desired
+        ]
+        conflicts = [
+            f"{manifest['kind']} {owner.namespace}/{manifest['metadata']['name']}"
+            for manifest, live in zip(desired, lives, strict=True)
+            if live is not None and not owns(live, owner)
+        ]
+        if conflicts:
+            # Someone else's objects carry the names this service's children need: nothing is
+            # written, adopted or deleted until they are gone or the service is renamed.
+            message = (
+                f"{', '.join(conflicts)} already exist{'s' if len(conflicts) == 1 else ''} and "
+                f"{'was' if len(conflicts) == 1 else 'were'} not created by this ZImageService; "
+                "it is left alone. Rename the ZImageService, or delete or rename "
+                f"{'that object' if len(conflicts) == 1 else 'those objects'}"
+            )
+            self._log_once(owner.namespace, owner.name, message)
+            self._write_status(
+                body, owner, generation, spec=spec, replicas=replicas, model=model,
+                conflict=message,
+            )  # fmt: skip
+            return False
+
         apply_error = None
         retry = False
         deployment = live_deployment
-        for manifest in desired:
+        for manifest, live in zip(desired, lives, strict=True):
             try:
-                result = self._converge(
-                    manifest, live_deployment if manifest["kind"] == "Deployment" else None
-                )
+                result = self._converge(manifest, live)
             except ApiException as exc:
                 if OUTAGE.covers(exc):
                     raise
@@ -247,25 +287,62 @@ class Reconciler:
 
     def _converge(self, manifest: Manifest, live: dict[str, Any] | None) -> dict[str, Any] | None:
         """Make the live child hold ``manifest``, writing nothing when it already does: first put
-        back what others added where the operator owns whole sections, then apply."""
+        back what others added where the operator owns whole sections, then apply. ``live`` is
+        the child as read in this pass (None: not there), one the service owns."""
         meta = manifest["metadata"]
         if live is None:
-            live = self.kube.get(manifest["apiVersion"], manifest["kind"], meta["namespace"], meta["name"])
-        if live is None:
+            # Created without forcing: if someone else made it since it was read, the apply
+            # fails with a conflict and the next pass finds a NameConflict.
+            return self.kube.apply(manifest, force=False)
+        changes = foreign_changes(live, manifest, self._defaulted(manifest))
+        try:
+            if changes:
+                logger.info(
+                    "putting back %s %s/%s: %s",
+                    manifest["kind"],
+                    meta["namespace"],
+                    meta["name"],
+                    ", ".join(op["path"] for op in changes),
+                )
+                live = self.kube.json_patch(manifest, changes)
+            if contains(live, manifest):
+                return live
             return self.kube.apply(manifest)
-        changes = foreign_changes(live, manifest)
-        if changes:
+        except ApiException as exc:
+            if exc.status != 422 or manifest["kind"] not in RECREATED_KINDS:
+                raise
+            # Edited into something that cannot take the rendering (a PDB given minAvailable
+            # beside maxUnavailable): made anew.
             logger.info(
-                "putting back %s %s/%s: %s",
-                manifest["kind"],
-                meta["namespace"],
-                meta["name"],
-                ", ".join(op["path"] for op in changes),
+                "recreating %s %s/%s: %s", manifest["kind"], meta["namespace"], meta["name"], api_message(exc)
             )
-            live = self.kube.json_patch(manifest, changes)
-        if contains(live, manifest):
-            return live
-        return self.kube.apply(manifest)
+            self.kube.delete(manifest["apiVersion"], manifest["kind"], meta["namespace"], meta["name"])
+            return self.kube.apply(manifest, force=False)
+
+    def _defaulted(self, manifest: Manifest) -> dict[str, Any] | None:
+        """``manifest`` with the API server's defaults (kept per rendering), or None where the
+        dry run is refused: then only the sections the operator owns whole are compared."""
+        if manifest["kind"] not in DEFAULTED_KINDS:
+            return None
+        key = json.dumps(manifest, sort_keys=True)
+        with self._guard:
+            if key in self._defaults:
+                return self._defaults[key]
+        try:
+            found: dict[str, Any] | None = self.kube.defaulted(manifest)
+        except ApiException as exc:
+            if OUTAGE.covers(exc) or is_temporary(exc):
+                raise
+            meta = manifest["metadata"]
+            self._log_once(
+                meta["namespace"], meta["name"], f"cannot dry-run {manifest['kind']}: {api_message(exc)}"
+            )
+            found = None
+        with self._guard:
+            if len(self._defaults) >= MAX_DEFAULTS:
+                self._defaults.clear()
+            self._defaults[key] = found
+        return found
 
     def _prune(self, owner: Owner, spec: ZImageServiceSpec, job_name: str) -> None:
         """Delete what this service owns but no longer wants: old prefetch Jobs, a cache
@@ -322,10 +399,12 @@ class Reconciler:
         model: ModelState | None = None,
         blocked: tuple[str, str] | None = None,
         vram_restart: dict[str, Any] | None = None,
+        conflict: str | None = None,
     ) -> None:
         previous = body.get("status") or {}
         conditions = compute_conditions(
             invalid=invalid,
+            conflict=conflict,
             apply_error=apply_error,
             blocked=blocked,
             model=model or model_state(False, None),
@@ -333,6 +412,11 @@ class Reconciler:
             deployment=deployment,
             pods=pods or [],
         )
+        if spec is not None and invalid is None:
+            scaling = spec.autoscaling
+            conditions.append(
+                scaling_condition(scaling.mode, spec.replicas, scaling.min_replicas, scaling.max_replicas)
+            )
         merged = merge_conditions(previous.get("conditions") or [], conditions, generation, now_rfc3339())
         dep_status = (deployment or {}).get("status") or {}
         status: dict[str, Any] = {
@@ -393,6 +477,14 @@ class Reconciler:
 
 def _owned_by(obj: dict[str, Any], owner: Owner) -> bool:
     return any(ref.get("uid") == owner.uid for ref in obj["metadata"].get("ownerReferences") or [])
+
+
+def owns(obj: dict[str, Any], owner: Owner) -> bool:
+    """Whether ``obj`` is this service's to change: it names the service as its owner, or the
+    operator wrote it (a child left behind by an earlier service of the same name, or orphaned by
+    a ``kubectl delete --cascade=orphan``). Anything else belongs to someone else."""
+    managers = {entry.get("manager") for entry in obj["metadata"].get("managedFields") or []}
+    return _owned_by(obj, owner) or FIELD_MANAGER in managers
 
 
 def _bad(condition: dict[str, Any]) -> bool:

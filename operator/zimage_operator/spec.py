@@ -8,6 +8,7 @@ authority on what a manifest may hold.
 
 from __future__ import annotations
 
+import re
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -179,6 +180,15 @@ def _server_side(side: int) -> bool:
 # The most GPUs one replica asks for: one node's.
 MAX_GPUS = 8
 
+# An image reference as container runtimes parse it: [REGISTRY[:PORT]/]PATH[:TAG][@DIGEST], the
+# path in lower case (the CRD holds the same expression).
+_DOMAIN_PART = r"([a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9-]*[a-zA-Z0-9])"
+_PATH_PART = r"[a-z0-9]+(([.]|_|__|-+)[a-z0-9]+)*"
+IMAGE_REFERENCE = re.compile(
+    rf"({_DOMAIN_PART}([.]{_DOMAIN_PART})*(:[0-9]+)?/)?{_PATH_PART}(/{_PATH_PART})*"
+    r"(:[a-zA-Z0-9_][a-zA-Z0-9_.-]{0,127})?(@[A-Za-z][A-Za-z0-9]*([-_+.][A-Za-z][A-Za-z0-9]*)*:[0-9a-fA-F]{32,})?"
+)
+
 
 class InvalidSpecError(ValueError):
     """A spec the schema admitted but the operator cannot act on; becomes a Degraded condition."""
@@ -205,6 +215,23 @@ def parse_spec(raw: dict[str, Any] | None) -> ZImageServiceSpec:
             )
     if "/../" in f"{spec.model.source}/":
         raise InvalidSpecError("spec.model.source: a path must not contain '..'")
+    image = spec.runtime.image
+    if image and not IMAGE_REFERENCE.fullmatch(image):
+        raise InvalidSpecError(
+            f"spec.runtime.image: {image!r} is not an image reference: "
+            "[REGISTRY[:PORT]/]PATH[:TAG][@ALGORITHM:DIGEST], the path in lower case"
+        )
+    for where, ref in (
+        ("model.tokenSecretRef", spec.model.token_secret_ref),
+        ("auth.apiKeySecretRef", spec.auth.api_key_secret_ref),
+    ):
+        if ref is not None and ref.key in (".", ".."):
+            raise InvalidSpecError(f"spec.{where}.key: a Secret key cannot be '.' or '..'")
+    if spec.vram.source == "file" and spec.resources.gpus > 0:
+        raise InvalidSpecError(
+            "spec.vram.source: file is a drill that replaces the GPU's own memory figures with a file, "
+            "which would leave a GPU service without its VRAM guard: use it with resources.gpus 0"
+        )
     if not 0 <= spec.resources.gpus <= MAX_GPUS:
         raise InvalidSpecError(f"spec.resources.gpus: from 0 (the CPU) to {MAX_GPUS} (one node's GPUs)")
     _check_parallelism(spec)

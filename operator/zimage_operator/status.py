@@ -7,7 +7,7 @@ import datetime
 from dataclasses import dataclass
 from typing import Any
 
-CONDITION_TYPES = ("Ready", "Progressing", "Degraded", "ModelReady")
+CONDITION_TYPES = ("Ready", "Progressing", "Degraded", "ModelReady", "ScalingLimited")
 # Container states that mean a pod will not get better by itself.
 FAILING_REASONS = {
     "CrashLoopBackOff",
@@ -113,6 +113,7 @@ def compute_conditions(
     *,
     invalid: str | None,
     apply_error: str | None,
+    conflict: str | None = None,
     blocked: tuple[str, str] | None = None,
     model: ModelState,
     desired_replicas: int,
@@ -125,6 +126,13 @@ def compute_conditions(
             Condition("Progressing", False, "InvalidSpec", "fix the spec to continue"),
             Condition("Degraded", True, "InvalidSpec", invalid),
             Condition("ModelReady", False, "InvalidSpec", "fix the spec to continue"),
+        ]
+    if conflict is not None:
+        return [
+            Condition("Ready", False, "NameConflict", conflict),
+            Condition("Progressing", False, "NameConflict", "blocked until the names are free"),
+            Condition("Degraded", True, "NameConflict", conflict),
+            Condition("ModelReady", model.ready, model.reason, model.message),
         ]
     dep_status = (deployment or {}).get("status") or {}
     dep_meta = (deployment or {}).get("metadata") or {}
@@ -187,6 +195,29 @@ def compute_conditions(
         degraded,
         Condition("ModelReady", model.ready, model.reason, model.message),
     ]
+
+
+def scaling_condition(mode: str, replicas: int, min_replicas: int, max_replicas: int) -> Condition:
+    """Whether ``spec.replicas`` (what ``kubectl scale zis`` sets) takes effect: with an
+    autoscaler it is only a floor, and one below ``minReplicas`` changes nothing."""
+    if mode == "none":
+        return Condition("ScalingLimited", False, "AsRequested", f"{replicas} replicas as spec.replicas asks")
+    if replicas < min_replicas:
+        return Condition(
+            "ScalingLimited",
+            True,
+            "BelowMinReplicas",
+            f"spec.replicas {replicas} has no effect: with autoscaling mode {mode} it is a floor, and "
+            f"autoscaling.minReplicas {min_replicas} is higher; the autoscaler keeps {min_replicas} to "
+            f"{max_replicas} replicas. To stop the service, set autoscaling.mode none and replicas 0",
+        )
+    floor = min(replicas, max_replicas)
+    return Condition(
+        "ScalingLimited",
+        False,
+        "WithinLimits",
+        f"autoscaling mode {mode} keeps {floor} to {max_replicas} replicas (spec.replicas is the floor)",
+    )
 
 
 def _deployment_problem(dep_status: dict[str, Any]) -> tuple[str, str] | None:

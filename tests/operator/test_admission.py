@@ -24,7 +24,7 @@ from zimage_operator import builders
 from zimage_operator.builders import Owner
 from zimage_operator.config import OperatorSettings
 from zimage_operator.reconcile import prefetch_name
-from zimage_operator.spec import parse_spec
+from zimage_operator.spec import IMAGE_REFERENCE, parse_spec
 from zimage_server.config import load_settings
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
@@ -57,6 +57,18 @@ backends = st.sampled_from(
 gpu_names = st.sampled_from(
     ["nvidia.com/gpu", "amd.com/gpu", "memory", "cpu", "gpu", "kubernetes.io/gpu", "example.com/x", "a/b"]
 )
+images = st.sampled_from(
+    [
+        "",
+        "zimage/zimage-server:0.1.0",
+        "registry.example:5000/team/zimage-server@sha256:" + "a" * 64,
+        "Registry.example/Team/Server:1",
+        "zimage/server:1 --privileged",
+        "zimage/server:",
+        "zimage/server@sha256:xyz",
+    ]
+)
+secret_keys = st.sampled_from(["keys", "api.keys", "..keys", ".", "..", "a/b", ""])
 quantities = st.sampled_from(["0", "1", "100m", "1Gi", "48Gi", "8", "0.5", "2Ti"])
 tolerations = st.lists(
     st.fixed_dictionaries(
@@ -105,6 +117,7 @@ specs = st.fixed_dictionaries(
                 "precision": st.sampled_from(["bf16", "fp8", "int4"]),
                 "cudaGraphs": st.lists(st.sampled_from(["text_encoder", "transformer", "vae"]), max_size=2),
                 "logLevel": st.sampled_from(["debug", "info", "trace"]),
+                "image": images,
             },
         ),
         "resources": st.fixed_dictionaries(
@@ -126,6 +139,7 @@ specs = st.fixed_dictionaries(
                 "limit": byte_limits,
                 "scope": st.sampled_from(["process", "device"]),
                 "periodSeconds": st.integers(0, 400),
+                "source": st.sampled_from(["nvml", "file"]),
             },
         ),
         "autoscaling": st.fixed_dictionaries(
@@ -150,7 +164,11 @@ specs = st.fixed_dictionaries(
             },
         ),
         "auth": st.fixed_dictionaries(
-            {"apiKeySecretRef": st.fixed_dictionaries({"name": st.sampled_from(["keys", "Bad_Name"])})}
+            {
+                "apiKeySecretRef": st.fixed_dictionaries(
+                    {"name": st.sampled_from(["keys", "Bad_Name"])}, optional={"key": secret_keys}
+                )
+            }
         ),
     },
 )
@@ -250,6 +268,8 @@ def test_every_admitted_spec_makes_admitted_children_and_a_server_that_starts(
                 raise AssertionError(
                     f"the API server refused a {child['kind']} of {spec}: {exc.body}"
                 ) from exc
+        image = children[0]["spec"]["template"]["spec"]["containers"][0]["image"]
+        assert IMAGE_REFERENCE.fullmatch(image), f"{spec} admitted an image no runtime can pull: {image!r}"
         environment = _server_environment(children[0], secrets)
         clean = {key: value for key, value in os.environ.items() if not key.startswith("ZIMAGE_")}
         with mock.patch.dict(os.environ, {**clean, **environment}, clear=True):

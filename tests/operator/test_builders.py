@@ -107,7 +107,8 @@ def test_vram_settings_reach_the_server() -> None:
 
 def test_vram_drills_read_the_file_source() -> None:
     assert env()["ZIMAGE_VRAM_SOURCE"] == "nvml"
-    assert env({"vram": {"source": "file"}})["ZIMAGE_VRAM_SOURCE"] == "file"
+    drill = {"vram": {"source": "file"}, "resources": {"gpus": 0}, "runtime": {"compile": False}}
+    assert env(drill)["ZIMAGE_VRAM_SOURCE"] == "file"
 
 
 def test_a_cpu_replica_asks_for_no_gpu_and_runs_the_server_on_the_cpu() -> None:

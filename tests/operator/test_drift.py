@@ -1,4 +1,4 @@
-"""Drift found in the sections the operator owns whole, and only there."""
+"""Drift: what differs from the rendering, whatever was added beside it, and the patch back."""
 
 from __future__ import annotations
 
@@ -92,3 +92,52 @@ def test_a_rule_added_to_the_network_policy_is_put_back() -> None:
     changes = foreign_changes(live, want)
     assert [op["path"] for op in changes] == ["/spec"]
     assert foreign_changes(jsonpatch.apply_patch(live, changes), want) == []
+
+
+# Against the rendering as the API server stores it: anything added beside it is drift.
+
+ADDED = [
+    ("/spec/template/spec/containers/0/command", ["sh"]),
+    ("/spec/template/spec/initContainers", [{"name": "sneak", "image": "busybox"}]),
+    ("/spec/template/spec/hostNetwork", True),
+    ("/spec/template/spec/containers/0/livenessProbe/initialDelaySeconds", 3600),
+    ("/spec/paused", True),
+]
+
+
+@pytest.mark.parametrize(("path", "value"), ADDED, ids=[path for path, _ in ADDED])
+def test_a_field_added_beside_the_rendering_is_put_back(path: str, value: Any) -> None:
+    want = deployment()
+    full = _served(want)
+    live = jsonpatch.apply_patch(full, [{"op": "add", "path": path, "value": value}])
+    ops = foreign_changes(live, want, full)
+    assert ops, path
+    repaired = jsonpatch.apply_patch(live, ops)
+    assert jsonpatch.JsonPointer(path).resolve(repaired, None) is None, "the addition is gone"
+    assert repaired["spec"]["template"]["spec"] in (
+        want["spec"]["template"]["spec"],
+        full["spec"]["template"]["spec"],
+    )
+
+
+def test_the_defaulted_rendering_itself_is_not_drift_and_allocated_fields_are_left_alone() -> None:
+    want = deployment()
+    assert foreign_changes(_served(want), want, _served(want)) == []
+    service = builders.build_service(OWNER, _spec())
+    full = _served(service)
+    live = copy.deepcopy(full)
+    live["spec"]["clusterIP"] = "127.96.0.99"  # allocated: the server's, not the operator's
+    live["spec"]["ports"][0]["nodePort"] = 31000
+    assert foreign_changes(live, service, full) == []
+    live["spec"]["externalIPs"] = ["203.0.113.7"]
+    assert foreign_changes(live, service, full) == [{"op": "remove", "path": "/spec/externalIPs"}]
+
+
+def test_a_disruption_budget_edited_to_min_available_gets_its_rendered_spec_back() -> None:
+    pdb = builders.build_pdb(OWNER, _spec())
+    live = copy.deepcopy(pdb)
+    del live["spec"]["maxUnavailable"]
+    live["spec"]["minAvailable"] = "100%"
+    assert foreign_changes(live, pdb, copy.deepcopy(pdb)) == [
+        {"op": "replace", "path": "/spec", "value": pdb["spec"]}
+    ]

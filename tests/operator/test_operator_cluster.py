@@ -18,7 +18,6 @@ from kubernetes.client.rest import ApiException
 
 from tests.cluster.local_cluster import LocalCluster
 from tests.cluster.pod_runner import LocalPodRunner
-from zimage_server.processes import free_port, stop_process
 
 pytestmark = pytest.mark.cluster
 
@@ -291,6 +290,13 @@ INVALID: list[tuple[str, dict[str, Any], str]] = [
         "must not exceed autoscaling.maxReplicas",
     ),
     ("bad-max-unavailable", {"disruption": {"maxUnavailable": "half"}}, "a count such as 1 or a percentage"),
+    ("key-dot", {"auth": {"apiKeySecretRef": {"name": "keys", "key": "."}}}, "cannot be '.' or '..'"),
+    ("key-dotdot", {"model": {"tokenSecretRef": {"name": "hub", "key": ".."}}}, "cannot be '.' or '..'"),
+    ("vram-file-on-gpu", {"vram": {"source": "file"}}, "use it on a service with resources.gpus 0"),
+    ("image-upper", {"runtime": {"image": "Registry.example/Team/Server:1"}}, "not an image reference"),
+    ("image-space", {"runtime": {"image": "zimage/server:1 --privileged"}}, "not an image reference"),
+    ("image-empty-tag", {"runtime": {"image": "zimage/server:"}}, "not an image reference"),
+    ("image-bad-digest", {"runtime": {"image": "zimage/server@sha256:xyz"}}, "not an image reference"),
 ]
 
 
@@ -376,6 +382,79 @@ def test_drift_is_put_back(
     )
 
 
+HAND_EDITS = [
+    ("deployment", [{"op": "add", "path": "/spec/template/spec/containers/0/command", "value": ["sh"]}]),
+    (
+        "deployment",
+        [
+            {
+                "op": "add",
+                "path": "/spec/template/spec/initContainers",
+                "value": [{"name": "sneak", "image": "busybox", "command": ["true"]}],
+            }
+        ],
+    ),
+    ("deployment", [{"op": "add", "path": "/spec/template/spec/hostNetwork", "value": True}]),
+    (
+        "deployment",
+        [
+            {
+                "op": "add",
+                "path": "/spec/template/spec/containers/0/securityContext/capabilities/add",
+                "value": ["SYS_ADMIN"],
+            }
+        ],
+    ),
+    (
+        "deployment",
+        [
+            {
+                "op": "add",
+                "path": "/spec/template/spec/containers/0/livenessProbe/initialDelaySeconds",
+                "value": 3600,
+            }
+        ],
+    ),
+    ("deployment", [{"op": "add", "path": "/spec/paused", "value": True}]),
+    ("service", [{"op": "add", "path": "/spec/externalIPs", "value": ["203.0.113.7"]}]),
+    (
+        "pdb",
+        [
+            {"op": "remove", "path": "/spec/maxUnavailable"},
+            {"op": "add", "path": "/spec/minAvailable", "value": "100%"},
+        ],
+    ),
+]
+
+
+def test_every_hand_edit_is_put_back_within_one_resync(
+    operator: LocalPodRunner, cluster: LocalCluster, api: client.ApiClient, namespace: str
+) -> None:
+    """Fields added beside what the operator renders, each of which changes what runs."""
+    apply(cluster, namespace, zis("edited", autoscaling={"mode": "none"}, replicas=1))
+    wait_settled(api, namespace, "edited")
+
+    def rendered() -> dict[str, Any]:
+        out = cluster.kubectl("get", "deployment,service,pdb", "edited", "-n", namespace, "-o", "json")
+        items = json.loads(out.stdout)["items"]
+        return {item["kind"]: item["spec"] for item in items}
+
+    want = rendered()
+    want["Deployment"].pop("replicas")
+    for kind, operations in HAND_EDITS:
+        cluster.kubectl("patch", kind, "edited", "-n", namespace, "--type=json", "-p", json.dumps(operations))
+        started = time.monotonic()
+
+        def restored() -> bool:
+            now = rendered()
+            now["Deployment"].pop("replicas")
+            return now == want
+
+        wait_for(restored, 16, f"{kind} {operations} to be put back within one resync")
+        print(f"{operations[-1]['path']}: put back in {time.monotonic() - started:.1f}s")
+    wait_settled(api, namespace, "edited")
+
+
 def test_deleting_the_service_collects_every_child(
     operator: LocalPodRunner, cluster: LocalCluster, api: client.ApiClient, namespace: str
 ) -> None:
@@ -408,6 +487,79 @@ def test_names_that_cannot_name_the_children_are_refused(
     assert result.returncode != 0
     assert "metadata.name must start with a letter" in result.stderr, result.stderr
     assert "at most 45 characters" in result.stderr
+
+
+FOREIGN = [
+    {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": "shop", "labels": {"team": "shop"}},
+        "spec": {
+            "replicas": 2,
+            "selector": {"matchLabels": {"app": "shop"}},
+            "template": {
+                "metadata": {"labels": {"app": "shop"}},
+                "spec": {"containers": [{"name": "web", "image": "registry.example/shop:1"}]},
+            },
+        },
+    },
+    {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": "shop"},
+        "spec": {"selector": {"app": "shop"}, "ports": [{"name": "web", "port": 8080}]},
+    },
+]
+
+
+def test_objects_someone_else_made_are_never_taken_over(
+    operator: LocalPodRunner, cluster: LocalCluster, api: client.ApiClient, namespace: str
+) -> None:
+    """A team's Service and Deployment named like a new ZImageService: the service is blocked
+    with NameConflict naming them, and they stay exactly as they were across its creation,
+    scaling and deletion."""
+    apply(cluster, namespace, *FOREIGN)
+    apps, core = client.AppsV1Api(api), client.CoreV1Api(api)
+    wait_for(
+        lambda: (apps.read_namespaced_deployment("shop", namespace).status.ready_replicas or 0) == 2,
+        60,
+        "the team's Deployment",
+    )
+
+    def snapshot() -> tuple[str, str]:
+        deployment = apps.read_namespaced_deployment("shop", namespace)
+        service = core.read_namespaced_service("shop", namespace)
+        return json.dumps(api.sanitize_for_serialization(deployment), sort_keys=True), json.dumps(
+            api.sanitize_for_serialization(service), sort_keys=True
+        )
+
+    before = snapshot()
+    apply(cluster, namespace, zis("shop"))
+
+    def blocked() -> dict[str, Any] | None:
+        body = get(api, namespace, "shop")
+        return body if condition(body, "Degraded").get("reason") == "NameConflict" else None
+
+    body = wait_for(blocked, 15, "Degraded NameConflict")
+    message = condition(body, "Degraded")["message"]
+    assert f"Deployment {namespace}/shop" in message
+    assert f"Service {namespace}/shop" in message
+    assert condition(body, "Ready")["status"] == "False"
+    assert body["status"]["replicas"] == 0, "the team's replicas are not the service's"
+    cluster.kubectl("scale", "zis/shop", "-n", namespace, "--replicas=3")
+    time.sleep(20)  # a resync and ten autoscaler passes
+    assert snapshot() == before
+    events = core.list_namespaced_event(namespace, field_selector="involvedObject.name=shop").items
+    assert not [e for e in events if e.reason in ("ScaledUp", "ScaledDown")]
+    assert condition(get(api, namespace, "shop"), "Degraded")["reason"] == "NameConflict"
+
+    cluster.kubectl("delete", "zis/shop", "-n", namespace)
+    time.sleep(5)  # garbage collection
+    assert snapshot() == before
+    # The team's objects gone, a service of that name comes up as usual.
+    cluster.kubectl("delete", "deployment/shop", "service/shop", "-n", namespace)
+    apply(cluster, namespace, zis("shop"))
+    wait_ready(api, namespace, "shop")
 
 
 def test_the_longest_name_allowed_becomes_ready(
@@ -567,39 +719,77 @@ def test_the_operator_answers_its_liveness_endpoint(operator: LocalPodRunner, ap
     assert response.status_code == 200
 
 
-def test_a_namespace_scoped_operator_serves_only_its_namespaces(
+def test_a_namespace_scoped_operator_works_under_the_charts_namespaced_rbac(
     operator: LocalPodRunner, cluster: LocalCluster, api: client.ApiClient, namespace: str, tmp_path: Path
 ) -> None:
-    import sys
+    """The chart installed with watch.namespaces: the operator runs with a token of the chart's
+    ServiceAccount, which holds a Role in that namespace only, and serves it end to end. A
+    permission taken away is said once, with what to grant, and fails liveness."""
+    import httpx
 
-    other = f"{namespace}-x"[:63]
-    client.CoreV1Api(api).create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=other)))
+    core = client.CoreV1Api(api)
+    other, home = f"{namespace}-x"[:63], f"{namespace}-op"[:63]
+    for extra in (other, home):
+        core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=extra)))
     cluster.kubectl("scale", "deployment/zimage-operator", "-n", "zimage-system", "--replicas=0")
     wait_for(lambda: not operator.pids(), 30, "the cluster-wide operator to stop")
-    env = {**os.environ, "KUBECONFIG": str(cluster.kubeconfig), "ZIMAGE_OPERATOR_HEALTH_HOST": "127.0.0.1"}
-    env["ZIMAGE_OPERATOR_HEALTH_PORT"] = str(free_port())
-    with (tmp_path / "operator.log").open("wb") as log:
-        scoped = subprocess.Popen(
-            [sys.executable, "-m", "zimage_operator", "--namespaces", namespace],
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            cwd=ROOT,
-        )
+
+    def helm(*args: str) -> None:
+        result = cluster.helm(tmp_path, *args, namespace=home)
+        assert result.returncode == 0, result.stderr
+
+    def scoped_pod() -> Any:
+        pods = [p for p in core.list_namespaced_pod(home).items if not p.metadata.deletion_timestamp]
+        return pods[0] if len(pods) == 1 and operator.address_of(home, pods[0].metadata.name) else None
+
+    def healthz() -> httpx.Response:
+        pod = wait_for(scoped_pod, 60, "the namespaced operator's process")
+        address = wait_for(lambda: core.read_namespaced_pod(pod.metadata.name, home).status.pod_ip, 30, "IP")
+        return wait_for(lambda: _get_or_none(f"http://{address}:8080/healthz"), 30, "/healthz")
+
+    values = ["--set", f"watch.namespaces={{{namespace}}}", "--skip-crds"]
     try:
+        helm("install", "scoped", str(ROOT / "charts/zimage-operator"), *values)
+        pod = wait_for(scoped_pod, 60, "the namespaced operator's process")
+        assert pod.spec.service_account_name == "scoped-zimage-operator"
         apply(cluster, namespace, zis("inside"))
         apply(cluster, other, zis("outside"))
-        wait_ready(api, namespace, "inside")
+        wait_settled(api, namespace, "inside")
+        assert healthz().status_code == 200
         time.sleep(3)
         assert "status" not in get(api, other, "outside"), "a namespaced operator touched another namespace"
+        log = operator.workdir / f"{home}_{pod.metadata.name}.log"
+        assert "403" not in log.read_text(), "the operator asked for something its Role does not grant"
+
+        # The Role loses pods: liveness fails and the log says what to grant, once.
+        role = client.RbacAuthorizationV1Api(api).read_namespaced_role("scoped-zimage-operator", namespace)
+        role.rules = [rule for rule in role.rules if rule.resources != ["pods"]]
+        client.RbacAuthorizationV1Api(api).replace_namespaced_role("scoped-zimage-operator", namespace, role)
+        core.delete_namespaced_pod(pod.metadata.name, home, grace_period_seconds=0)
+        wait_for(lambda: healthz().status_code == 503, 60, "liveness to fail")
+        assert f"list, watch on pods in namespace {namespace}" in healthz().text
+        pod = wait_for(scoped_pod, 60, "the namespaced operator's process")
+        log = operator.workdir / f"{home}_{pod.metadata.name}.log"
+        time.sleep(3)
+        assert log.read_text().count("lacks permissions it needs") == 1, log.read_text()[-3000:]
     finally:
-        stop_process(scoped, grace=30)
+        cluster.helm(tmp_path, "uninstall", "scoped", "--wait", namespace=home)
         cluster.kubectl("scale", "deployment/zimage-operator", "-n", "zimage-system", "--replicas=1")
     try:
         wait_for(lambda: operator.pids(), 60, "the cluster-wide operator to come back")
         wait_ready(api, other, "outside")
     finally:
-        cluster.kubectl("delete", "namespace", other, "--wait=false")
+        for extra in (other, home):
+            cluster.kubectl("delete", "namespace", extra, "--wait=false")
+
+
+def _get_or_none(url: str) -> Any:
+    import httpx
+
+    try:
+        return httpx.get(url, timeout=5)
+    except httpx.HTTPError:
+        return None
 
 
 def test_a_vram_restart_is_recorded_as_an_event_and_in_the_status(

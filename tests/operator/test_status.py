@@ -252,3 +252,30 @@ def test_transition_times_only_move_when_the_status_changes() -> None:
 )
 def test_contains(live: dict[str, Any], want: dict[str, Any], expected: bool) -> None:
     assert contains(live, want) is expected
+
+
+def test_a_name_conflict_blocks_the_service_and_says_which_object() -> None:
+    conditions = _by_type(
+        compute_conditions(
+            invalid=None,
+            apply_error=None,
+            conflict="Service shop/shop already exists and was not created by this ZImageService",
+            model=NO_CACHE,
+            desired_replicas=1,
+            deployment=None,
+            pods=[],
+        )
+    )
+    assert (conditions["Degraded"].status, conditions["Degraded"].reason) == (True, "NameConflict")
+    assert "Service shop/shop" in conditions["Degraded"].message
+    assert (conditions["Ready"].status, conditions["Progressing"].status) == (False, False)
+
+
+def test_kubectl_scale_below_the_autoscalers_floor_is_explained() -> None:
+    from zimage_operator.status import scaling_condition
+
+    below = scaling_condition("builtin", 0, 1, 4)
+    assert (below.status, below.reason) == (True, "BelowMinReplicas")
+    assert "autoscaling.mode none and replicas 0" in below.message
+    assert scaling_condition("builtin", 2, 1, 4).status is False
+    assert scaling_condition("none", 0, 1, 4).reason == "AsRequested"

@@ -1,0 +1,49 @@
+"""The permissions the operator checks for are the ones its manifests grant, no more."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+import yaml
+
+from zimage_operator.permissions import NEEDS, Missing, PermissionReport
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def granted() -> dict[tuple[str, str], set[str]]:
+    rules: dict[tuple[str, str], set[str]] = {}
+    for doc in yaml.safe_load_all((ROOT / "deploy/operator/rbac.yaml").read_text()):
+        for rule in doc.get("rules", []):
+            for group in rule["apiGroups"]:
+                for resource in rule["resources"]:
+                    rules.setdefault((group, resource), set()).update(rule["verbs"])
+    return rules
+
+
+def test_every_permission_checked_is_granted_by_the_manifests() -> None:
+    rules = granted()
+    for need in NEEDS:
+        resource = f"{need.resource}/{need.subresource}" if need.subresource else need.resource
+        assert set(need.verbs) <= rules.get((need.group, resource), set()), need
+
+
+def test_a_missing_watch_fails_liveness_and_is_logged_once(caplog: pytest.LogCaptureFixture) -> None:
+    report = PermissionReport()
+    pods = next(need for need in NEEDS if need.resource == "pods")
+    events = next(need for need in NEEDS if need.resource == "events")
+    with caplog.at_level(logging.INFO, "zimage_operator.permissions"):
+        report.update([Missing(events, ("create",), "shop")])
+        assert report.health_problem() is None, "events are best effort: liveness holds"
+        report.update([Missing(pods, ("list", "watch"), "shop")])
+        report.update([Missing(pods, ("list", "watch"), "shop")])
+        problem = report.health_problem()
+        assert problem is not None
+        assert "list, watch on pods in namespace shop" in problem
+        report.update([])
+        assert report.health_problem() is None
+    said = [r.getMessage() for r in caplog.records]
+    assert sum("lacks permissions" in line for line in said) == 2, said
+    assert "now has every permission" in said[-1]

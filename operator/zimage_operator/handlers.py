@@ -109,6 +109,7 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     kube = Kube(api_client())
     memo.reconciler = Reconciler(kube, operator_settings, post_event)
     memo.loops = {}
+    memo.pods_pending = set()
     memo.autoscaler = Autoscaler(kube, memo.reconciler, operator_settings, post_event)
     memo.health = await start_health_server(operator_settings.health_host, operator_settings.health_port)
     if operator_settings.namespaces:
@@ -171,6 +172,34 @@ def child_changed(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     for ref in body.metadata.get("ownerReferences") or []:
         if ref.get("kind") == KIND and ref.get("apiVersion", "").startswith(f"{GROUP}/"):
             _reconcile_now(memo, body.metadata.namespace or "", ref["name"])
+
+
+# The labels of a service's server pods (builders.common_labels), which name the service.
+SERVER_POD = {"app.kubernetes.io/managed-by": "zimage-operator", "app.kubernetes.io/component": "inference"}
+INSTANCE_LABEL = "app.kubernetes.io/instance"
+# Pod events of one service within this long make one reconcile: a rollout or a crash loop
+# sends several in a burst.
+POD_SETTLE_SECONDS = 0.5
+
+
+async def pod_changed(
+    labels: kopf.Labels, namespace: str | None, memo: kopf.Memo, **_: Any
+) -> None:  # fmt: skip
+    """A server pod changed (started, crashed, became ready, cannot mount a volume): its
+    service's status is brought up to date within a second, not at the next resync."""
+    name = labels.get(INSTANCE_LABEL)
+    if not name or not namespace:
+        return
+    key = f"{namespace}/{name}"
+    pending: set[str] = memo.pods_pending
+    if key in pending:
+        return  # a reconcile is already on its way and will see this pod as it is then
+    pending.add(key)
+    try:
+        await asyncio.sleep(POD_SETTLE_SECONDS)
+    finally:
+        pending.discard(key)
+    await asyncio.to_thread(_reconcile_now, memo, namespace, name)
 
 
 @dataclass
@@ -258,7 +287,7 @@ async def service_loop(
             await stopped.wait(operator_settings.autoscale_seconds)
             if stopped:
                 return
-            if loop.time() >= next_resync:
+            if loop.time() >= next_resync or reconciler.rollout_due(namespace, name):
                 if not await resync():
                     break
                 next_resync = loop.time() + operator_settings.resync_seconds
@@ -299,5 +328,6 @@ def register(settings: OperatorSettings, registry: kopf.OperatorRegistry | None 
         kopf.on.event(group, version, plural, labels=MANAGED, id=f"child-{plural}", registry=registry)(
             child_changed
         )
+    kopf.on.event("", "v1", "pods", labels=SERVER_POD, id="pods", registry=registry)(pod_changed)
     kopf.daemon(GROUP, VERSION, PLURAL, id="loop", cancellation_timeout=10.0, registry=registry)(service_loop)
     without_finalizers(registry)

@@ -56,6 +56,10 @@ class Kube:
         items = self._resource(api_version, kind).get(namespace=namespace, label_selector=selector).items
         return [item.to_dict() for item in items]
 
+    def list_events(self, namespace: str, field_selector: str) -> list[dict[str, Any]]:
+        items = self._resource("v1", "Event").get(namespace=namespace, field_selector=field_selector).items
+        return [item.to_dict() for item in items]
+
     def apply(self, manifest: dict[str, Any], *, force: bool = True) -> dict[str, Any]:
         """Server-side apply; ``force`` takes over fields another manager set (only ever on an
         object the operator owns)."""

@@ -44,7 +44,7 @@ NEEDS = (
     Need("", "persistentvolumeclaims", (*WATCH, *WRITE, "delete")),
     Need("autoscaling", "horizontalpodautoscalers", (*WATCH, *WRITE, "delete")),
     Need("", "pods", ("list", "watch")),
-    Need("", "events", ("create",), watched=False),
+    Need("", "events", ("create", "list"), watched=False),
     Need("keda.sh", "scaledobjects", ("get", *WRITE, "delete"), watched=False),
     Need("http.keda.sh", "httpscaledobjects", ("get", *WRITE, "delete"), watched=False),
 )

@@ -19,12 +19,14 @@ from kubernetes.client.rest import ApiException
 
 from . import builders
 from .builders import Manifest, Owner
+from .coalesce import MAX_HOLD_SECONDS, QUIET_SECONDS, ChangeCoalescer
 from .config import FIELD_MANAGER, OperatorSettings
 from .drift import contains, foreign_changes
 from .kube import OUTAGE, Kube, api_message, is_temporary, namespace_terminating
 from .metrics import ERRORS, RECONCILES
 from .spec import InvalidSpecError, ZImageServiceSpec, parse_spec
 from .status import (
+    VRAM_WORDS,
     Condition,
     ModelState,
     compute_conditions,
@@ -40,8 +42,6 @@ logger = logging.getLogger(__name__)
 # (type, reason, message): posted as a Kubernetes Event on the ZImageService.
 EventSink = Callable[[dict[str, Any], str, str, str], None]
 MANAGED_SELECTOR = "app.kubernetes.io/managed-by=zimage-operator"
-# The start of the server's termination message when liveness failed for VRAM.
-VRAM_MARKER = "zimage: VRAM limit exceeded"
 
 
 # Children compared field for field with their rendering as the API server stores it.
@@ -71,6 +71,7 @@ class Reconciler:
     _failures: dict[str, str] = field(default_factory=dict)  # namespace/name -> the problem last logged
     _guard: threading.Lock = field(default_factory=threading.Lock)
     _defaults: dict[str, dict[str, Any] | None] = field(default_factory=dict)  # rendering -> defaulted
+    _changes: ChangeCoalescer = field(default_factory=ChangeCoalescer)
 
     def _lock(self, key: str) -> threading.Lock:
         with self._guard:
@@ -85,6 +86,7 @@ class Reconciler:
             try:
                 body = self.kube.get_service(namespace, name)
                 if body is None or body["metadata"].get("deletionTimestamp"):
+                    self._changes.forget(f"{namespace}/{name}")
                     return  # gone, or going: garbage collection removes the children
                 clean = self._reconcile(body)
             except TemporaryFailureError:
@@ -238,10 +240,15 @@ class Reconciler:
             )  # fmt: skip
             return False
 
+        key = f"{owner.namespace}/{owner.name}"
+        # A service with pods running rolls them once for changes that arrive together.
+        held = self._changes.hold(key, generation) if live_deployment is not None else None
         apply_error = None
         retry = False
         deployment = live_deployment
         for manifest, live in zip(desired, lives, strict=True):
+            if held is not None and manifest["kind"] == "Deployment":
+                continue
             try:
                 result = self._converge(manifest, live)
             except ApiException as exc:
@@ -262,6 +269,12 @@ class Reconciler:
 
         pods = self.kube.list_objects("v1", "Pod", owner.namespace, builders.selector_string(owner))
         vram_restart = self._report_vram_restarts(body, pods)
+        rollout_held = None
+        if held is not None:
+            rollout_held = (
+                f"spec changes are gathered until {QUIET_SECONDS:g} s pass without one (at most "
+                f"{MAX_HOLD_SECONDS:g} s) so that the pods roll once; rolling in {held:.0f} s"
+            )
         self._write_status(
             body,
             owner,
@@ -274,12 +287,42 @@ class Reconciler:
             model=model,
             blocked=keda_missing,
             vram_restart=vram_restart,
+            pod_problems=self._mount_failures(owner.namespace, pods),
+            rollout_held=rollout_held,
         )
         if retry:
             raise TemporaryFailureError(apply_error or "a write failed")
         if apply_error is None:
             self._failures.pop(f"{owner.namespace}/{owner.name}", None)
         return apply_error is None and keda_missing is None
+
+    def rollout_due(self, namespace: str, name: str) -> bool:
+        """Whether a rollout held for changes arriving together may go ahead now."""
+        return self._changes.due(f"{namespace}/{name}")
+
+    def _mount_failures(self, namespace: str, pods: list[dict[str, Any]]) -> list[str]:
+        """``pod: FailedMount: the kubelet's message`` for each pod still creating its
+        containers because a volume cannot be mounted (a Secret or claim that does not exist):
+        the kubelet says so only in Events, and the pod waits without end."""
+        creating = {
+            pod["metadata"]["name"]
+            for pod in pods
+            if not pod["metadata"].get("deletionTimestamp")
+            and any(
+                ((status.get("state") or {}).get("waiting") or {}).get("reason")
+                in ("ContainerCreating", "PodInitializing")
+                for status in (pod.get("status") or {}).get("containerStatuses") or []
+            )
+        }
+        if not creating:
+            return []
+        events = self.kube.list_events(namespace, "involvedObject.kind=Pod,reason=FailedMount")
+        found: dict[str, str] = {}
+        for event in sorted(events, key=lambda item: str(item.get("lastTimestamp") or "")):
+            pod = str((event.get("involvedObject") or {}).get("name") or "")
+            if pod in creating:
+                found[pod] = f"{pod}: FailedMount: {str(event.get('message') or '')[:300]}"
+        return sorted(found.values())
 
     def _crd_installed(self, name: str) -> bool:
         crd = self.kube.get("apiextensions.k8s.io/v1", "CustomResourceDefinition", "", name)
@@ -400,11 +443,15 @@ class Reconciler:
         blocked: tuple[str, str] | None = None,
         vram_restart: dict[str, Any] | None = None,
         conflict: str | None = None,
+        pod_problems: list[str] | None = None,
+        rollout_held: str | None = None,
     ) -> None:
         previous = body.get("status") or {}
         conditions = compute_conditions(
             invalid=invalid,
             conflict=conflict,
+            pod_problems=pod_problems,
+            rollout_held=rollout_held,
             apply_error=apply_error,
             blocked=blocked,
             model=model or model_state(False, None),
@@ -455,7 +502,7 @@ class Reconciler:
             for status in (pod.get("status") or {}).get("containerStatuses") or []:
                 terminated = (status.get("lastState") or {}).get("terminated") or {}
                 message = terminated.get("message") or ""
-                if VRAM_MARKER not in message:
+                if VRAM_WORDS not in message:
                     continue
                 restart = {
                     "pod": pod["metadata"]["name"],

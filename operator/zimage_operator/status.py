@@ -7,6 +7,8 @@ import datetime
 from dataclasses import dataclass
 from typing import Any
 
+# The start of the server's termination message when liveness failed for VRAM.
+VRAM_WORDS = "zimage: VRAM limit exceeded"
 CONDITION_TYPES = ("Ready", "Progressing", "Degraded", "ModelReady", "ScalingLimited")
 # Container states that mean a pod will not get better by itself.
 FAILING_REASONS = {
@@ -98,15 +100,40 @@ def unschedulable_pods(pods: list[dict[str, Any]]) -> list[str]:
 
 
 def failing_pods(pods: list[dict[str, Any]]) -> list[str]:
-    """``pod: reason: the kubelet's message`` for each pod whose container is stuck failing."""
+    """``pod: reason: the kubelet's message`` for each pod whose container is stuck failing.
+
+    A crash loop passes through waiting (CrashLoopBackOff), running (not ready) and terminated
+    states: each is reported in the same words while the container has not come up ready since
+    it last exited with an error, so the condition holds while the loop lasts."""
     found = []
     for pod in pods:
         for status in _container_statuses(pod):
-            waiting = (status.get("state") or {}).get("waiting") or {}
-            if waiting.get("reason") in FAILING_REASONS:
+            state = status.get("state") or {}
+            waiting = state.get("waiting") or {}
+            crashed = _crashed(status)
+            if crashed is not None and waiting.get("reason") in (None, "CrashLoopBackOff"):
+                found.append(f"{pod['metadata']['name']}: CrashLoopBackOff: {crashed}")
+            elif waiting.get("reason") in FAILING_REASONS:
                 detail = f": {waiting['message']}" if waiting.get("message") else ""
                 found.append(f"{pod['metadata']['name']}: {waiting['reason']}{detail}")
     return found
+
+
+def _crashed(status: dict[str, Any]) -> str | None:
+    """What a container that keeps exiting last exited with, while it is not ready; None for a
+    container that is ready, never exited with an error, or was restarted for its VRAM (which
+    has its own Event and status)."""
+    if status.get("ready"):
+        return None
+    state = status.get("state") or {}
+    terminated = state.get("terminated") or (status.get("lastState") or {}).get("terminated") or {}
+    code = terminated.get("exitCode")
+    if not code or VRAM_WORDS in (terminated.get("message") or ""):
+        return None
+    if "terminated" not in state and int(status.get("restartCount") or 0) < 1:
+        return None
+    reason = f" ({terminated['reason']})" if terminated.get("reason") else ""
+    return f"container {status.get('name', '')} keeps exiting, last with code {code}{reason}"
 
 
 def compute_conditions(
@@ -119,6 +146,8 @@ def compute_conditions(
     desired_replicas: int,
     deployment: dict[str, Any] | None,
     pods: list[dict[str, Any]],
+    pod_problems: list[str] | None = None,
+    rollout_held: str | None = None,
 ) -> list[Condition]:
     if invalid is not None:
         return [
@@ -161,6 +190,8 @@ def compute_conditions(
 
     if not model.ready:
         progressing = Condition("Progressing", True, "WaitingForModel", model.message)
+    elif rollout_held is not None:
+        progressing = Condition("Progressing", True, "CoalescingChanges", rollout_held)
     elif rolled_out:
         progressing = Condition("Progressing", False, "RolloutComplete", f"{ready} replicas up to date")
     else:
@@ -171,7 +202,7 @@ def compute_conditions(
             f"{updated} of {desired_replicas} replicas updated, {ready} ready",
         )
 
-    failing = failing_pods(pods)
+    failing = failing_pods(pods) + list(pod_problems or [])
     unschedulable = unschedulable_pods(pods)
     dep_problem = _deployment_problem(dep_status)
     if blocked is not None:

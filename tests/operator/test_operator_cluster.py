@@ -840,6 +840,112 @@ def test_a_vram_restart_is_recorded_as_an_event_and_in_the_status(
     }
 
 
+def _degraded_for(api: client.ApiClient, namespace: str, name: str, reason: str, words: str) -> Any:
+    def shown() -> dict[str, Any] | None:
+        found = condition(get(api, namespace, name), "Degraded")
+        ok = found.get("status") == "True" and found.get("reason") == reason and words in found["message"]
+        return found if ok else None
+
+    return shown
+
+
+def test_pod_failures_show_within_seconds_and_hold_while_they_last(
+    operator: LocalPodRunner, cluster: LocalCluster, api: client.ApiClient, namespace: str
+) -> None:
+    """What the kubelet reports of a crash loop and of a volume it cannot mount: Degraded with
+    the reason well within a resync (the pods are watched), held through every state of the
+    loop, and cleared once the pod is ready."""
+    apply(cluster, namespace, zis("loop", autoscaling={"mode": "none"}, replicas=1))
+    wait_settled(api, namespace, "loop")
+    core = client.CoreV1Api(api)
+    (pod,) = core.list_namespaced_pod(namespace, label_selector="app.kubernetes.io/instance=loop").items
+    image = pod.spec.containers[0].image
+    exit_1 = {"exitCode": 1, "reason": "Error", "finishedAt": "2026-01-01T00:00:00Z"}
+
+    def report(state: dict[str, Any], ready: bool, restarts: int) -> None:
+        server = {"name": "server", "image": image, "imageID": "", "ready": ready, "restartCount": restarts}
+        server["state"] = state
+        if restarts:
+            server["lastState"] = {"terminated": exit_1}
+        conditions = [{"type": "Ready", "status": "True" if ready else "False"}]
+        status = {"containerStatuses": [server], "conditions": conditions}
+        core.patch_namespaced_pod_status(pod.metadata.name, namespace, {"status": status})
+
+    started = time.monotonic()
+    report({"waiting": {"reason": "CrashLoopBackOff", "message": "back-off 10s"}}, False, 1)
+    crash = _degraded_for(api, namespace, "loop", "PodsFailing", "keeps exiting, last with code 1")
+    first = wait_for(crash, 15, "Degraded PodsFailing")
+    print(f"crash loop shown in {time.monotonic() - started:.1f}s")
+    for state, restarts in [
+        ({"running": {"startedAt": "2026-01-01T00:00:10Z"}}, 1),
+        ({"terminated": exit_1}, 2),
+    ]:
+        report(state, False, restarts)
+        time.sleep(3)
+        held = crash()
+        assert held is not None, "Degraded flapped while the loop went on"
+        assert held["lastTransitionTime"] == first["lastTransitionTime"]
+    report({"running": {"startedAt": "2026-01-01T00:01:00Z"}}, True, 2)
+    wait_for(lambda: condition(get(api, namespace, "loop"), "Degraded").get("status") == "False", 15, "clear")
+
+    # A Secret volume the kubelet cannot mount: the pod waits in ContainerCreating, and only an
+    # Event says why.
+    report({"waiting": {"reason": "ContainerCreating"}}, False, 0)
+    event = {
+        "metadata": {"generateName": "loop-mount-"},
+        "involvedObject": {"kind": "Pod", "name": pod.metadata.name, "namespace": namespace},
+        "reason": "FailedMount",
+        "type": "Warning",
+        "message": 'MountVolume.SetUp failed for volume "api-keys" : secret "keys" not found',
+        "source": {"component": "kubelet"},
+    }
+    core.create_namespaced_event(namespace, event)
+    started = time.monotonic()
+    mount = _degraded_for(api, namespace, "loop", "PodsFailing", "FailedMount: MountVolume.SetUp failed")
+    wait_for(mount, 15, "Degraded FailedMount")
+    print(f"FailedMount shown in {time.monotonic() - started:.1f}s")
+    time.sleep(16)  # past a resync
+    assert mount() is not None
+
+
+def test_kubectl_scale_below_the_autoscalers_floor_says_why_nothing_happens(
+    operator: LocalPodRunner, cluster: LocalCluster, api: client.ApiClient, namespace: str
+) -> None:
+    apply(cluster, namespace, zis("floor"))
+    wait_settled(api, namespace, "floor")
+    assert condition(get(api, namespace, "floor"), "ScalingLimited")["status"] == "False"
+    cluster.kubectl("scale", "zis/floor", "-n", namespace, "--replicas=0")
+
+    def explained() -> dict[str, Any] | None:
+        found = condition(get(api, namespace, "floor"), "ScalingLimited")
+        return found if found.get("reason") == "BelowMinReplicas" else None
+
+    found = wait_for(explained, 15, "ScalingLimited BelowMinReplicas")
+    assert "set autoscaling.mode none and replicas 0" in found["message"]
+    assert client.AppsV1Api(api).read_namespaced_deployment("floor", namespace).spec.replicas == 1
+
+
+def test_fifty_patches_in_ten_seconds_roll_the_pods_at_most_twice(
+    operator: LocalPodRunner, cluster: LocalCluster, api: client.ApiClient, namespace: str
+) -> None:
+    apply(cluster, namespace, zis("churn", autoscaling={"mode": "none"}, replicas=1))
+    wait_settled(api, namespace, "churn")
+    custom = client.CustomObjectsApi(api)
+    started = time.monotonic()
+    for index in range(50):
+        patch = {"spec": {"runtime": {"maxQueue": 10 + index}}}
+        custom.patch_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, "churn", patch)
+        time.sleep(max(0.0, started + (index + 1) * 0.2 - time.monotonic()))
+    wait_settled(api, namespace, "churn")
+    deployment = client.AppsV1Api(api).read_namespaced_deployment("churn", namespace)
+    env = {e.name: e.value for e in deployment.spec.template.spec.containers[0].env}
+    assert env["ZIMAGE_MAX_QUEUE"] == "59", "the last change is what runs"
+    sets = client.AppsV1Api(api).list_namespaced_replica_set(namespace).items
+    rollouts = len(sets) - 1
+    print(f"50 patches in {time.monotonic() - started:.1f}s made {rollouts} rollouts")
+    assert 1 <= rollouts <= 2
+
+
 def test_a_network_policy_keeps_other_pods_off_the_health_port_and_goes_when_turned_off(
     operator: LocalPodRunner, cluster: LocalCluster, api: client.ApiClient, namespace: str
 ) -> None:

@@ -279,3 +279,31 @@ def test_kubectl_scale_below_the_autoscalers_floor_is_explained() -> None:
     assert "autoscaling.mode none and replicas 0" in below.message
     assert scaling_condition("builtin", 2, 1, 4).status is False
     assert scaling_condition("none", 0, 1, 4).reason == "AsRequested"
+
+
+def _server(
+    state: dict[str, Any], ready: bool, restarts: int, last: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    status: dict[str, Any] = {"name": "server", "ready": ready, "restartCount": restarts, "state": state}
+    if last is not None:
+        status["lastState"] = {"terminated": last}
+    return {"metadata": {"name": "p"}, "status": {"containerStatuses": [status]}}
+
+
+def test_a_crash_loop_reads_the_same_in_every_state_it_passes_through() -> None:
+    from zimage_operator.status import failing_pods
+
+    exit_1 = {"exitCode": 1, "reason": "Error"}
+    states = [
+        _server({"terminated": exit_1}, False, 0),
+        _server({"waiting": {"reason": "CrashLoopBackOff", "message": "back-off 10s"}}, False, 1, exit_1),
+        _server({"running": {}}, False, 1, exit_1),
+        _server({"waiting": {"reason": "CrashLoopBackOff", "message": "back-off 20s"}}, False, 2, exit_1),
+    ]
+    said = {tuple(failing_pods([pod])) for pod in states}
+    assert said == {("p: CrashLoopBackOff: container server keeps exiting, last with code 1 (Error)",)}
+    # Up and ready again: the loop is over. A restart for VRAM has its own Event.
+    assert failing_pods([_server({"running": {}}, True, 2, exit_1)]) == []
+    vram = {"exitCode": 137, "message": "zimage: VRAM limit exceeded (process): 75 GiB"}
+    assert failing_pods([_server({"running": {}}, False, 1, vram)]) == []
+    assert failing_pods([_server({"running": {}}, False, 0)]) == [], "a container starting is not failing"

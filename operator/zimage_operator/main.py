@@ -23,9 +23,10 @@ class QuietRetries(logging.Filter):
 
     Drops Kopf's line per retried handler (the reconciler has said what failed) and its line per
     retried event post (a post that finally fails is still a warning, unless an outage or the
-    deletion of its namespace explains it); folds its line per
+    deletion of its namespace explains it), and its line per request refused for a permission
+    (permissions.py reports those once); folds its line per
     retried request into the one outage warning when the API server is unreachable or an outage
-    is going on. Other retried requests (a watch refused for good, say) stay visible."""
+    is going on. Other retried requests stay visible."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         if not record.name.startswith("kopf"):
@@ -37,6 +38,10 @@ class QuietRetries(logging.Filter):
             return self._keep_post_failure(message)
         if not (message.startswith("Request attempt") and "will retry" in message):
             return True
+        if "APIForbiddenError" in message:
+            # A permission the account lacks: the permission check says so once, naming what to
+            # grant, and fails liveness; Kopf would repeat its refused request every 2 s.
+            return False
         if any(word in message for word in _UNREACHABLE_WORDS):
             OUTAGE.failed(ConnectionError(message))
             return False

@@ -190,6 +190,8 @@ def compute_conditions(
 
     if not model.ready:
         progressing = Condition("Progressing", True, "WaitingForModel", model.message)
+    elif apply_error is not None:
+        progressing = Condition("Progressing", False, "ApplyFailed", "stopped until the write is accepted")
     elif rollout_held is not None:
         progressing = Condition("Progressing", True, "CoalescingChanges", rollout_held)
     elif rolled_out:

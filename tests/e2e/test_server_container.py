@@ -24,6 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.cluster.local_cluster import LocalCluster
 from tests.cluster.node_host import pause_pod
 from tests.cluster.pod_runner import wait_until
+from zimage_operator.builders import PRESTOP_SECONDS
 
 from .support import KUBELET_NODE, kube_json
 
@@ -157,6 +158,44 @@ def test_the_service_is_ready_only_once_the_kubelet_probes_pass(restricted: Loca
     assert 'violates PodSecurity "restricted:latest"' in refused.stderr
 
 
+def test_a_missing_api_key_secret_is_reported_from_the_kubelets_event(
+    restricted: LocalCluster, server_image: str
+) -> None:
+    """The kubelet cannot mount a Secret that does not exist: the pod waits in ContainerCreating
+    and only its FailedMount Event says why. The service says it within 15 s, and keeps saying it."""
+    cluster = restricted
+    manifest = _service_manifest(server_image)
+    manifest["metadata"]["name"] = "nokeys"
+    manifest["spec"]["auth"] = {"apiKeySecretRef": {"name": "no-such-secret"}}
+    manifest["spec"]["resources"].update(cpu="100m", memory="1Gi")
+    cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump(manifest))
+    try:
+
+        def pod_created() -> bool:
+            selector = "app.kubernetes.io/instance=nokeys"
+            return bool(kube_json(cluster, "get", "pods", "-n", NAMESPACE, "-l", selector)["items"])
+
+        wait_until(pod_created, 60, "the pod", interval=0.5)
+        created = time.monotonic()
+
+        def degraded() -> dict[str, Any]:
+            body = kube_json(cluster, "get", "zimageservice", "nokeys", "-n", NAMESPACE)
+            for item in (body.get("status") or {}).get("conditions") or []:
+                bad = (item["type"], item["status"]) == ("Degraded", "True")
+                if bad and "FailedMount" in item["message"]:
+                    return dict(item)
+            return {}
+
+        found = wait_until(degraded, 45, "Degraded with the kubelet's FailedMount", interval=0.5)
+        print(f"FailedMount shown {time.monotonic() - created:.1f}s after the pod was created")
+        assert found["reason"] == "PodsFailing"
+        assert 'secret "no-such-secret" not found' in found["message"], found
+        time.sleep(20)  # past a resync and the kubelet's next mount attempt
+        assert degraded().get("lastTransitionTime") == found["lastTransitionTime"], "it flapped"
+    finally:
+        cluster.kubectl("delete", "zimageservice", "nokeys", "-n", NAMESPACE, "--wait=false", check=False)
+
+
 def test_api_keys_come_from_the_mounted_secret(restricted: LocalCluster, endpoint: str) -> None:
     wait_until(lambda: _ready(_service(restricted)), 600, "the service to be Ready", interval=1)
     body = {"prompt": "a red cube", "size": "256x256", "response_format": "b64_json"}
@@ -197,6 +236,18 @@ def test_vram_over_the_limit_restarts_the_container_and_the_operator_says_so(
     terminated = status["lastState"]["terminated"]
     assert "zimage: VRAM limit exceeded (process)" in terminated["message"], terminated
     assert "limit 1.00 GiB" in terminated["message"], terminated
+    # The kubelet stopped it with SIGTERM after liveness failed: the server drained and exited
+    # cleanly, a restart for its VRAM rather than a crash.
+    assert (terminated["exitCode"], terminated["reason"]) == (0, "Completed"), terminated
+
+    def probe_events(reason: str) -> list[str]:
+        selector = f"involvedObject.name={name},reason={reason}"
+        found = kube_json(cluster, "get", "events", "-n", NAMESPACE, "--field-selector", selector)["items"]
+        return [event["message"] for event in found]
+
+    unhealthy, killing = probe_events("Unhealthy"), probe_events("Killing")
+    assert any(message.startswith("Liveness probe failed") for message in unhealthy), unhealthy
+    assert any("failed liveness probe, will be restarted" in message for message in killing), killing
 
     def event() -> dict[str, Any]:
         events = kube_json(
@@ -238,12 +289,82 @@ def _queued(endpoint: str) -> float:
     return sum(sample.value for family in families for sample in family.samples if sample.name in wanted)
 
 
-def test_deleting_a_pod_answers_every_request_it_accepted(restricted: LocalCluster, endpoint: str) -> None:
-    """preStop, SIGTERM and the grace period as the operator renders them, run by the kubelet:
-    the pod leaves the Service's endpoints, and what it accepted is still answered."""
+class PodWatch:
+    """Every state of one pod the API server reports until it is gone, and whether its address
+    is still a ready endpoint of the Service, seen from a watch and a poll in threads."""
+
+    def __init__(self, cluster: LocalCluster, name: str, address: str) -> None:
+        from kubernetes import config
+
+        self.api = config.new_client_from_config(config_file=str(cluster.kubeconfig))
+        self.name, self.address = name, address
+        self.terminated: dict[str, Any] = {}
+        self.deletion: str | None = None
+        self.grace: int | None = None
+        self.left_endpoints: float | None = None
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._watch), threading.Thread(target=self._endpoints)]
+        for thread in self._threads:
+            thread.start()
+
+    def _watch(self) -> None:
+        from kubernetes import client, watch
+
+        stream = watch.Watch().stream(
+            client.CoreV1Api(self.api).list_namespaced_pod,
+            NAMESPACE,
+            field_selector=f"metadata.name={self.name}",
+            timeout_seconds=240,
+        )
+        for event in stream:
+            pod = event["object"]
+            if pod.metadata.deletion_timestamp is not None:
+                self.deletion = pod.metadata.deletion_timestamp.isoformat()
+                self.grace = pod.metadata.deletion_grace_period_seconds
+            for status in pod.status.container_statuses or []:
+                if status.name == "server" and status.state.terminated is not None:
+                    self.terminated = {
+                        "exitCode": status.state.terminated.exit_code,
+                        "finishedAt": status.state.terminated.finished_at.isoformat(),
+                    }
+            if event["type"] == "DELETED" or self._stop.is_set():
+                return
+
+    def _endpoints(self) -> None:
+        from kubernetes import client
+
+        discovery = client.DiscoveryV1Api(self.api)
+        while not self._stop.is_set():
+            slices = discovery.list_namespaced_endpoint_slice(
+                NAMESPACE, label_selector=f"kubernetes.io/service-name={NAME}"
+            ).items
+            ready = {
+                address
+                for piece in slices
+                for endpoint in piece.endpoints or []
+                if endpoint.conditions is not None and endpoint.conditions.ready
+                for address in endpoint.addresses
+            }
+            if self.address not in ready and self.left_endpoints is None:
+                self.left_endpoints = time.monotonic()
+            time.sleep(0.2)
+
+    def stop(self) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(240)
+
+
+def test_deleting_a_pod_drains_it_rather_than_killing_it(restricted: LocalCluster, endpoint: str) -> None:
+    """preStop, SIGTERM and the grace period as the operator renders them, run by the kubelet.
+    A drain, not a kill: the pod leaves the Service's ready endpoints, requests arriving at the
+    pod afterwards get 503 ``draining`` while those it accepted finish and are answered, and
+    the container exits 0 well before its grace period ends."""
     cluster = restricted
     wait_until(lambda: _ready(_service(cluster)), 600, "the service to be Ready", interval=1)
     (pod,) = _pods(cluster)
+    pod_port = cluster.relay(f"{NAMESPACE}-{pod['metadata']['name']}", f"{pod['status']['podIP']}:8000")
+    direct = f"http://127.0.0.1:{pod_port}"
     images = openai.OpenAI(base_url=f"{endpoint}/v1", api_key=API_KEY, max_retries=0, timeout=120).images
     results: dict[int, Any] = {}
     finished: dict[int, float] = {}
@@ -260,20 +381,56 @@ def test_deleting_a_pod_answers_every_request_it_accepted(restricted: LocalClust
             results[seed] = exc
         finished[seed] = time.monotonic()
 
-    clients = [threading.Thread(target=generate, args=(seed,)) for seed in range(4)]
+    seeds = range(8)
+    clients = [threading.Thread(target=generate, args=(seed,)) for seed in seeds]
     for thread in clients:
         thread.start()
-    wait_until(lambda: _queued(endpoint) >= 3, 60, "the server to accept the requests", interval=0.2)
+    wait_until(lambda: _queued(endpoint) >= 6, 60, "the server to accept the requests", interval=0.2)
+    watched = PodWatch(cluster, pod["metadata"]["name"], pod["status"]["podIP"])
     deleted = time.monotonic()
     cluster.kubectl("delete", "pod", "-n", NAMESPACE, pod["metadata"]["name"], "--wait=false")
+
+    # After the preStop pause the server has its SIGTERM: a request reaching the pod then is
+    # refused in the OpenAI shape, while the accepted ones still run.
+    refused: dict[str, Any] = {}
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    body = {"prompt": "late", "size": "256x256", "response_format": "b64_json"}
+    time.sleep(max(0.0, deleted + PRESTOP_SECONDS + 0.5 - time.monotonic()))
+    while not refused and time.monotonic() - deleted < 60:
+        try:
+            answer = httpx.post(f"{direct}/v1/images/generations", json=body, headers=headers, timeout=5)
+        except httpx.TimeoutException:
+            continue  # accepted, not refused: still in its preStop pause
+        except httpx.HTTPError:
+            break  # the server is gone: nothing was refused in time, which the assertion reports
+        if answer.status_code == 503:
+            refused = {"at": time.monotonic(), **answer.json()["error"]}
+        time.sleep(0.25)
     for thread in clients:
         thread.join(180)
+    watched.stop()
+
     failures = {seed: r for seed, r in results.items() if isinstance(r, Exception)}
     assert not failures, failures
-    assert sorted(results) == [0, 1, 2, 3]
+    assert sorted(results) == list(seeds)
     for result in results.values():
         assert base64.b64decode(result.data[0].b64_json).startswith(PNG_MAGIC)
-    assert max(finished.values()) > deleted, "no request was still in flight when the pod was deleted"
+    assert refused, "no new request was refused while the pod drained"
+    assert refused["code"] == "draining", refused
+    assert refused["at"] < max(finished.values()), "the refusal came after the accepted requests ended"
+    print(
+        f"left the endpoints {watched.left_endpoints - deleted:.1f}s after the delete; refused "
+        f"{refused['at'] - deleted:.1f}s after; last answer {max(finished.values()) - deleted:.1f}s after"
+        if watched.left_endpoints is not None
+        else "never left the endpoints"
+    )
+    assert watched.left_endpoints is not None, "the pod stayed a ready endpoint of the Service"
+    assert watched.left_endpoints < refused["at"], "the pod left the endpoints only after refusing"
+    assert watched.terminated, "the container's end was not seen"
+    assert watched.terminated["exitCode"] == 0, watched.terminated
+    assert watched.deletion is not None
+    # The deletion timestamp is when the grace period ends: the server was done well before it.
+    assert watched.terminated["finishedAt"] < watched.deletion, (watched.terminated, watched.deletion)
     wait_until(lambda: _ready(_service(cluster)), 600, "a new pod to serve", interval=1)
     (replacement,) = _pods(cluster)
     assert replacement["metadata"]["name"] != pod["metadata"]["name"]

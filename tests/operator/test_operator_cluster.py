@@ -771,7 +771,9 @@ def test_a_namespace_scoped_operator_works_under_the_charts_namespaced_rbac(
         pod = wait_for(scoped_pod, 60, "the namespaced operator's process")
         log = operator.workdir / f"{home}_{pod.metadata.name}.log"
         time.sleep(3)
-        assert log.read_text().count("lacks permissions it needs") == 1, log.read_text()[-3000:]
+        said = log.read_text()
+        assert said.count("lacks permissions it needs") == 1, said[-3000:]
+        assert "Forbidden" not in said, "Kopf's refused watch was logged over and over"
     finally:
         cluster.helm(tmp_path, "uninstall", "scoped", "--wait", namespace=home)
         cluster.kubectl("scale", "deployment/zimage-operator", "-n", "zimage-system", "--replicas=1")
@@ -906,6 +908,14 @@ def test_pod_failures_show_within_seconds_and_hold_while_they_last(
     print(f"FailedMount shown in {time.monotonic() - started:.1f}s")
     time.sleep(16)  # past a resync
     assert mount() is not None
+
+    # Image and configuration errors, in the kubelet's words.
+    for reason, message in [
+        ("ErrImagePull", 'failed to pull image "registry.example/zimage:9": not found'),
+        ("CreateContainerConfigError", 'secret "hub-token" not found'),
+    ]:
+        report({"waiting": {"reason": reason, "message": message}}, False, 0)
+        wait_for(_degraded_for(api, namespace, "loop", "PodsFailing", f"{reason}: {message}"), 15, reason)
 
 
 def test_kubectl_scale_below_the_autoscalers_floor_says_why_nothing_happens(

@@ -382,7 +382,7 @@ def test_drift_is_put_back(
     )
 
 
-HAND_EDITS = [
+HAND_EDITS: list[tuple[str, list[dict[str, Any]]]] = [
     ("deployment", [{"op": "add", "path": "/spec/template/spec/containers/0/command", "value": ["sh"]}]),
     (
         "deployment",
@@ -745,7 +745,10 @@ def test_a_namespace_scoped_operator_works_under_the_charts_namespaced_rbac(
     def healthz() -> httpx.Response:
         pod = wait_for(scoped_pod, 60, "the namespaced operator's process")
         address = wait_for(lambda: core.read_namespaced_pod(pod.metadata.name, home).status.pod_ip, 30, "IP")
-        return wait_for(lambda: _get_or_none(f"http://{address}:8080/healthz"), 30, "/healthz")
+        answer: httpx.Response = wait_for(
+            lambda: _get_or_none(f"http://{address}:8080/healthz"), 30, "/healthz"
+        )
+        return answer
 
     values = ["--set", f"watch.namespaces={{{namespace}}}", "--skip-crds"]
     try:
@@ -878,10 +881,11 @@ def test_pod_failures_show_within_seconds_and_hold_while_they_last(
     crash = _degraded_for(api, namespace, "loop", "PodsFailing", "keeps exiting, last with code 1")
     first = wait_for(crash, 15, "Degraded PodsFailing")
     print(f"crash loop shown in {time.monotonic() - started:.1f}s")
-    for state, restarts in [
+    loop_states: list[tuple[dict[str, Any], int]] = [
         ({"running": {"startedAt": "2026-01-01T00:00:10Z"}}, 1),
         ({"terminated": exit_1}, 2),
-    ]:
+    ]
+    for state, restarts in loop_states:
         report(state, False, restarts)
         time.sleep(3)
         held = crash()

@@ -27,11 +27,12 @@ from typing import Any
 import httpx
 import kopf
 from kubernetes import client, config
+from kubernetes.client.rest import ApiException
 
 from .autoscaler import Autoscaler
 from .builders import GROUP, KIND, PLURAL, VERSION
 from .config import FIELD_MANAGER, OperatorSettings
-from .kube import OUTAGE, Kube
+from .kube import OUTAGE, Kube, api_message
 from .metrics import SERVICE_LOOPS, start_health_server
 from .permissions import REPORT, missing_permissions
 from .reconcile import Reconciler, TemporaryFailureError
@@ -220,6 +221,13 @@ def retry_later(exc: TemporaryFailureError, failures: int) -> kopf.TemporaryErro
     return kopf.TemporaryError(str(exc), delay=backoff_seconds(failures))
 
 
+def describe(exc: BaseException) -> str:
+    """One line for the log: the API server's message for a refused request, not its headers."""
+    if isinstance(exc, ApiException):
+        return f"{exc.status} {api_message(exc)}"
+    return f"{type(exc).__name__}: {exc}"
+
+
 def autoscaling_mode(body: kopf.Body) -> str:
     return str((body.get("spec", {}).get("autoscaling") or {}).get("mode", "builtin"))
 
@@ -268,7 +276,7 @@ async def service_loop(
             if OUTAGE.record(exc):
                 raise kopf.TemporaryError(str(exc), delay=OUTAGE_RETRY_SECONDS) from exc
             state.failures += 1
-            problem = f"{type(exc).__name__}: {exc}"
+            problem = describe(exc)
             if problem != state.problem:  # once per distinct problem, never a traceback
                 logger.warning("cannot read %s/%s: %s", namespace, name, problem)
             state.problem = problem
@@ -299,7 +307,7 @@ async def service_loop(
             except Exception as exc:
                 if OUTAGE.record(exc):
                     continue
-                problem = f"{type(exc).__name__}: {exc}"
+                problem = describe(exc)
                 if problem != last_problem:  # once per distinct problem
                     logger.warning("autoscaler pass on %s/%s failed: %s", namespace, name, problem)
                 last_problem = problem

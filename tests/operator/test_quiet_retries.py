@@ -65,3 +65,14 @@ def test_event_posts_that_fail_for_an_outage_or_a_namespace_going_are_dropped() 
     OUTAGE.failed(ConnectionError("refused"))
     assert quiet.filter(_record("kopf._core.engines.posting", plain)) is False  # the outage's warning says it
     OUTAGE.succeeded()
+
+
+def test_a_refused_request_is_one_line_with_the_api_servers_words() -> None:
+    from kubernetes.client.rest import ApiException
+
+    from zimage_operator.handlers import describe
+
+    refused = ApiException(status=403, reason="Forbidden")
+    refused.body = '{"message": "pods is forbidden: User \\"x\\" cannot list resource \\"pods\\""}'
+    assert describe(refused) == '403 pods is forbidden: User "x" cannot list resource "pods"'
+    assert describe(TimeoutError("slow")) == "TimeoutError: slow"

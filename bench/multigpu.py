@@ -43,7 +43,7 @@ from performance import (
     stop_server,
     wait_ready,
 )
-from zimage_server.processes import free_port
+from zimage_server.core.processes import free_port
 
 SEEDS = (1, 2, 3)
 

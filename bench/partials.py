@@ -51,7 +51,7 @@ def main() -> None:
 
     import torch
 
-    from zimage_server.runner import BatchSpec, PipelineRunner
+    from zimage_server.pipeline.runner import BatchSpec, PipelineRunner
 
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     model = build_model(args.scale, args.work / f"model-{args.scale}")

@@ -49,7 +49,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from zimage_server.processes import free_port, stop_process
+from zimage_server.core.processes import free_port, stop_process
 
 PROMPT = (
     "a photo of a red fox in fresh snow at golden hour, detailed fur, soft rim light, shallow depth of field"
@@ -66,7 +66,12 @@ def build_model(scale: str, directory: Path) -> Path:
     marker = directory / "bench_model.json"
     if marker.is_file() and json.loads(marker.read_text()).get("scale") == scale:
         return directory
-    from zimage_server.tiny_model import assemble_pipeline, build_tokenizer, build_vae, make_tiny_model
+    from zimage_server.pipeline.tiny_model import (
+        assemble_pipeline,
+        build_tokenizer,
+        build_vae,
+        make_tiny_model,
+    )
 
     if scale == "tiny":
         make_tiny_model(directory)
@@ -166,7 +171,7 @@ def server_settings(
     start."""
     from pydantic_settings import CliSettingsSource
 
-    from zimage_server.config import Settings
+    from zimage_server.core.config import Settings
 
     tuned = path != "diffusers"
     if tuned and device == "cuda":
@@ -188,7 +193,7 @@ def server_settings(
 def text_window(path: str, tokenizer: Any) -> int:
     """The text encoder's token window: the pipeline's full one for the baseline, the one the
     server's runner picks for the prompt otherwise."""
-    from zimage_server.runner import MAX_PROMPT_TOKENS, prompt_window
+    from zimage_server.pipeline.runner import MAX_PROMPT_TOKENS, prompt_window
 
     return MAX_PROMPT_TOKENS if path == "diffusers" else prompt_window(tokenizer, [PROMPT])
 
@@ -225,7 +230,7 @@ def stage_text(args: argparse.Namespace, model: Path, results: dict[str, Any]) -
 def text_path(args: argparse.Namespace, model: Path, path: str, device: str) -> dict[str, Any]:
     import torch
 
-    from zimage_server.runner import PipelineRunner
+    from zimage_server.pipeline.runner import PipelineRunner
 
     uncompiled = path.endswith("-uncompiled")
     path = path.removesuffix("-uncompiled")
@@ -289,7 +294,7 @@ def encode_timings(repeat: int) -> dict[str, float]:
     import numpy as np
     from PIL import Image
 
-    from zimage_server.encoding import encode_image
+    from zimage_server.core.encoding import encode_image
 
     rng = np.random.default_rng(0)
     axis = np.linspace(0, 255, 1024)
@@ -361,7 +366,7 @@ def measure_path(
 ) -> Any:
     import torch
 
-    from zimage_server.runner import TURBO_GUIDANCE_SCALE, BatchSpec, PipelineRunner
+    from zimage_server.pipeline.runner import TURBO_GUIDANCE_SCALE, BatchSpec, PipelineRunner
 
     if cuda:
         torch.cuda.empty_cache()
@@ -615,9 +620,9 @@ def warmup_breakdown(log: Path) -> dict[str, Any]:
 # uvicorn among them), then the pipeline's class in ``PipelineRunner.load``.
 # The child prints its age once they are done (the interpreter's start included, its exit not).
 SERVER_IMPORTS = (
-    "import zimage_server.app, zimage_server.drain, zimage_server.http_server\n"
+    "import zimage_server.http.app, zimage_server.health.drain, zimage_server.http.http_server\n"
     "from diffusers import ZImagePipeline\n"
-    "from zimage_server.processes import process_age\n"
+    "from zimage_server.core.processes import process_age\n"
     "print(process_age())"
 )
 IMPORT_LINE = re.compile(r"^import time:\s*(\d+) \|\s*(\d+) \| ( *)(\S+)$")

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from zimage_server.png import encode_png
+from zimage_server.core.png import encode_png
 
 
 def images() -> dict[str, Image.Image]:

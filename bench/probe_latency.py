@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from zimage_server.processes import free_port, free_ports, stop_processes
+from zimage_server.core.processes import free_port, free_ports, stop_processes
 
 FLOOR_SERVER = """
 import asyncio, sys
@@ -54,7 +54,7 @@ asyncio.run(main())
 # the loop has not re-armed it for the given number of milliseconds.
 TRACED_SERVER = """
 import asyncio, faulthandler, sys, time
-from zimage_server import drain
+from zimage_server.health import drain
 limit_s, path = float(sys.argv[1]) / 1000, sys.argv[2]
 out = open(path, "w")
 lags = []

@@ -111,7 +111,7 @@ def profile(fn: Any, top: int) -> dict[str, Any]:
 def run_path(args: argparse.Namespace, model: Path, path: str) -> dict[str, Any]:
     import torch
 
-    from zimage_server.runner import BatchSpec, PipelineRunner
+    from zimage_server.pipeline.runner import BatchSpec, PipelineRunner
 
     width, height = (int(side) for side in args.size.split("x"))
     settings = server_settings(

@@ -49,7 +49,7 @@ from typing import Any
 
 import httpx
 
-from zimage_server.processes import free_ports, stop_process
+from zimage_server.core.processes import free_ports, stop_process
 
 HOST = "127.0.0.1"
 TCP_ESTABLISHED = 1  # tcp_info.tcpi_state: the server has neither closed nor reset it

@@ -32,8 +32,8 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from performance import environment, startup_phases, stop_server, wait_ready
-from zimage_server.processes import free_port
-from zimage_server.weight_prefetch import WeightPrefetch, weight_files
+from zimage_server.core.processes import free_port
+from zimage_server.pipeline.weight_prefetch import WeightPrefetch, weight_files
 
 
 def build_model(directory: Path, gib: float) -> Path:
@@ -43,7 +43,7 @@ def build_model(directory: Path, gib: float) -> Path:
         return directory
     import torch
 
-    from zimage_server.tiny_model import build_tiny_pipeline, build_tokenizer
+    from zimage_server.pipeline.tiny_model import build_tiny_pipeline, build_tokenizer
 
     with tempfile.TemporaryDirectory() as scratch:
         vocab = build_tokenizer(Path(scratch))

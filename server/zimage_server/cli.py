@@ -36,8 +36,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _prefetch(args: list[str]) -> int:
-    from .config import load_settings
-    from .model_source import ModelSource, ModelSourceError, resolve
+    from zimage_server.core.config import load_settings
+    from zimage_server.core.sources import ModelSource, ModelSourceError
+    from zimage_server.pipeline.model_source import resolve
 
     try:
         settings = load_settings(args)
@@ -55,7 +56,7 @@ def _make_tiny_model(args: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="zimage-server make-tiny-model")
     parser.add_argument("directory", help="where to write the pipeline")
     ns = parser.parse_args(args)
-    from .tiny_model import make_tiny_model
+    from zimage_server.pipeline.tiny_model import make_tiny_model
 
     path = make_tiny_model(ns.directory)
     print(f"wrote the tiny Z-Image pipeline to {path}")
@@ -63,8 +64,8 @@ def _make_tiny_model(args: list[str]) -> int:
 
 
 def _serve(args: list[str]) -> int:
-    from .config import load_settings
-    from .model_source import ModelSourceError
+    from zimage_server.core.config import load_settings
+    from zimage_server.core.sources import ModelSourceError
 
     try:
         settings = load_settings(args)
@@ -75,18 +76,18 @@ def _serve(args: list[str]) -> int:
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     if settings.prefetch_weights:  # first: it reads while the imports below run
-        from . import weight_prefetch
+        from zimage_server.pipeline import weight_prefetch
 
         weight_prefetch.start(settings.model, settings.revision, settings.hf_cache_dir)
-    from .app import create_app
+    from zimage_server.http.app import create_app
 
     try:
         app = create_app(settings)
     except RuntimeError as exc:  # for example cuda asked for where there is none
         print(f"zimage-server: {exc}", file=sys.stderr)
         return 2
-    from .drain import DrainingServer
-    from .http_server import uvicorn_config
+    from zimage_server.health.drain import DrainingServer
+    from zimage_server.http.http_server import uvicorn_config
 
     config = uvicorn_config(app, settings)
     # After its shutdown uvicorn restores the SIGTERM handler it found and raises the signal
@@ -103,7 +104,7 @@ def _exit(app: Any, code: int) -> int:
     interpreter's exit would wait for, and no request has been accepted that could be lost.
     The same after a drain whose time ran out: every request got its 503 already. Otherwise
     returns ``code``."""
-    from .state import Phase
+    from zimage_server.core.state import Phase
 
     starting = app.state.server_state.phase in (Phase.LOADING, Phase.WARMING)
     if starting or app.state.abandoned:

@@ -38,7 +38,7 @@ from typing import Any
 import httpx
 import yaml
 
-from zimage_server.processes import free_port, free_ports
+from zimage_server.core.processes import free_port, free_ports
 
 from . import node_host
 from .certs import Pki, make_pki

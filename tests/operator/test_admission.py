@@ -25,7 +25,7 @@ from zimage_operator.builders import Owner
 from zimage_operator.config import OperatorSettings
 from zimage_operator.reconcile import prefetch_name
 from zimage_operator.spec import IMAGE_REFERENCE, parse_spec
-from zimage_server.config import load_settings
+from zimage_server.core.config import load_settings
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 

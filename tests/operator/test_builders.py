@@ -74,7 +74,7 @@ def test_every_variable_the_operator_sets_is_a_server_setting_it_accepts(
 ) -> None:
     """A misspelt variable would be ignored by the server without a word: each must name a
     setting, and the server must accept the values the operator writes."""
-    from zimage_server.config import Settings
+    from zimage_server.core.config import Settings
 
     values = env({"runtime": {"batchLingerMs": 250}, "vram": {"limit": "90%"}})
     names = {name.removeprefix("ZIMAGE_").lower() for name in values if name.startswith("ZIMAGE_")}
@@ -90,7 +90,7 @@ def test_every_variable_the_operator_sets_is_a_server_setting_it_accepts(
 def test_cuda_graphs_default_to_the_text_encoder_and_an_empty_list_turns_them_off(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from zimage_server.config import Settings
+    from zimage_server.core.config import Settings
 
     assert env()["ZIMAGE_CUDA_GRAPH_PARTS"] == "text_encoder"
     # Graphs stay the server's choice (on where it finds a GPU), so a CPU pod still starts.

@@ -11,9 +11,8 @@ import yaml
 
 from zimage_operator import builders
 from zimage_operator.spec import GraphPart
-from zimage_server.acceleration import check_attention_backend
-from zimage_server.config import Settings
-from zimage_server.cuda_graphs import GRAPHABLE
+from zimage_server.core.choices import GRAPHABLE, check_attention_backend
+from zimage_server.core.config import Settings
 
 CRD = Path(__file__).resolve().parents[2] / "deploy/crds/zimage.dev_zimageservices.yaml"
 

@@ -101,7 +101,7 @@ def test_artifacts_are_unknown_without_a_report() -> None:
 
 def test_the_status_names_the_artifact_file_the_server_keys() -> None:
     from zimage_operator.autoscaler import artifact_file
-    from zimage_server import compile_artifacts
+    from zimage_server.pipeline import compile_artifacts
 
     path = compile_artifacts.artifact_path("/shared", {"gpu": "H100", "torch": "2.11"})
     key = compile_artifacts.artifact_key(path)

@@ -17,11 +17,11 @@ import pytest
 import uvicorn
 from prometheus_client.parser import text_string_to_metric_families
 
-from zimage_server.app import create_app
-from zimage_server.config import Settings
-from zimage_server.http_server import uvicorn_config
-from zimage_server.state import Phase
-from zimage_server.tiny_model import make_tiny_model
+from zimage_server.core.config import Settings
+from zimage_server.core.state import Phase
+from zimage_server.http.app import create_app
+from zimage_server.http.http_server import uvicorn_config
+from zimage_server.pipeline.tiny_model import make_tiny_model
 
 # A snapshot's commit in a Hub cache laid out by hand (``hub_cache``).
 COMMIT = "0123456789abcdef0123456789abcdef01234567"

@@ -11,9 +11,20 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from zimage_server.acceleration import AccelerationError, check_attention_backend, fp8_filter, quantize_fp8
-from zimage_server.config import Settings
-from zimage_server.runner import MAX_PROMPT_TOKENS, BatchSpec, PipelineRunner, prompt_tokens, prompt_window
+from zimage_server.core.choices import check_attention_backend
+from zimage_server.core.config import Settings
+from zimage_server.pipeline.acceleration import (
+    AccelerationError,
+    fp8_filter,
+    quantize_fp8,
+)
+from zimage_server.pipeline.runner import (
+    MAX_PROMPT_TOKENS,
+    BatchSpec,
+    PipelineRunner,
+    prompt_tokens,
+    prompt_window,
+)
 
 from .conftest import pixel_difference
 
@@ -71,7 +82,7 @@ def test_the_text_encoders_ready_mask_gives_the_same_prompt_embeddings(tiny_mode
     """The text encoder's graphs get a 4D causal padding mask instead of the 2D padding mask
     (transformers reads the 2D one on the host, which a graph cannot capture): the same
     embeddings for prompts of different lengths, padded to one window."""
-    from zimage_server import cuda_graphs
+    from zimage_server.pipeline import cuda_graphs
 
     runner = PipelineRunner(_settings(tiny_model_dir))
     runner.load()
@@ -251,7 +262,7 @@ class _AsksForOneImage(torch.nn.Module):
 def test_a_block_that_cannot_take_an_unbacked_batch_is_traced_per_batch_size_with_a_warning(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    from zimage_server.block_compile import Marking, compile_blocks
+    from zimage_server.pipeline.block_compile import Marking, compile_blocks
 
     torch._dynamo.reset()
     model = torch.nn.Sequential(_AsksForOneImage(), _AsksForOneImage())
@@ -260,7 +271,7 @@ def test_a_block_that_cannot_take_an_unbacked_batch_is_traced_per_batch_size_wit
         expected = [model(one), model(four)]
         marking = Marking(sequence={"x": (1,)}, batch=frozenset({"x"}), unbacked_batch=True)
         assert compile_blocks(model, ["_AsksForOneImage"], marking, fullgraph=True, backend="eager") == 2
-        with caplog.at_level("WARNING", logger="zimage_server.block_compile"):
+        with caplog.at_level("WARNING", logger="zimage_server.pipeline.block_compile"):
             got = [model(one), model(four), model(one)]
     torch.testing.assert_close(got[0], expected[0])
     torch.testing.assert_close(got[1], expected[1])
@@ -272,8 +283,8 @@ def test_a_block_that_cannot_take_an_unbacked_batch_is_traced_per_batch_size_wit
 
 
 def test_the_text_encoder_is_compiled_layer_by_layer(tiny_model_dir: Path) -> None:
-    from zimage_server.acceleration import compile_layers
-    from zimage_server.block_compile import DynamicBlockForward
+    from zimage_server.pipeline.acceleration import compile_layers
+    from zimage_server.pipeline.block_compile import DynamicBlockForward
 
     runner = PipelineRunner(_settings(tiny_model_dir))
     runner.load()

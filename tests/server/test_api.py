@@ -123,7 +123,7 @@ def test_metrics_expose_the_serving_families(server: RunningServer) -> None:
 
 
 def test_the_response_body_is_the_documented_shape(server: RunningServer) -> None:
-    from zimage_server.protocol import ImageGenerationResponse
+    from zimage_server.http.protocol import ImageGenerationResponse
 
     body = {"prompt": "a kite", "size": "128x128", "n": 2, "seed": 4, "output_format": "webp"}
     response = httpx.post(f"{server.url}/v1/images/generations", json=body, timeout=30)
@@ -133,7 +133,7 @@ def test_the_response_body_is_the_documented_shape(server: RunningServer) -> Non
 
 
 def test_sliced_base64_equals_plain_base64() -> None:
-    from zimage_server.service import b64_sliced
+    from zimage_server.http.service import b64_sliced
 
     for size in (0, 1, 2, 3, 3 * 2**16, 3 * 2**16 + 1, 1_000_003):
         data = bytes(range(256)) * (size // 256) + bytes(size % 256)

@@ -10,7 +10,7 @@ import openai
 import pytest
 from openai import OpenAI
 
-from zimage_server import auth
+from zimage_server.http import auth
 
 from .conftest import ServerFactory
 
@@ -105,7 +105,7 @@ def test_a_key_file_holds_one_key_per_line_commas_included(serve: ServerFactory,
 def test_a_key_file_without_keys_stops_the_start(tmp_path: Path) -> None:
     from pydantic import ValidationError
 
-    from zimage_server.config import Settings
+    from zimage_server.core.config import Settings
 
     empty = tmp_path / "keys"
     empty.write_text("\n")

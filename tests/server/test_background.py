@@ -8,7 +8,7 @@ import threading
 
 import pytest
 
-from zimage_server import background, png
+from zimage_server.core import background, png
 
 from .conftest import ServerFactory
 

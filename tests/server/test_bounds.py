@@ -12,8 +12,8 @@ from contextlib import ExitStack, contextmanager
 import httpx
 import pytest
 
-from zimage_server import health_server
-from zimage_server.processes import free_port
+from zimage_server.core.processes import free_port
+from zimage_server.health import health_server
 
 from .conftest import ServerFactory
 

@@ -14,8 +14,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from zimage_server.processes import free_port, free_ports, stop_process
-from zimage_server.tiny_model import TINY_MODEL_VERSION
+from zimage_server.core.processes import free_port, free_ports, stop_process
+from zimage_server.pipeline.tiny_model import TINY_MODEL_VERSION
 
 pytestmark = pytest.mark.slow
 

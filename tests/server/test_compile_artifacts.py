@@ -16,8 +16,8 @@ import pytest
 import torch
 from prometheus_client.parser import text_string_to_metric_families
 
-from zimage_server import compile_artifacts
-from zimage_server.processes import free_port, stop_process
+from zimage_server.core.processes import free_port, stop_process
+from zimage_server.pipeline import compile_artifacts
 
 pytestmark = pytest.mark.slow
 

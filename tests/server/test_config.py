@@ -8,9 +8,9 @@ import pytest
 from pydantic import ValidationError
 from pydantic_settings import CliApp
 
-from zimage_server.auth import parse_keys
 from zimage_server.cli import main
-from zimage_server.config import Settings, parse_size, unknown_variables
+from zimage_server.core.config import Settings, parse_size, unknown_variables
+from zimage_server.core.keys import parse_keys
 
 
 def test_environment_variables_configure_the_server(monkeypatch: pytest.MonkeyPatch) -> None:

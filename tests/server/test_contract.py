@@ -12,7 +12,7 @@ import schemathesis
 from hypothesis import HealthCheck, given, settings
 from schemathesis.generation.modes import GenerationMode
 
-from zimage_server.config import Settings
+from zimage_server.core.config import Settings
 
 from .conftest import RunningServer
 

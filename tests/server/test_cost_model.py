@@ -7,7 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from zimage_server.cost_model import PRIOR_SECONDS_PER_MEGAPIXEL_STEP, CostModel
+from zimage_server.engine.cost_model import PRIOR_SECONDS_PER_MEGAPIXEL_STEP, CostModel
 
 from .conftest import SLOW, ServerFactory
 

@@ -88,8 +88,8 @@ def test_fp8_and_compile_serve_images(serve: ServerFactory) -> None:
 
 
 def test_cuda_graphs_replay_the_same_images(tiny_model_dir: Path) -> None:
-    from zimage_server.config import Settings
-    from zimage_server.runner import BatchSpec, PipelineRunner
+    from zimage_server.core.config import Settings
+    from zimage_server.pipeline.runner import BatchSpec, PipelineRunner
 
     def runner(graphs: bool) -> PipelineRunner:
         settings = Settings(

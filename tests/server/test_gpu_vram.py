@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from zimage_server.processes import free_ports, stop_processes
+from zimage_server.core.processes import free_ports, stop_processes
 
 from .conftest import RunningServer, ServerFactory
 

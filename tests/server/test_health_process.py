@@ -16,10 +16,10 @@ import httpx
 import pytest
 from pydantic import ValidationError
 
-from zimage_server.config import Settings
-from zimage_server.health import HealthProcess
-from zimage_server.health_board import HealthBoard
-from zimage_server.processes import free_port
+from zimage_server.core.config import Settings
+from zimage_server.core.processes import free_port
+from zimage_server.health.health import HealthProcess
+from zimage_server.health.health_board import HealthBoard
 
 from .conftest import ServerFactory
 
@@ -78,7 +78,7 @@ def test_the_health_process_exits_when_its_parent_dies(tmp_path: Path) -> None:
             sys.executable,
             "-c",
             "import sys, time\n"
-            "from zimage_server.health import HealthProcess\n"
+            "from zimage_server.health.health import HealthProcess\n"
             f"p = HealthProcess('127.0.0.1', {port}, 30.0)\n"
             "p.start()\n"
             "print(p.proc.pid, flush=True)\n"
@@ -145,7 +145,7 @@ def test_the_health_port_must_differ_from_the_serving_port() -> None:
 WRITER = """
 import sys, time
 from pathlib import Path
-from zimage_server.health_board import HealthBoard
+from zimage_server.health.health_board import HealthBoard
 board = HealthBoard(Path(sys.argv[1]), writable=True)
 deadline = time.monotonic() + 2.0
 i = 0

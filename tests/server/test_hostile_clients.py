@@ -23,9 +23,9 @@ from typing import Any
 import httpx
 import pytest
 
-from zimage_server import health_server
-from zimage_server.middleware import LastWordMiddleware
-from zimage_server.processes import free_port, free_ports
+from zimage_server.core.processes import free_port, free_ports
+from zimage_server.health import health_server
+from zimage_server.http.middleware import LastWordMiddleware
 
 from .conftest import RunningServer, ServerFactory
 

@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from zimage_server import protocol
+from zimage_server.http import protocol
 
 from .conftest import RunningServer, ServerFactory
 

@@ -7,9 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from zimage_server.config import Settings
-from zimage_server.model_source import ModelSource, ModelSourceError, resolve
-from zimage_server.runner import BatchSpec, PipelineRunner, pick_device, pick_dtype
+from zimage_server.core.config import Settings
+from zimage_server.core.sources import ModelSource, ModelSourceError
+from zimage_server.pipeline.model_source import resolve
+from zimage_server.pipeline.runner import BatchSpec, PipelineRunner, pick_device, pick_dtype
 
 from .conftest import COMMIT, hub_cache
 

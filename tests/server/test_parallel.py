@@ -19,9 +19,9 @@ import pytest
 from PIL import Image
 from pydantic import ValidationError
 
-from zimage_server.config import Settings
-from zimage_server.processes import free_port
-from zimage_server.vram import GpuMemory, Sample
+from zimage_server.core.config import Settings
+from zimage_server.core.processes import free_port
+from zimage_server.health.vram import GpuMemory, Sample
 
 from .conftest import SLOW, RunningServer, ServerFactory, pixel_difference
 
@@ -283,7 +283,7 @@ def test_one_gpu_is_one_worker_read_through_nvml(serve: ServerFactory) -> None:
 def test_several_workers_on_one_gpu_are_refused_at_start() -> None:
     import torch
 
-    from zimage_server.runner import worker_devices
+    from zimage_server.pipeline.runner import worker_devices
 
     visible = torch.cuda.device_count()
     with pytest.raises(RuntimeError, match=f"needs {visible + 1} GPUs, one each; {visible} (is|are) visible"):

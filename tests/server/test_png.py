@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from zimage_server.encoding import encode_image
-from zimage_server.png import encode_png
+from zimage_server.core.encoding import encode_image
+from zimage_server.core.png import encode_png
 
 
 def _decode(data: bytes) -> Image.Image:

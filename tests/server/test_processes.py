@@ -8,7 +8,7 @@ import socket
 import subprocess
 import sys
 
-from zimage_server.processes import free_ports, stop_process, stop_processes
+from zimage_server.core.processes import free_ports, stop_process, stop_processes
 
 # Exits 0 after its first SIGTERM once a moment has passed; 3 if a second SIGTERM comes first.
 CHILD = """

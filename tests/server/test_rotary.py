@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from zimage_server.config import Settings
-from zimage_server.rotary import RealRopeEmbedder, rotate, use_real_rotary
-from zimage_server.runner import BatchSpec, PipelineRunner
+from zimage_server.core.config import Settings
+from zimage_server.pipeline.rotary import RealRopeEmbedder, rotate, use_real_rotary
+from zimage_server.pipeline.runner import BatchSpec, PipelineRunner
 
 
 def test_rotate_equals_the_complex_product() -> None:

@@ -16,7 +16,7 @@ import pytest
 from openai.types import ImageGenCompletedEvent, ImageGenPartialImageEvent
 from PIL import Image
 
-from zimage_server.partials import clean_estimate, partial_steps
+from zimage_server.pipeline.partials import clean_estimate, partial_steps
 
 from .conftest import SLOW, RunningServer, ServerFactory, pixel_difference
 

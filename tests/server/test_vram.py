@@ -11,12 +11,12 @@ from typing import Any
 import httpx
 import pytest
 
-from zimage_server.vram import (
+from zimage_server.core.vram_limit import VramLimit
+from zimage_server.health.vram import (
     FileSource,
     NvmlSource,
     Sample,
     Verdict,
-    VramLimit,
     VramPolicy,
     visible_device_ids,
     write_termination_message,

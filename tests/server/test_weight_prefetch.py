@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from zimage_server import weight_prefetch
-from zimage_server.config import Settings
-from zimage_server.runner import PipelineRunner
-from zimage_server.weight_prefetch import WeightPrefetch, local_directory, weight_files
+from zimage_server.core.config import Settings
+from zimage_server.pipeline import weight_prefetch
+from zimage_server.pipeline.runner import PipelineRunner
+from zimage_server.pipeline.weight_prefetch import WeightPrefetch, local_directory, weight_files
 
 from .conftest import hub_cache
 
@@ -74,7 +74,7 @@ def test_an_unreadable_file_stops_the_reading_with_a_warning(
 ) -> None:
     present = tmp_path / "a.safetensors"
     present.write_bytes(b"x" * 1000)
-    with caplog.at_level(logging.WARNING, logger="zimage_server.weight_prefetch"):
+    with caplog.at_level(logging.WARNING, logger="zimage_server.pipeline.weight_prefetch"):
         prefetch = WeightPrefetch(lambda: [present, tmp_path / "gone.safetensors"]).start()
         assert prefetch.finished.wait(10)
     assert prefetch.bytes_read == 1000

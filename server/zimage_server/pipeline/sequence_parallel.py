@@ -10,7 +10,7 @@ two on the caption) run whole on every GPU. Z-Image has 30 heads: 2, 3, 5 or 6 G
 evenly; for other degrees diffusers' ``ulysses_anything`` splits unevenly.
 
 One process per GPU. This process, rank 0, serves HTTP and runs the engine; it starts the
-other ranks (``python -m zimage_server.sequence_parallel``) once the model is on local disk,
+other ranks (``python -m zimage_server.pipeline.sequence_parallel``) once the model is on local disk,
 and sends each batch to them on their standard input before running it itself. Every rank
 runs the same pipeline call with the same seeds; only rank 0 decodes images. A rank that
 exits makes the server's liveness fail. A rank whose standard input closes (rank 0 gone)
@@ -32,9 +32,9 @@ from unittest import mock
 
 import torch
 
-from .config import Settings
-from .errors import APIError
-from .runner import BatchSpec, PipelineRunner, pick_device
+from zimage_server.core.config import Settings
+from zimage_server.core.errors import APIError
+from zimage_server.pipeline.runner import BatchSpec, PipelineRunner, pick_device
 
 logger = logging.getLogger(__name__)
 
@@ -142,7 +142,7 @@ class SequenceParallelRunner(_Rank):
         fields["model"] = str(self.model_path)  # on local disk now: no rank downloads it again
         for rank in range(1, self.settings.sequence_parallel):
             follower = subprocess.Popen(
-                [sys.executable, "-m", "zimage_server.sequence_parallel", str(rank)],
+                [sys.executable, "-m", "zimage_server.pipeline.sequence_parallel", str(rank)],
                 stdin=subprocess.PIPE,
                 text=True,
                 env={**os.environ, "PYTHONUNBUFFERED": "1"},

@@ -34,7 +34,6 @@ Key = tuple[Any, ...]
 # How many shapes seen once are remembered (waiting for a second sighting to be captured).
 SEEN_LIMIT = 4096
 # What graphs can cover; "text_encoder" needs the text encoder to use SDPA attention.
-GRAPHABLE = ("text_encoder", "transformer")
 _PLAIN = (type(None), bool, int, float, str)
 # The text encoder's graphs keep every layer's hidden states as outputs (the pipeline reads one
 # of them): up to 0.4 GB a graph for four 512-token prompts, so fewer of them are kept.

@@ -77,10 +77,18 @@ class PartialDecoder:
             self.decoded += 1
 
     def decode(self, latents: torch.Tensor) -> Image.Image:
-        from .runner import to_pil
-
         vae = self.pipe.vae
         latents = latents.to(vae.dtype) / vae.config.scaling_factor + vae.config.shift_factor
         image = vae.decode(latents, return_dict=False)[0]
         (pil,) = to_pil(self.pipe.image_processor.postprocess(image, output_type="pt"))
         return pil
+
+
+def to_pil(images: torch.Tensor) -> list[Image.Image]:
+    """[0, 1] float images (N, C, H, W) on any device -> PIL images.
+
+    The conversion to 8 bits happens on the device and only bytes cross to the host, so the
+    worker thread spends little time holding the GIL on a large image.
+    """
+    pixels = (images * 255).round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous().cpu()
+    return [Image.fromarray(array) for array in pixels.numpy()]

@@ -12,43 +12,20 @@ from __future__ import annotations
 import hmac
 import logging
 import os
-import re
 import threading
 import time
-from pathlib import Path
 
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from .errors import error_body
+from zimage_server.core.errors import error_body
+from zimage_server.core.keys import read_key_file
 
 logger = logging.getLogger(__name__)
 
 # What a key guards: the images API.
 PROTECTED_PREFIXES = ("/v1/", "/generate")
 RECHECK_S = 1.0  # how often the key file is looked at for a change
-
-
-def parse_keys(text: str, commas: bool = True) -> frozenset[str]:
-    """Keys one per line, or also comma-separated (``api_keys``; a key file is lines only, so a
-    key may hold a comma); blanks ignored."""
-    return frozenset(key.strip() for key in re.split(r"[,\n]" if commas else r"\n", text) if key.strip())
-
-
-def read_key_file(path: str | os.PathLike[str]) -> frozenset[str]:
-    """The keys in ``path``; ``ValueError`` saying what is wrong when it has none or cannot be read."""
-    try:
-        keys = parse_keys(Path(path).read_text(encoding="utf-8"), commas=False)
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ValueError(f"api_keys_file {str(path)!r} cannot be read: {type(exc).__name__}") from None
-    if not keys:
-        raise ValueError(f"api_keys_file {str(path)!r} holds no key")
-    if any("," in key for key in keys):
-        logger.warning(
-            "a key in api_keys_file holds a comma: keys there are one per line, the comma is part of "
-            "the key (put several keys on lines of their own)"
-        )
-    return keys
 
 
 class KeyRing:

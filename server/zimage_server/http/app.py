@@ -11,32 +11,36 @@ from collections.abc import AsyncIterator, Callable
 
 from fastapi import FastAPI
 
-from . import __version__, background, compile_artifacts, playground
-from .api import router
-from .auth import ApiKeyMiddleware, KeyRing, parse_keys
-from .config import Settings
-from .engine import Engine
-from .errors import install_error_handlers
-from .health import HealthProcess, probe_responses
-from .http_server import MAX_HEAD_BYTES
-from .metrics import Metrics
-from .middleware import LastWordMiddleware, RequestLimitMiddleware, RequestMetricsMiddleware
-from .openapi import openapi_document
-from .runner import make_runners
-from .service import ImageService
-from .state import Phase, ServerState, write_termination_log
-from .vram import (
+from zimage_server import __version__
+from zimage_server.core import background
+from zimage_server.core.config import Settings
+from zimage_server.core.errors import install_error_handlers
+from zimage_server.core.keys import parse_keys
+from zimage_server.core.metrics import Metrics
+from zimage_server.core.state import Phase, ServerState, write_termination_log
+from zimage_server.core.vram_limit import VramLimit
+from zimage_server.engine.engine import Engine
+from zimage_server.health.health import HealthProcess, probe_responses
+from zimage_server.health.vram import (
     FileSource,
     MemorySource,
     NvmlSource,
     Sample,
     Verdict,
-    VramLimit,
     VramPolicy,
     VramSampler,
     release_torch_cache,
     write_termination_message,
 )
+from zimage_server.http import playground
+from zimage_server.http.api import router
+from zimage_server.http.auth import ApiKeyMiddleware, KeyRing
+from zimage_server.http.http_server import MAX_HEAD_BYTES
+from zimage_server.http.middleware import LastWordMiddleware, RequestLimitMiddleware, RequestMetricsMiddleware
+from zimage_server.http.openapi import openapi_document
+from zimage_server.http.service import ImageService
+from zimage_server.pipeline import compile_artifacts
+from zimage_server.pipeline.workers import make_runners
 
 logger = logging.getLogger(__name__)
 

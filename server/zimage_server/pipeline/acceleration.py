@@ -16,7 +16,8 @@ from typing import Any
 
 import torch
 
-from .block_compile import DECODER_LAYER, TRANSFORMER_BLOCK, compile_blocks
+from zimage_server.core.choices import COMPILABLE
+from zimage_server.pipeline.block_compile import DECODER_LAYER, TRANSFORMER_BLOCK, compile_blocks
 
 logger = logging.getLogger(__name__)
 
@@ -33,7 +34,6 @@ AUTO_ATTENTION_CANDIDATES = (
 )
 # fp8 needs float8 tensor cores: compute capability 8.9 (Ada) or 9.0 (Hopper) and newer.
 FP8_MIN_CAPABILITY = (8, 9)
-COMPILABLE = ("transformer", "vae", "text_encoder")
 
 
 class AccelerationError(RuntimeError):
@@ -49,17 +49,6 @@ class AccelerationReport:
     compiled: list[str] = field(default_factory=list)
     compile_cache_dir: str | None = None
     cuda_graphs: list[str] = field(default_factory=list)  # the parts replayed as CUDA graphs
-
-
-def check_attention_backend(name: str) -> None:
-    """Raise ``ValueError`` naming the choices when ``name`` is not a diffusers backend."""
-    if name == "auto":
-        return
-    from diffusers.models.attention_dispatch import AttentionBackendName
-
-    names = [backend.value for backend in AttentionBackendName]
-    if name not in names:
-        raise ValueError(f"attention_backend {name!r} is not one of: auto, {', '.join(names)}")
 
 
 def use_compile_cache(directory: str) -> str:
@@ -226,7 +215,7 @@ def apply(
         torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
     if "transformer" in compile_parts:
-        from .rotary import use_real_rotary
+        from zimage_server.pipeline.rotary import use_real_rotary
 
         # Same numbers, but no complex tensors inside the compiled blocks (see rotary.py).
         # Swapped before the attention backend is set, which configures the processors.

@@ -23,13 +23,13 @@ from typing import TYPE_CHECKING, Any
 
 from PIL import Image
 
-from .errors import APIError, error_body
-from .runner import prompt_tokens
-from .service import b64_sliced
+from zimage_server.core.errors import APIError, error_body
+from zimage_server.http.service import b64_sliced
+from zimage_server.pipeline.runner import prompt_tokens
 
 if TYPE_CHECKING:
-    from .engine import Job
-    from .service import GenerationParams, ImageService
+    from zimage_server.engine.engine import Job
+    from zimage_server.http.service import GenerationParams, ImageService
 
 logger = logging.getLogger(__name__)
 

@@ -22,7 +22,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from .model_source import ModelSource, hub_offline, resolve
+from zimage_server.core.sources import ModelSource, hub_offline
+from zimage_server.pipeline.model_source import resolve
 
 logger = logging.getLogger(__name__)
 

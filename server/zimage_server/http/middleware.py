@@ -10,8 +10,8 @@ import time
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .errors import draining_error, error_body
-from .metrics import Metrics
+from zimage_server.core.errors import draining_error, error_body
+from zimage_server.core.metrics import Metrics
 
 
 class RequestMetricsMiddleware:

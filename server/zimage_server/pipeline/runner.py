@@ -14,10 +14,11 @@ from typing import Any
 import torch
 from PIL import Image
 
-from . import acceleration, compile_artifacts, cuda_graphs, partials, weight_prefetch
-from .config import Settings
-from .model_source import ModelSource, resolve
-from .processes import process_age
+from zimage_server.core.config import Settings
+from zimage_server.core.processes import process_age
+from zimage_server.core.sources import ModelSource
+from zimage_server.pipeline import acceleration, compile_artifacts, cuda_graphs, partials, weight_prefetch
+from zimage_server.pipeline.model_source import resolve
 
 # This process's age once torch and the server's modules are imported (the interpreter's start
 # included): the first part of the start-up's `imports` phase, diffusers' import in ``load``
@@ -81,21 +82,6 @@ def worker_devices(settings: Settings) -> list[torch.device]:
 
 def _visible(count: int) -> str:
     return f"{count} {'is' if count == 1 else 'are'} visible"
-
-
-def make_runners(settings: Settings) -> list[PipelineRunner]:
-    """One runner per worker device (sequence parallel: this process's rank-0 runner)."""
-    if settings.sequence_parallel > 1:
-        from .sequence_parallel import SequenceParallelRunner
-
-        return [SequenceParallelRunner(settings, worker_devices(settings)[0])]
-    devices = worker_devices(settings)
-    runners = [PipelineRunner(settings, device) for device in devices]
-    for runner in runners[1:]:  # the first worker loads and saves the shared artifacts for all
-        runner.shares_artifacts = False
-    for runner in runners:
-        runner.workers = len(runners)
-    return runners
 
 
 @dataclass(frozen=True)
@@ -334,7 +320,7 @@ class PipelineRunner:
         started = time.perf_counter()
         output = self.run_pipe(spec, timer, "pt")
         return BatchResult(
-            images=to_pil(output.images),
+            images=partials.to_pil(output.images),
             step_seconds=timer.durations(),
             seconds=time.perf_counter() - started,
         )
@@ -401,16 +387,6 @@ def warmup_prompts(tokenizer: Any) -> tuple[str, str, str]:
     if prompt_tokens(tokenizer, [second])[0] % PROMPT_PAD_MULTIPLE == 0:
         second += " x"  # the second one must need padding
     return first, second, WARMUP_PROMPTS[2]
-
-
-def to_pil(images: torch.Tensor) -> list[Image.Image]:
-    """[0, 1] float images (N, C, H, W) on any device -> PIL images.
-
-    The conversion to 8 bits happens on the device and only bytes cross to the host, so the
-    worker thread spends little time holding the GIL on a large image.
-    """
-    pixels = (images * 255).round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous().cpu()
-    return [Image.fromarray(array) for array in pixels.numpy()]
 
 
 class _StepTimer:

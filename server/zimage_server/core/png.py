@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from PIL import Image
 
-from . import background
+from zimage_server.core import background
 
 try:  # zlib-ng writes the same deflate format about twice as fast
     from zlib_ng import zlib_ng as zlib

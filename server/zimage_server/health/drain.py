@@ -17,10 +17,10 @@ from types import FrameType
 import uvicorn
 from fastapi import FastAPI
 
-from .engine import Engine
-from .errors import draining_error
-from .metrics import Metrics
-from .state import ServerState
+from zimage_server.core.errors import draining_error
+from zimage_server.core.metrics import Metrics
+from zimage_server.core.state import ServerState
+from zimage_server.engine.engine import Engine
 
 logger = logging.getLogger(__name__)
 

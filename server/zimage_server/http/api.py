@@ -9,13 +9,19 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from . import compile_artifacts, health
-from .errors import bad_request
-from .openapi import IMAGE_ERRORS, PROBE_RESPONSES, errors
-from .protocol import MEDIA_TYPES, ImageGenerationRequest, ImageGenerationResponse, SingleImageRequest
-from .service import ImageService
-from .state import ServerState
-from .streaming import ImageStream
+from zimage_server.core.errors import bad_request
+from zimage_server.core.state import ServerState
+from zimage_server.health import health
+from zimage_server.http.openapi import IMAGE_ERRORS, PROBE_RESPONSES, errors
+from zimage_server.http.protocol import (
+    MEDIA_TYPES,
+    ImageGenerationRequest,
+    ImageGenerationResponse,
+    SingleImageRequest,
+)
+from zimage_server.http.service import ImageService
+from zimage_server.http.streaming import ImageStream
+from zimage_server.pipeline import compile_artifacts
 
 router = APIRouter()
 

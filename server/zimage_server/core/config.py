@@ -10,6 +10,11 @@ from typing import Annotated, Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from zimage_server.core.choices import COMPILABLE, GRAPHABLE, check_attention_backend
+from zimage_server.core.keys import parse_keys, read_key_file
+from zimage_server.core.sources import ModelSource
+from zimage_server.core.vram_limit import VramLimit
+
 # ASCII digits only (\d would take fullwidth and other scripts' digits), the whole string.
 # What the published schema's pattern admits: no leading zeros; "x" in either case.
 SIZE_RE = re.compile(r"([1-9][0-9]{0,4})[xX]([1-9][0-9]{0,4})")
@@ -293,18 +298,11 @@ class Settings(BaseSettings):
             raise ValueError("served_model_names needs at least one name")
         for size in [self.default_size, *self.warmup_sizes]:
             self.check_size(size)
-        from .acceleration import COMPILABLE, check_attention_backend
-        from .cuda_graphs import GRAPHABLE
-
         _check_parts("compile_parts", self.compile_parts, COMPILABLE)
         _check_parts("cuda_graph_parts", self.cuda_graph_parts, GRAPHABLE)
         check_attention_backend(self.attention_backend)
         if self.vram_limit is not None:
-            from .vram import VramLimit
-
             VramLimit.parse(self.vram_limit)
-        from .auth import parse_keys, read_key_file
-
         if self.api_keys_file is not None:
             read_key_file(self.api_keys_file)
         elif self.api_keys is not None and not parse_keys(self.api_keys.get_secret_value()):
@@ -361,8 +359,6 @@ def load_settings(args: Sequence[str] = ()) -> Settings:
     starts. Raises ``ValueError`` (pydantic's ``ValidationError`` is one) or ``ModelSourceError``,
     each saying what to fix."""
     from pydantic_settings import CliApp
-
-    from .model_source import ModelSource
 
     unknown = unknown_variables(os.environ)
     if unknown:

@@ -6,7 +6,7 @@ import io
 
 from PIL import Image
 
-from .png import encode_png
+from zimage_server.core.png import encode_png
 
 
 def encode_image(

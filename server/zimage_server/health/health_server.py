@@ -1,7 +1,7 @@
 """The health process: answers ``/healthz/{live,ready,startup}`` on its own port.
 
 Started by the serving process when ``health_port`` is set, as
-``python -m zimage_server.health_server BOARD HOST PORT STALL_S PARENT_PID``. It imports the
+``python -m zimage_server.health.health_server BOARD HOST PORT STALL_S PARENT_PID``. It imports the
 standard library only, serves from the board the serving process publishes, and exits when
 its parent is gone. Liveness also fails when the serving process's heartbeat is older than
 ``STALL_S`` seconds: its event loop is stuck.
@@ -15,8 +15,8 @@ import os
 import sys
 from typing import Any
 
-from .connection_table import ConnectionTable, reset
-from .health_board import PROBES, HealthBoard
+from zimage_server.core.connection_table import ConnectionTable, reset
+from zimage_server.health.health_board import PROBES, HealthBoard
 
 PATHS = {f"/healthz/{name}": name for name in PROBES}
 # One event loop answers every connection, so idle ones cost a socket, not a thread. A request

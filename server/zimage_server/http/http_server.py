@@ -33,9 +33,9 @@ import h11
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from .config import Settings
-from .connection_table import ConnectionTable, reset
-from .errors import error_body
+from zimage_server.core.config import Settings
+from zimage_server.core.connection_table import ConnectionTable, reset
+from zimage_server.core.errors import error_body
 
 logger = logging.getLogger(__name__)
 

@@ -13,8 +13,8 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
-from .config import SIZE_MULTIPLE, Settings
-from .protocol import VISIBLE, ErrorResponse
+from zimage_server.core.config import SIZE_MULTIPLE, Settings
+from zimage_server.http.protocol import VISIBLE, ErrorResponse
 
 
 def errors(*statuses: int) -> dict[int | str, dict[str, Any]]:

@@ -29,11 +29,11 @@ from typing import Any
 
 from PIL import Image
 
-from .config import Settings
-from .cost_model import CostModel
-from .errors import APIError, draining_error
-from .metrics import Metrics
-from .runner import BatchResult, BatchSpec, PipelineRunner
+from zimage_server.core.config import Settings
+from zimage_server.core.errors import APIError, draining_error
+from zimage_server.core.metrics import Metrics
+from zimage_server.engine.cost_model import CostModel
+from zimage_server.pipeline.runner import BatchResult, BatchSpec, PipelineRunner
 
 logger = logging.getLogger(__name__)
 

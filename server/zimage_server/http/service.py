@@ -14,13 +14,13 @@ from typing import Any
 from fastapi import Request
 from PIL import Image
 
-from .config import Settings
-from .encoding import encode_image
-from .engine import Engine, Job
-from .errors import APIError, bad_request, draining_error
-from .metrics import Metrics
-from .protocol import RANDOM_SEED_LIMIT, ImageGenerationRequest, OutputFormat
-from .state import Phase, ServerState
+from zimage_server.core.config import Settings
+from zimage_server.core.encoding import encode_image
+from zimage_server.core.errors import APIError, bad_request, draining_error
+from zimage_server.core.metrics import Metrics
+from zimage_server.core.state import Phase, ServerState
+from zimage_server.engine.engine import Engine, Job
+from zimage_server.http.protocol import RANDOM_SEED_LIMIT, ImageGenerationRequest, OutputFormat
 
 
 @dataclass(frozen=True)

@@ -16,10 +16,10 @@ import subprocess
 import sys
 from typing import Any
 
-from .health_board import HealthBoard
-from .processes import stop_process
-from .state import Phase, ServerState
-from .vram import VramSampler
+from zimage_server.core.processes import stop_process
+from zimage_server.core.state import Phase, ServerState
+from zimage_server.health.health_board import HealthBoard
+from zimage_server.health.vram import VramSampler
 
 logger = logging.getLogger(__name__)
 PUBLISH_PERIOD_S = 0.1
@@ -96,7 +96,7 @@ class HealthProcess:
         self.proc: subprocess.Popen[str] | None = None
 
     def start(self, timeout: float = 30.0) -> None:
-        command = [sys.executable, "-m", "zimage_server.health_server", str(self.board.path)]
+        command = [sys.executable, "-m", "zimage_server.health.health_server", str(self.board.path)]
         command += [self.host, str(self.port), str(self.stall_s), str(os.getpid())]
         self.proc = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
         assert self.proc.stdout is not None

@@ -49,11 +49,12 @@ class Autoscaler:
         self.settings = settings
         self.post_event = post_event
 
-    async def scale(
+    async def scale_if_present(
         self, http: httpx.AsyncClient, namespace: str, name: str, uid: str, history: History
     ) -> bool:
-        """One pass over the service ``namespace/name`` whose uid is ``uid``; False once that
-        service is gone (deleted, or replaced by another of the same name)."""
+        """One pass over the service ``namespace/name`` whose uid is ``uid``, if it is still
+        there; returns whether it was (False once deleted, or replaced by another of the same
+        name: its daemon then ends)."""
         body = await asyncio.to_thread(self.kube.get_service, namespace, name)
         if body is None or body["metadata"].get("uid") != uid:
             return False
@@ -108,7 +109,7 @@ class Autoscaler:
                 float(load.get("pending_gpu_seconds", 0.0)),
                 artifacts=artifacts.get("state"),
                 artifact=artifact_file(artifacts.get("artifact")),
-                serving=bool(load.get("ready", True)),
+                ready=bool(load.get("ready", True)),
             )
         except (httpx.HTTPError, ValueError) as exc:
             return PodLoad(name, False, error=f"{type(exc).__name__}: {exc}")

@@ -5,6 +5,7 @@ Nothing here talks to the API server, so every property is unit-tested without a
 
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -108,8 +109,11 @@ def cache_claim_name(owner: Owner) -> str:
     return f"{owner.name}-model-cache"
 
 
-def prefetch_job_name(owner: Owner) -> str:
-    return f"{owner.name}-prefetch"
+def prefetch_job_name(owner: Owner, spec: ZImageServiceSpec) -> str:
+    """NAME-prefetch-<digest of the model>: a Job's template cannot change, so a new model gets
+    a new Job."""
+    digest = hashlib.sha256(spec.model.hub_source.encode()).hexdigest()[:8]
+    return f"{owner.name}-prefetch-{digest}"
 
 
 def endpoint(owner: Owner, spec: ZImageServiceSpec) -> str:
@@ -557,7 +561,7 @@ def build_prefetch_job(owner: Owner, spec: ZImageServiceSpec, settings: Operator
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
-        "metadata": _metadata(owner, prefetch_job_name(owner), labels),
+        "metadata": _metadata(owner, prefetch_job_name(owner, spec), labels),
         "spec": {
             "backoffLimit": 4,
             "template": {

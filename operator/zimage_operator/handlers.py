@@ -302,7 +302,7 @@ async def service_loop(
             if autoscaling_mode(body) != "builtin" and not artifacts_enabled(body):
                 continue
             try:
-                if not await autoscaler.scale(http, namespace, name, key, state.history):
+                if not await autoscaler.scale_if_present(http, namespace, name, key, state.history):
                     break
             except Exception as exc:
                 if OUTAGE.record(exc):

@@ -7,7 +7,6 @@ back), deletes children no longer wanted, and writes the status only when it cha
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import threading
@@ -53,12 +52,6 @@ MAX_DEFAULTS = 1024
 
 class TemporaryFailureError(RuntimeError):
     """The API server could not take a write just now; try again after a pause."""
-
-
-def prefetch_name(owner: Owner, spec: ZImageServiceSpec) -> str:
-    # A Job's template cannot change; a new model gets a new Job.
-    digest = hashlib.sha256(spec.model.hub_source.encode()).hexdigest()[:8]
-    return f"{builders.prefetch_job_name(owner)}-{digest}"
 
 
 @dataclass
@@ -152,7 +145,7 @@ class Reconciler:
             self._write_status(body, owner, generation, invalid=problem)
             return False
 
-        job_name = prefetch_name(owner, spec)
+        job_name = builders.prefetch_job_name(owner, spec)
         job = self.kube.get("batch/v1", "Job", owner.namespace, job_name) if spec.needs_cache else None
         job_pods = (
             self.kube.list_objects("v1", "Pod", owner.namespace, f"batch.kubernetes.io/job-name={job_name}")
@@ -177,7 +170,6 @@ class Reconciler:
             desired.append(claim)
         prefetch = builders.build_prefetch_job(owner, spec, self.settings)
         if prefetch is not None:
-            prefetch["metadata"]["name"] = job_name
             desired.append(prefetch)
         # Under an HPA the replica count is the HPA's, once the Deployment exists.
         hpa = spec.autoscaling.mode == "hpa"

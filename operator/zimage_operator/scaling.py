@@ -28,7 +28,7 @@ class PodLoad:
     # and whether the server itself says it is ready (warmed up, its artifacts settled).
     artifacts: str | None = None
     artifact: str | None = None
-    serving: bool = True
+    ready: bool = True
 
     @property
     def busy(self) -> bool:
@@ -110,7 +110,7 @@ def artifacts_status(pods: list[PodLoad]) -> dict[str, Any]:
     """``status.compileArtifacts`` from the ready pods' reports: Available when a replica found or
     wrote the artifact for its GPU and versions, Missing when they all compiled without one
     (none saved yet, or a save failed), Unknown when no ready pod answered."""
-    reports = [pod for pod in pods if pod.reachable and pod.serving and pod.artifacts is not None]
+    reports = [pod for pod in pods if pod.reachable and pod.ready and pod.artifacts is not None]
     counts: dict[str, int] = {}
     for pod in reports:
         counts[str(pod.artifacts)] = counts.get(str(pod.artifacts), 0) + 1

@@ -10,6 +10,7 @@ import sys
 from typing import Any
 
 USAGE = """usage: zimage-server [serve] [--FLAG VALUE ...]
+       zimage-server prefetch [--FLAG VALUE ...]
        zimage-server make-tiny-model DIR
 
 commands:

@@ -23,7 +23,6 @@ from tests.cluster.pod_runner import LocalPodRunner
 from zimage_operator import builders
 from zimage_operator.builders import Owner
 from zimage_operator.config import OperatorSettings
-from zimage_operator.reconcile import prefetch_name
 from zimage_operator.spec import IMAGE_REFERENCE, parse_spec
 from zimage_server.core.config import load_settings
 
@@ -204,7 +203,6 @@ def _children(body: dict[str, Any]) -> list[dict[str, Any]]:
     claim = builders.build_cache_claim(owner, spec)
     job = builders.build_prefetch_job(owner, spec, operator_settings)
     if claim is not None and job is not None:
-        job["metadata"]["name"] = prefetch_name(owner, spec)
         children += [claim, job]
     return children
 

@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from zimage_operator import builders
-from zimage_operator.spec import GraphPart
+from zimage_operator.spec import GraphPart, parse_spec
 from zimage_server.core.choices import GRAPHABLE, check_attention_backend
 from zimage_server.core.config import Settings
 
@@ -51,7 +51,7 @@ def test_the_name_limit_keeps_every_derived_name_within_63_characters() -> None:
     ][0]["rule"]
     assert f"size(self.metadata.name) <= {builders.MAX_NAME_LENGTH}" in rule
     owner = builders.Owner("n" * builders.MAX_NAME_LENGTH, "ml", "uid")
-    job = f"{builders.prefetch_job_name(owner)}-0123abcd"  # as reconcile names it
+    job = builders.prefetch_job_name(owner, parse_spec({}))
     assert len(job) <= 63
     assert len(builders.cache_claim_name(owner)) <= 63
     # A pod of the Deployment: NAME-<template hash, at most 10>-<5 random>.

@@ -94,7 +94,7 @@ def test_artifacts_are_missing_when_every_replica_compiled_without_them() -> Non
 def test_artifacts_are_unknown_without_a_report() -> None:
     # No ready pod, an unreachable one, a server too old to say, or one still warming up
     # (Ready to the kubelet's eyes too early, where readiness is not the server's).
-    warming = PodLoad("a", True, artifacts="absent", artifact="zimage-compile-1.bin", serving=False)
+    warming = PodLoad("a", True, artifacts="absent", artifact="zimage-compile-1.bin", ready=False)
     for pods in ([], [PodLoad("a", False)], [PodLoad("a", True)], [warming]):
         assert artifacts_status(pods)["state"] == "Unknown"
 

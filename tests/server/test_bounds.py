@@ -109,9 +109,9 @@ def _threads(pid: int) -> int:
 def test_the_health_port_holds_idle_connections_without_threads(serve: ServerFactory) -> None:
     health_port = free_port()
     server = serve(health_port=health_port)
-    prober = server.app.state.prober
-    assert prober.proc is not None
-    pid = prober.proc.pid
+    health_process = server.app.state.health_process
+    assert health_process.proc is not None
+    pid = health_process.proc.pid
     before = _threads(pid)
     with ExitStack() as stack:
         for _ in range(200):

@@ -32,7 +32,7 @@ class Metrics:
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
-        self.generation_seconds = Histogram(
+        self.batch_seconds = Histogram(
             "zimage_batch_duration_seconds",
             "Wall time of one pipeline call (text encoding, denoising and VAE decode)",
             buckets=_LATENCY_BUCKETS,
@@ -87,13 +87,19 @@ class Metrics:
             "Expected GPU time of the queued and running work, priced from measured step times",
             registry=r,
         )
-        self.ready = Gauge("zimage_model_ready", "1 once the model is loaded and warmed up", registry=r)
+        self.ready = Gauge(
+            "zimage_model_ready",
+            "1 once the model is loaded and warmed up (it stays 1 while draining)",
+            registry=r,
+        )
         self.startup_seconds = Gauge(
             "zimage_startup_seconds",
             "Seconds each start-up phase took: start (process start to loading: interpreter, "
-            "imports, the HTTP server, CUDA's initialisation), load (weights to the device), tune (attention "
-            "timing, fp8; artifacts_load included), warmup (the warm-up generations, compiles "
-            "included), artifacts_load and artifacts_save (the shared compile artifacts)",
+            "imports, the HTTP server, CUDA's initialisation) and its parts imports and cuda_init, "
+            "load (weights to the device), tune (attention timing, fp8; artifacts_load included), "
+            "warmup (the warm-up generations, compiles included) and its part warmup_compile, "
+            "artifacts_load and artifacts_save (the shared compile artifacts), weights_prefetch "
+            "(reading the weight files ahead, beside start and load)",
             ["phase"],
             registry=r,
         )

@@ -381,7 +381,7 @@ class Engine:
         return batch
 
     def _record(self, worker: Worker, result: BatchResult, size: int) -> None:
-        self.metrics.generation_seconds.observe(result.seconds)
+        self.metrics.batch_seconds.observe(result.seconds)
         self.metrics.batch_size.observe(size)
         self.metrics.images.inc(size)
         self.metrics.gpu_images.labels(worker.label).inc(size)

@@ -57,11 +57,11 @@ def create_app(settings: Settings, memory_source: MemorySource | None = None) ->
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        prober = None
+        health_process = None
         if settings.health_port is not None:  # first: a port in use stops the start-up here
-            prober = HealthProcess(settings.host, settings.health_port, settings.health_stall_s)
-            prober.start()
-        app.state.prober = prober
+            health_process = HealthProcess(settings.host, settings.health_port, settings.health_stall_s)
+            health_process.start()
+        app.state.health_process = health_process
         engine = Engine(runners, settings, metrics)
         metrics.workers.set(len(engine.workers))
         encoder = background.pool(settings.encode_threads, "zimage-encode")
@@ -73,9 +73,9 @@ def create_app(settings: Settings, memory_source: MemorySource | None = None) ->
             _load_and_warm_up(engine, state, metrics, settings, lambda: app.state.on_load_failure())
         )
         publisher = None
-        if prober is not None:
+        if health_process is not None:
             publisher = asyncio.create_task(
-                prober.publish_forever(lambda: probe_responses(state, engine.alive, sampler))
+                health_process.publish_forever(lambda: probe_responses(state, engine.alive, sampler))
             )
         try:
             yield
@@ -84,8 +84,8 @@ def create_app(settings: Settings, memory_source: MemorySource | None = None) ->
                 publisher.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await publisher
-            if prober is not None:
-                prober.stop()
+            if health_process is not None:
+                health_process.stop()
             sampler.stop()
             loader.cancel()
             with contextlib.suppress(asyncio.CancelledError):

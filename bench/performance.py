@@ -58,6 +58,17 @@ PATHS = ("diffusers", "server-bf16", "server-fp8")
 NOTES_MARKER = "<!-- notes: kept when the tables above are written again -->"
 
 
+NOT_RUN = "not run"
+
+
+def cell(value: float | None, spec: str, suffix: str = "") -> str:
+    """A table cell: ``value`` formatted, or "not run" for a measurement the run did not make
+    (never ``nan``)."""
+    if value is None or value != value:
+        return NOT_RUN
+    return f"{value:{spec}}{suffix}"
+
+
 # ---------------------------------------------------------------- model
 
 
@@ -781,11 +792,12 @@ def render(results: dict[str, Any]) -> str:
         ]
         for path, row in measured:
             one, four = row["batch1"], row["batch4"]
-            ratio1 = base["batch1"]["s_per_image"] / one["s_per_image"] if base else float("nan")
-            ratio4 = base["batch4"]["s_per_image"] / four["s_per_image"] if base else float("nan")
+            ratio1 = base["batch1"]["s_per_image"] / one["s_per_image"] if base else None
+            ratio4 = base["batch4"]["s_per_image"] / four["s_per_image"] if base else None
             lines.append(
-                f"| {path} | {one['s_per_image']:.3f} | {ratio1:.2f}x | {four['s_per_image']:.3f} | "
-                f"{four['images_per_s']:.2f} | {ratio4:.2f}x | {row.get('peak_vram_gib', 0):.1f} |"
+                f"| {path} | {one['s_per_image']:.3f} | {cell(ratio1, '.2f', 'x')} | "
+                f"{four['s_per_image']:.3f} | {four['images_per_s']:.2f} | {cell(ratio4, '.2f', 'x')} | "
+                f"{cell(row.get('peak_vram_gib'), '.1f')} |"
             )
         lines += [
             "",
@@ -857,12 +869,13 @@ def render(results: dict[str, Any]) -> str:
             "|---|---|---|---|---|---|---|---|---|",
         ]
         for path, row in served.items():
-            own = pipeline.get(path, {}).get("batch4", {}).get("images_per_s", float("nan"))
+            own = pipeline.get(path, {}).get("batch4", {}).get("images_per_s")
             lines.append(
-                f"| {path} | {row['clients']} | {row['images_per_s']:.2f} | {own:.2f} | "
-                f"{row['images_per_s'] / own:.2f} | {row.get('mean_batch', float('nan')):.2f} | "
-                f"{row.get('generating_share', float('nan')):.0%} | {row['encode_ms_per_image']:.1f} | "
-                f"{row.get('start_to_ready_s', float('nan')):.1f} |"
+                f"| {path} | {row['clients']} | {row['images_per_s']:.2f} | {cell(own, '.2f')} | "
+                f"{cell(row['images_per_s'] / own if own else None, '.2f')} | "
+                f"{cell(row.get('mean_batch'), '.2f')} | "
+                f"{cell(row.get('generating_share'), '.0%')} | {row['encode_ms_per_image']:.1f} | "
+                f"{cell(row.get('start_to_ready_s'), '.1f')} |"
             )
         lines.append("")
     cold = results.get("coldstart", {})
@@ -881,17 +894,17 @@ def render(results: dict[str, Any]) -> str:
         ]
         for path, row in cold.items():
             shared = row.get("artifacts_phases", {})
-            start = f"{shared.get('start', float('nan')):.1f}"
+            start = cell(shared.get("start"), ".1f")
             inside = [f"{shared[phase]:.1f}" for phase in ("imports", "cuda_init") if phase in shared]
             if inside:
                 start += f" ({', '.join(inside)})"
             parts = " / ".join(
-                [start] + [f"{shared.get(phase, float('nan')):.1f}" for phase in ("load", "tune", "warmup")]
+                [start] + [cell(shared.get(phase), ".1f") for phase in ("load", "tune", "warmup")]
             )
             calls = "; ".join(row.get("empty_cache_breakdown", {}).get("warmup_calls_s", []))
             lines.append(
-                f"| {path} | {row.get('empty_cache_s', float('nan')):.1f} | "
-                f"{row.get('warm_cache_s', float('nan')):.1f} | {row.get('artifacts_s', float('nan')):.1f} | "
+                f"| {path} | {cell(row.get('empty_cache_s'), '.1f')} | "
+                f"{cell(row.get('warm_cache_s'), '.1f')} | {cell(row.get('artifacts_s'), '.1f')} | "
                 f"{parts} | {calls} |"
             )
         lines.append("")

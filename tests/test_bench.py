@@ -146,3 +146,20 @@ def test_the_weight_prefetch_benchmark_starts_the_server_each_way(tmp_path: Path
     assert modes["on"]["weights_prefetch_s"] > 0
     assert "weights_prefetch_s" not in modes["off"]
     assert all(run["load_s"] > 0 and run["ready_s"] > run["start_s"] for run in modes.values())
+
+
+def test_a_measurement_a_run_did_not_make_reads_not_run_never_nan() -> None:
+    spec = importlib.util.spec_from_file_location("bench_performance", ROOT / "bench" / "performance.py")
+    assert spec is not None
+    assert spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    # HTTP measured for a path whose pipeline stage did not run; a cold start without artifacts.
+    results = {
+        "http": {"server-fp8": {"clients": 4, "images_per_s": 3.0, "encode_ms_per_image": 5.0}},
+        "coldstart": {"server-bf16": {"empty_cache_s": 90.0}},
+    }
+    text = bench.render(results)
+    assert "nan" not in text
+    assert "| server-fp8 | 4 | 3.00 | not run | not run | not run | not run | 5.0 | not run |" in text
+    assert "| server-bf16 | 90.0 | not run | not run |" in text

@@ -77,56 +77,27 @@ def build_model(scale: str, directory: Path) -> Path:
     marker = directory / "bench_model.json"
     if marker.is_file() and json.loads(marker.read_text()).get("scale") == scale:
         return directory
-    from zimage_server.pipeline.tiny_model import (
-        assemble_pipeline,
-        build_tokenizer,
-        build_vae,
-        make_tiny_model,
-    )
+    from zimage_server.pipeline.tiny_model import FULL, build_pipeline, build_tokenizer, make_tiny_model
 
     if scale == "tiny":
         make_tiny_model(directory)
         marker.write_text(json.dumps({"scale": scale}))
         return directory
     import torch
-    from diffusers import ZImageTransformer2DModel
-    from transformers import AutoTokenizer, Qwen3Config, Qwen3Model
 
     started = time.perf_counter()
-    torch.manual_seed(0)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)
     try:
-        with torch.device("cuda"):
-            text_encoder = Qwen3Model(
-                Qwen3Config(
-                    vocab_size=151936,
-                    hidden_size=2560,
-                    intermediate_size=9728,
-                    num_hidden_layers=36,
-                    num_attention_heads=32,
-                    num_key_value_heads=8,
-                    head_dim=128,
-                    max_position_embeddings=40960,
-                    rope_theta=1_000_000.0,
-                    rms_norm_eps=1e-6,
-                    tie_word_embeddings=True,
-                )
-            ).eval()
-            transformer = ZImageTransformer2DModel().eval()  # the defaults are Z-Image-Turbo's config
-            for name, param in transformer.named_parameters():
-                if name.endswith("pad_token"):  # created with torch.empty
-                    torch.nn.init.normal_(param, std=0.02)
-            vae = build_vae((128, 256, 512, 512), layers_per_block=2, norm_num_groups=32, sample_size=1024)
+        with tempfile.TemporaryDirectory() as scratch, torch.device("cuda"):
+            # A byte-level tokenizer: the real Qwen vocabulary is not needed for timing.
+            build_tokenizer(Path(scratch))
+            pipe = build_pipeline(FULL, FULL.text_encoder["vocab_size"], Path(scratch))
     finally:
         torch.set_default_dtype(previous)
-    with tempfile.TemporaryDirectory() as scratch:
-        build_tokenizer(Path(scratch))  # byte-level: the real Qwen vocabulary is not needed for timing
-        tokenizer = AutoTokenizer.from_pretrained(scratch)
-    pipe = assemble_pipeline(text_encoder, transformer, vae, tokenizer)
     built = time.perf_counter() - started
     pipe.save_pretrained(str(directory), safe_serialization=True)
-    del pipe, text_encoder, transformer, vae
+    del pipe
     gc.collect()
     torch.cuda.empty_cache()
     marker.write_text(

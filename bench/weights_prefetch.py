@@ -43,11 +43,11 @@ def build_model(directory: Path, gib: float) -> Path:
         return directory
     import torch
 
-    from zimage_server.pipeline.tiny_model import build_tiny_pipeline, build_tokenizer
+    from zimage_server.pipeline.tiny_model import TINY, build_pipeline, build_tokenizer
 
     with tempfile.TemporaryDirectory() as scratch:
         vocab = build_tokenizer(Path(scratch))
-        pipe = build_tiny_pipeline(vocab, Path(scratch))
+        pipe = build_pipeline(TINY, vocab, Path(scratch))
     hidden = pipe.text_encoder.config.hidden_size
     rows = max(vocab, int(gib * 2**30 / (hidden * 2)))
     table = torch.nn.Embedding(rows, hidden)

@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -80,40 +81,84 @@ def build_vae(  # type: ignore[no-untyped-def]
     ).eval()
 
 
-def build_tiny_pipeline(vocab_size: int, tokenizer_dir: Path):  # type: ignore[no-untyped-def]
+@dataclass(frozen=True)
+class Recipe:
+    """A random-weight Z-Image pipeline: the three models' configurations. One recipe makes the
+    built-in tiny model, another the benchmark's model of the real size (``FULL``)."""
+
+    text_encoder: dict[str, Any]  # Qwen3Config; vocab_size comes from the tokenizer when left out
+    transformer: dict[str, Any]  # ZImageTransformer2DModel; {} is Z-Image-Turbo's own config
+    vae: dict[str, Any]  # build_vae
+    fill_pad_tokens: bool = False  # the transformer's pad tokens are created with torch.empty
+
+
+TINY = Recipe(
+    text_encoder={
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 1,
+        "head_dim": 16,
+        "max_position_embeddings": 1024,
+        "tie_word_embeddings": False,
+    },
+    transformer={
+        "all_patch_size": (2,),
+        "all_f_patch_size": (1,),
+        "in_channels": 16,
+        "dim": 32,
+        "n_layers": 2,
+        "n_refiner_layers": 1,
+        "n_heads": 2,
+        "n_kv_heads": 2,
+        "cap_feat_dim": 32,  # the text encoder's hidden size
+        "axes_dims": [8, 4, 4],
+        "axes_lens": [1024, 128, 128],  # caption positions up to the 512-token prompt limit
+    },
+    vae={"block_out_channels": (8, 8, 8, 8), "layers_per_block": 1, "norm_num_groups": 4, "sample_size": 256},
+)
+# Z-Image-Turbo's sizes: Qwen3-4B as the text encoder, the 6B transformer, the Flux-type VAE.
+FULL = Recipe(
+    text_encoder={
+        "vocab_size": 151936,
+        "hidden_size": 2560,
+        "intermediate_size": 9728,
+        "num_hidden_layers": 36,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "head_dim": 128,
+        "max_position_embeddings": 40960,
+        "rope_theta": 1_000_000.0,
+        "rms_norm_eps": 1e-6,
+        "tie_word_embeddings": True,
+    },
+    transformer={},
+    vae={
+        "block_out_channels": (128, 256, 512, 512),
+        "layers_per_block": 2,
+        "norm_num_groups": 32,
+        "sample_size": 1024,
+    },
+    fill_pad_tokens=True,
+)
+
+
+def build_pipeline(recipe: Recipe, vocab_size: int, tokenizer_dir: Path, seed: int = TINY_SEED) -> Any:
+    """The pipeline of ``recipe`` with random weights from ``seed``, on the default device and
+    dtype (the caller's ``torch.device`` and ``torch.set_default_dtype``)."""
     import torch
     from diffusers import ZImageTransformer2DModel
     from transformers import AutoTokenizer, Qwen3Config, Qwen3Model
 
-    torch.manual_seed(TINY_SEED)
-    text_hidden = 32
-    text_encoder = Qwen3Model(
-        Qwen3Config(
-            vocab_size=vocab_size,
-            hidden_size=text_hidden,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            num_key_value_heads=1,
-            head_dim=16,
-            max_position_embeddings=1024,
-            tie_word_embeddings=False,
-        )
-    ).eval()
-    transformer = ZImageTransformer2DModel(
-        all_patch_size=(2,),
-        all_f_patch_size=(1,),
-        in_channels=16,
-        dim=32,
-        n_layers=2,
-        n_refiner_layers=1,
-        n_heads=2,
-        n_kv_heads=2,
-        cap_feat_dim=text_hidden,
-        axes_dims=[8, 4, 4],
-        axes_lens=[1024, 128, 128],  # caption positions up to the 512-token prompt limit
-    ).eval()
-    vae = build_vae(block_out_channels=(8, 8, 8, 8), layers_per_block=1, norm_num_groups=4, sample_size=256)
+    torch.manual_seed(seed)
+    text_encoder = Qwen3Model(Qwen3Config(**{"vocab_size": vocab_size, **recipe.text_encoder})).eval()
+    transformer = ZImageTransformer2DModel(**recipe.transformer).eval()
+    if recipe.fill_pad_tokens:
+        for name, param in transformer.named_parameters():
+            if name.endswith("pad_token"):
+                torch.nn.init.normal_(param, std=0.02)
+    vae = build_vae(**recipe.vae)
     return assemble_pipeline(
         text_encoder, transformer, vae, AutoTokenizer.from_pretrained(str(tokenizer_dir))
     )
@@ -138,7 +183,7 @@ def make_tiny_model(directory: str | os.PathLike[str]) -> Path:
     target.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as scratch:
         vocab_size = build_tokenizer(Path(scratch))
-        pipe = build_tiny_pipeline(vocab_size, Path(scratch))
+        pipe = build_pipeline(TINY, vocab_size, Path(scratch))
         pipe.save_pretrained(str(target), safe_serialization=True)
     (target / "zimage_tiny.json").write_text(json.dumps({"version": TINY_MODEL_VERSION, "seed": TINY_SEED}))
     return target

@@ -33,7 +33,7 @@ from zimage_server.core.config import Settings
 from zimage_server.core.errors import APIError, draining_error
 from zimage_server.core.metrics import Metrics
 from zimage_server.engine.cost_model import CostModel
-from zimage_server.pipeline.runner import BatchResult, BatchSpec, PipelineRunner
+from zimage_server.pipeline.runner import BatchResult, BatchSpec, PipelineRunner, prompt_tokens
 
 logger = logging.getLogger(__name__)
 
@@ -109,7 +109,9 @@ class Worker:
 
 class Engine:
     def __init__(self, runners: list[PipelineRunner], settings: Settings, metrics: Metrics) -> None:
-        self.runner = runners[0]  # admission checks and the artifacts' state read the first
+        # The first worker's runner: it loads and saves the shared compile artifacts, and its
+        # tokenizer checks prompts at admission (every worker's is the same).
+        self.lead = runners[0]
         self.workers = [Worker.of(runner, index) for index, runner in enumerate(runners)]
         self.settings = settings
         self.metrics = metrics
@@ -127,6 +129,20 @@ class Engine:
         self._arrived_since = 0
 
     # -- lifecycle -------------------------------------------------------------------------
+
+    def check_prompt(self, prompt: str) -> None:
+        """Raise ``ValueError`` when the model's tokenizer cannot encode ``prompt``."""
+        self.lead.check_prompt(prompt)
+
+    def prompt_tokens(self, prompt: str) -> int:
+        """The tokens ``prompt`` takes in the text encoder's window (0 before the model loads)."""
+        tokenizer = self.lead.admission_tokenizer
+        return prompt_tokens(tokenizer, [prompt])[0] if tokenizer is not None else 0
+
+    @property
+    def artifacts(self) -> Any:
+        """What this replica did with the shared compile artifacts (the lead runner's record)."""
+        return self.lead.artifacts
 
     def start(self) -> None:
         loop = asyncio.get_running_loop()

@@ -134,7 +134,7 @@ async def load(request: Request) -> dict[str, Any]:
     service = _service(request)
     engine = service.engine
     state: ServerState = request.app.state.server_state
-    artifacts = engine.runner.artifacts
+    artifacts = engine.artifacts
     return {
         "ready": state.ready,
         "draining": state.draining,

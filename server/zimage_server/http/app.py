@@ -192,7 +192,7 @@ async def _load_and_warm_up(
     artifacts and compiles what they lack, into the process's compile caches, which the
     others then hit. The artifacts are saved once every worker has warmed up."""
     loop = asyncio.get_running_loop()
-    runner = engine.runner
+    runner = engine.lead
     where = {
         worker.label: f" on GPU {worker.label}" if len(engine.workers) > 1 else ""
         for worker in engine.workers

@@ -89,7 +89,7 @@ class ImageService:
                 param="prompt",
             )
         try:
-            self.engine.runner.check_prompt(req.prompt)
+            self.engine.check_prompt(req.prompt)
         except ValueError as exc:
             raise bad_request(str(exc), param="prompt") from None
         if not 1 <= req.n <= s.max_n:

@@ -25,7 +25,6 @@ from PIL import Image
 
 from zimage_server.core.errors import APIError, error_body
 from zimage_server.http.service import b64_sliced
-from zimage_server.pipeline.runner import prompt_tokens
 
 if TYPE_CHECKING:
     from zimage_server.engine.engine import Job
@@ -78,8 +77,7 @@ class ImageStream:
     @functools.cached_property
     def usage(self) -> dict[str, Any]:
         """The prompt's tokens, the same for each image of the request."""
-        tokenizer = self.service.engine.runner.admission_tokenizer
-        text = prompt_tokens(tokenizer, [self.params.prompt])[0] if tokenizer is not None else 0
+        text = self.service.engine.prompt_tokens(self.params.prompt)
         return {
             "input_tokens": text,
             "input_tokens_details": {"image_tokens": 0, "text_tokens": text},

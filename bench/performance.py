@@ -24,6 +24,9 @@ Stages (each appends to ``--results``; ``report`` renders them as docs/performan
     python bench/performance.py --scale full --stages pipeline --work /tmp/zimage-bench
     python bench/performance.py --scale full --stages http,coldstart --work /tmp/zimage-bench
     python bench/performance.py --stages report --doc docs/performance.md
+
+This file measures; ``performance_report.py`` renders the results, ``performance_logs.py``
+reads the server's metrics, log lines and ``-X importtime`` report.
 """
 
 from __future__ import annotations
@@ -36,7 +39,6 @@ import http.client
 import json
 import os
 import platform
-import re
 import shlex
 import shutil
 import statistics
@@ -49,6 +51,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+# The sibling modules, whether this file runs as a script or is imported by its path.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from performance_logs import import_profile, metric, metric_lines, startup_phases, warmup_breakdown
+from performance_report import render
 from zimage_server.core.processes import free_port, stop_process
 
 PROMPT = (
@@ -56,17 +62,6 @@ PROMPT = (
 )
 PATHS = ("diffusers", "server-bf16", "server-fp8")
 NOTES_MARKER = "<!-- notes: kept when the tables above are written again -->"
-
-
-NOT_RUN = "not run"
-
-
-def cell(value: float | None, spec: str, suffix: str = "") -> str:
-    """A table cell: ``value`` formatted, or "not run" for a measurement the run did not make
-    (never ``nan``)."""
-    if value is None or value != value:
-        return NOT_RUN
-    return f"{value:{spec}}{suffix}"
 
 
 # ---------------------------------------------------------------- model
@@ -478,23 +473,6 @@ def stop_server(proc: subprocess.Popen[bytes]) -> None:
     stop_process(proc, grace=60)
 
 
-def metric_lines(port: int, name: str) -> list[tuple[str, float]]:
-    """``(line, value)`` for each sample of the metric family ``name`` on the server's /metrics."""
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-    conn.request("GET", "/metrics")
-    text = conn.getresponse().read().decode()
-    conn.close()
-    return [
-        (line, float(line.rsplit(" ", 1)[1]))
-        for line in text.splitlines()
-        if line.startswith(name + " ") or line.startswith(name + "{")
-    ]
-
-
-def metric(port: int, name: str) -> float:
-    return sum(value for _, value in metric_lines(port, name))
-
-
 def served_paths(args: argparse.Namespace) -> list[str]:
     """The server's own paths; fp8 only where there is a GPU."""
     import torch
@@ -570,34 +548,6 @@ def stage_http(args: argparse.Namespace, model: Path, results: dict[str, Any]) -
             stop_server(proc)
 
 
-def startup_phases(port: int) -> dict[str, float]:
-    """The server's own account of its start: zimage_startup_seconds{phase=...}."""
-    return {line.split('"')[1]: value for line, value in metric_lines(port, "zimage_startup_seconds")}
-
-
-WARMUP_LINE = re.compile(r"warm-up at (\S+), batch (\d+) took ([0-9.]+)s(?:, of which compiling ([0-9.]+)s)?")
-
-
-def warmup_breakdown(log: Path) -> dict[str, Any]:
-    """From a server log: each warm-up call's seconds and dynamo's recompiles with their reasons."""
-    text = log.read_text(errors="replace")
-    calls = []
-    for size, batch, seconds, compiling in WARMUP_LINE.findall(text):
-        of_which = f" ({float(compiling):.1f} compiling)" if compiling else ""
-        calls.append(f"{size} x{batch}: {float(seconds):.1f}{of_which}")
-    recompiles = [line.strip() for line in text.splitlines() if "Recompiling function" in line]
-    reasons = [
-        line.strip()
-        for line in text.splitlines()
-        if "triggered by the following guard failure" in line or line.strip().startswith("- ")
-    ]
-    return {
-        "warmup_calls_s": calls,
-        "recompiles": len(recompiles),
-        "recompile_lines": (recompiles + reasons)[:40],
-    }
-
-
 # What the server imports before it loads the model: its app and HTTP server (torch, fastapi,
 # uvicorn among them), then the pipeline's class in ``PipelineRunner.load``.
 # The child prints its age once they are done (the interpreter's start included, its exit not).
@@ -607,23 +557,6 @@ SERVER_IMPORTS = (
     "from zimage_server.core.processes import process_age\n"
     "print(process_age())"
 )
-IMPORT_LINE = re.compile(r"^import time:\s*(\d+) \|\s*(\d+) \| ( *)(\S+)$")
-
-
-def import_profile(report: str, count: int = 10) -> dict[str, float]:
-    """From ``python -X importtime``'s report: seconds of import work per top-level package (the
-    sum of its modules' own times, wherever they were imported from), the ``count`` largest,
-    and the rest as ``other``."""
-    spent: dict[str, float] = {}
-    for line in report.splitlines():
-        if match := IMPORT_LINE.match(line):
-            package = match.group(4).split(".")[0]
-            spent[package] = spent.get(package, 0.0) + int(match.group(1)) / 1e6
-    ranked = sorted(spent.items(), key=lambda item: item[1], reverse=True)
-    profile = dict(ranked[:count])
-    if rest := sum(seconds for _, seconds in ranked[count:]):
-        profile["other"] = rest
-    return profile
 
 
 def stage_imports(args: argparse.Namespace, model: Path, results: dict[str, Any]) -> None:
@@ -731,169 +664,6 @@ def environment() -> dict[str, str]:
     return env
 
 
-def render(results: dict[str, Any]) -> str:
-    env = results.get("environment", {})
-    lines = [
-        "# Performance",
-        "",
-        "Written by `bench/performance.py` (the commands are below, one per stage); each stage runs",
-        "in one process on one card, all paths of a table side by side. The model is the real",
-        "Z-Image-Turbo architecture with random weights (no download).",
-        "",
-        f"- date: {env.get('date')}, card: {env.get('card')}, driver: {env.get('driver', '-')}",
-        f"- python {env.get('python')}, torch {env.get('torch')}, diffusers {env.get('diffusers')}, "
-        f"transformers {env.get('transformers', '-')}, torchao {env.get('torchao', '-')}, "
-        f"torch bytecode read: {env.get('torch_bytecode', '-')}",
-        f"- {results.get('size')}, {results.get('steps')} steps, prompt of {len(PROMPT)} characters",
-        *(f"- {stage}: `{command}`" for stage, command in results.get("commands", {}).items()),
-        "",
-    ]
-    pipeline = results.get("pipeline", {})
-    base = pipeline.get("diffusers", {})
-    measured = [
-        (path, pipeline[path]) for path in PATHS if pipeline.get(path) and "error" not in pipeline[path]
-    ]
-    if pipeline:
-        lines += [
-            "## End to end in the pipeline (seconds per image; ratio = baseline / this)",
-            "",
-            "| path | batch 1 s/image | vs baseline | batch 4 s/image | batch 4 images/s | vs baseline "
-            "| peak VRAM GiB |",
-            "|---|---|---|---|---|---|---|",
-        ]
-        for path, row in measured:
-            one, four = row["batch1"], row["batch4"]
-            ratio1 = base["batch1"]["s_per_image"] / one["s_per_image"] if base else None
-            ratio4 = base["batch4"]["s_per_image"] / four["s_per_image"] if base else None
-            lines.append(
-                f"| {path} | {one['s_per_image']:.3f} | {cell(ratio1, '.2f', 'x')} | "
-                f"{four['s_per_image']:.3f} | {four['images_per_s']:.2f} | {cell(ratio4, '.2f', 'x')} | "
-                f"{cell(row.get('peak_vram_gib'), '.1f')} |"
-            )
-        lines += [
-            "",
-            "## Where the time goes (milliseconds per image, batch 1 / batch 4)",
-            "",
-            "| path | text encoding | one transformer forward | VAE decode | attention backend |",
-            "|---|---|---|---|---|",
-        ]
-        for path, row in measured:
-            one, four = row["batch1"], row["batch4"]
-
-            def pair(key: str, one: dict[str, float] = one, four: dict[str, float] = four) -> str:
-                return f"{1000 * one[key]:.1f} / {1000 * four[key]:.1f}"
-
-            text = pair("text_s")
-            alone = results.get("text", {}).get("diffusers" if path == "diffusers" else "server-bf16")
-            if alone:  # the text stage's figures, measured on their own
-                text = f"{1000 * alone['batch1_s']:.1f} / {1000 * alone['batch4_s']:.1f}"
-            lines.append(
-                f"| {path} | {text} | {pair('forward_s')} | {pair('vae_s')} | "
-                f"{row.get('attention_backend', 'native (SDPA)')} |"
-            )
-        extra = []
-        for path in PATHS:
-            row = pipeline.get(path, {})
-            if "error" in row:
-                extra.append(f"- {path}: failed: {row['error']}")
-                continue
-            if row.get("attention_ms"):
-                timings = ", ".join(
-                    f"{k} {v:.2f} ms" for k, v in sorted(row["attention_ms"].items(), key=lambda kv: kv[1])
-                )
-                extra.append(f"- {path}: attention backends timed at start-up: {timings}")
-            if "fp8_rel_error" in row:
-                extra.append(
-                    f"- {path}: {row['fp8_linears']} linears in fp8; relative error of the transformer "
-                    f"output against bf16 on the same inputs: {row['fp8_rel_error']:.4f}"
-                )
-            if row:
-                extra.append(
-                    f"- {path}: load {row['load_s']:.1f} s, "
-                    f"warm-up (compiles included) {row['warmup_s']:.1f} s"
-                    + (
-                        f", CUDA graphs of the {' and '.join(graphs).replace('_', ' ')}"
-                        if (graphs := row.get("cuda_graphs"))
-                        else ""
-                    )
-                )
-        lines += ["", *extra, ""]
-    encode = results.get("encode")
-    if encode:
-        lines += [
-            "## Image encoding (1024x1024, one image, milliseconds)",
-            "",
-            "| Pillow PNG (default settings) | Pillow PNG (level 1) | server PNG | server JPEG |",
-            "|---|---|---|---|",
-            f"| {1000 * encode['pillow_png_default_s']:.1f} | "
-            + (f"{1000 * encode['pillow_png_level1_s']:.1f}" if "pillow_png_level1_s" in encode else "-")
-            + f" | {1000 * encode['server_png_s']:.1f} | {1000 * encode['server_jpeg_s']:.1f} |",
-            "",
-        ]
-    served = results.get("http", {})
-    if served:
-        lines += [
-            "## Through HTTP on loopback (default output format png)",
-            "",
-            "| path | clients | images/s | pipeline batch 4 images/s | HTTP / pipeline | mean batch "
-            "| time generating | encode ms/image | start to ready s |",
-            "|---|---|---|---|---|---|---|---|---|",
-        ]
-        for path, row in served.items():
-            own = pipeline.get(path, {}).get("batch4", {}).get("images_per_s")
-            lines.append(
-                f"| {path} | {row['clients']} | {row['images_per_s']:.2f} | {cell(own, '.2f')} | "
-                f"{cell(row['images_per_s'] / own if own else None, '.2f')} | "
-                f"{cell(row.get('mean_batch'), '.2f')} | "
-                f"{cell(row.get('generating_share'), '.0%')} | {row['encode_ms_per_image']:.1f} | "
-                f"{cell(row.get('start_to_ready_s'), '.1f')} |"
-            )
-        lines.append("")
-    cold = results.get("coldstart", {})
-    if cold:
-        lines += [
-            "## Process start to ready (weights already on disk)",
-            "",
-            "A new replica today starts with an empty compile cache; a container restart keeps the",
-            "pod's; a new replica with shared compile artifacts (`compile_artifacts_dir`) starts with",
-            "an empty compile cache and loads what the first replica saved.",
-            "",
-            "| path | new replica s | container restart s | new replica with artifacts s "
-            "| of which start (imports, CUDA) / load / tune / warm-up s (with artifacts) "
-            "| warm-up calls s (new replica) |",
-            "|---|---|---|---|---|---|",
-        ]
-        for path, row in cold.items():
-            shared = row.get("artifacts_phases", {})
-            start = cell(shared.get("start"), ".1f")
-            inside = [f"{shared[phase]:.1f}" for phase in ("imports", "cuda_init") if phase in shared]
-            if inside:
-                start += f" ({', '.join(inside)})"
-            parts = " / ".join(
-                [start] + [cell(shared.get(phase), ".1f") for phase in ("load", "tune", "warmup")]
-            )
-            calls = "; ".join(row.get("empty_cache_breakdown", {}).get("warmup_calls_s", []))
-            lines.append(
-                f"| {path} | {cell(row.get('empty_cache_s'), '.1f')} | "
-                f"{cell(row.get('warm_cache_s'), '.1f')} | {cell(row.get('artifacts_s'), '.1f')} | "
-                f"{parts} | {calls} |"
-            )
-        lines.append("")
-    imports = results.get("imports", {}).get("runs", [])
-    if imports:
-        lines += [
-            "## The server's imports (a fresh interpreter each, `python -X importtime`)",
-            "",
-            "| run | process age at the end s | import work s | by package s |",
-            "|---|---|---|---|",
-        ]
-        for number, run in enumerate(imports, 1):
-            packages = ", ".join(f"{name} {seconds:.2f}" for name, seconds in run["by_package_s"].items())
-            lines.append(f"| {number} | {run['wall_s']:.1f} | {run['import_s']:.1f} | {packages} |")
-        lines.append("")
-    return "\n".join(lines)
-
-
 STAGES: dict[str, Callable[[argparse.Namespace, Path, dict[str, Any]], None]] = {
     "pipeline": stage_pipeline,
     "http": stage_http,
@@ -963,7 +733,7 @@ def main() -> None:
         STAGES[stage](args, model, results)
         results_path.write_text(json.dumps(results, indent=2))
     if "report" in stages:
-        text = render(results)
+        text = render(results, PATHS, PROMPT)
         print(text)
         if args.doc:
             # Hand-written notes below the marker survive a new run.

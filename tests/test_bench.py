@@ -149,17 +149,19 @@ def test_the_weight_prefetch_benchmark_starts_the_server_each_way(tmp_path: Path
 
 
 def test_a_measurement_a_run_did_not_make_reads_not_run_never_nan() -> None:
-    spec = importlib.util.spec_from_file_location("bench_performance", ROOT / "bench" / "performance.py")
+    spec = importlib.util.spec_from_file_location(
+        "performance_report", ROOT / "bench" / "performance_report.py"
+    )
     assert spec is not None
     assert spec.loader is not None
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(report)
     # HTTP measured for a path whose pipeline stage did not run; a cold start without artifacts.
     results = {
         "http": {"server-fp8": {"clients": 4, "images_per_s": 3.0, "encode_ms_per_image": 5.0}},
         "coldstart": {"server-bf16": {"empty_cache_s": 90.0}},
     }
-    text = bench.render(results)
+    text = report.render(results, ("diffusers", "server-bf16", "server-fp8"), "a fox")
     assert "nan" not in text
     assert "| server-fp8 | 4 | 3.00 | not run | not run | not run | not run | 5.0 | not run |" in text
     assert "| server-bf16 | 90.0 | not run | not run |" in text

@@ -186,10 +186,15 @@ class ImageService:
                 code="model_not_ready",
                 headers={"Retry-After": "5"},
             )
-        job = Job(params.prompt, params.width, params.height, params.steps, params.seeds)
-        if params.stream:
-            job.partial_images = params.partial_images
-            job.events = asyncio.Queue()
+        job = Job(
+            params.prompt,
+            params.width,
+            params.height,
+            params.steps,
+            params.seeds,
+            partial_images=params.partial_images if params.stream else 0,
+            events=asyncio.Queue() if params.stream else None,
+        )
         self.engine.submit(job)
         return job
 

@@ -46,7 +46,17 @@ RUN mkdir /requirements \
     && python /tmp/requirements.py
 
 FROM python-base AS venv
-RUN python -m venv /opt/venv
+# install-requirements: pip installs requirements.txt under constraints.txt into the venv, with
+# the proxy CA when the build passes one as the secret pip-ca. Only the venv goes on to the
+# images, not this script.
+RUN python -m venv /opt/venv \
+    && printf '%s\n' \
+      '#!/bin/sh' \
+      'set -e' \
+      'if [ -f /run/secrets/pip-ca ]; then export PIP_CERT=/run/secrets/pip-ca; fi' \
+      'exec /opt/venv/bin/pip install -c constraints.txt -r requirements.txt' \
+      > /usr/local/bin/install-requirements \
+    && chmod +x /usr/local/bin/install-requirements
 WORKDIR /src
 
 # What the images install of this project, and nothing else of the build context.
@@ -58,16 +68,12 @@ COPY operator /operator
 FROM venv AS server-deps
 COPY constraints.txt ./
 COPY --from=requirements /requirements/server.txt ./requirements.txt
-RUN --mount=type=secret,id=pip-ca \
-    if [ -f /run/secrets/pip-ca ]; then export PIP_CERT=/run/secrets/pip-ca; fi; \
-    /opt/venv/bin/pip install -c constraints.txt -r requirements.txt
+RUN --mount=type=secret,id=pip-ca install-requirements
 
 FROM venv AS operator-deps
 COPY constraints.txt ./
 COPY --from=requirements /requirements/operator.txt ./requirements.txt
-RUN --mount=type=secret,id=pip-ca \
-    if [ -f /run/secrets/pip-ca ]; then export PIP_CERT=/run/secrets/pip-ca; fi; \
-    /opt/venv/bin/pip install -c constraints.txt -r requirements.txt
+RUN --mount=type=secret,id=pip-ca install-requirements
 
 # -- the inference server ---------------------------------------------------------------------
 # The project goes in a small layer of its own above the dependencies' (gigabytes, with

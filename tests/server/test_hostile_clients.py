@@ -124,8 +124,8 @@ def test_the_probe_is_answered_while_thousands_of_connections_are_held(serve: Se
 def test_a_probe_client_that_never_reads_is_cut(serve: ServerFactory) -> None:
     health_port = free_port()
     server = serve(health_port=health_port)
-    assert server.app.state.prober.proc is not None
-    pid = server.app.state.prober.proc.pid
+    assert server.app.state.health_process.proc is not None
+    pid = server.app.state.health_process.proc.pid
     before = open_fds(pid)
     with held(health_port, 5, "127.0.0.3", receive_buffer=4096) as greedy, ThreadPoolExecutor(5) as pool:
         # Answers past what the kernel's buffers hold (about 100,000 on loopback): the server's

@@ -51,7 +51,7 @@ class ChangeCoalescer:
                     seen.since = now
             if seen.since is None:
                 return None
-            wait = min(seen.last + self.quiet, seen.since + self.max_hold) - now
+            wait = self._due_at(seen) - now
             if wait <= 0:
                 seen.since = None
                 return None
@@ -64,7 +64,13 @@ class ChangeCoalescer:
             seen = self._services.get(key)
             if seen is None or seen.since is None:
                 return False
-            return now >= min(seen.last + self.quiet, seen.since + self.max_hold)
+            return now >= self._due_at(seen)
+
+    def _due_at(self, seen: _Changes) -> float:
+        """When a held rollout goes ahead: the spec quiet for ``quiet``, or ``max_hold`` after
+        the first change held."""
+        assert seen.since is not None
+        return min(seen.last + self.quiet, seen.since + self.max_hold)
 
     def forget(self, key: str) -> None:
         with self._lock:

@@ -7,6 +7,7 @@ here and is counted, so "no change, no write" can be checked.
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import logging
 import threading
@@ -79,7 +80,7 @@ class Kube:
     def defaulted(self, manifest: dict[str, Any]) -> dict[str, Any]:
         """``manifest`` as the API server would store it, defaults filled in: a server-side dry
         run of creating it under a generated name (nothing is stored)."""
-        body = json.loads(json.dumps(manifest))
+        body = copy.deepcopy(manifest)
         meta = body["metadata"]
         meta["generateName"] = f"{meta.pop('name')[:50]}-"
         obj = self._resource(manifest["apiVersion"], manifest["kind"]).create(

@@ -48,6 +48,7 @@ POD_CIDRS = "127.128.0.0/10"  # each running cluster claims one /16 of it, so cl
 SERVICE_CIDR = "127.96.0.0/16"  # differ in the addresses their simulated pods listen on
 CLAIMS = Path("/tmp/zimage-local-clusters")
 STALE_CLAIM_SECONDS = 600
+IMAGE_HEADROOM_BYTES = 2 * 10**9  # beyond an image's unpacked size: logs, the pause image, writes
 KWOK_NODE_ANNOTATION = "kwok.x-k8s.io/node"
 GPU_PRODUCT = "NVIDIA-H100-80GB-HBM3"
 
@@ -175,6 +176,8 @@ class LocalCluster:
                 f"a kubelet node needs the Debian packages {' '.join(missing)}: apt-get install them"
             )
         self.workdir.mkdir(parents=True, exist_ok=True)
+        if self.kubelet_nodes:
+            reclaim_abandoned_nodes(self.workdir)
         self.pod_cidr = claim_pod_cidr(self.workdir)
         names = ["etcd", "etcd_peer", "apiserver", "kcm", "scheduler", "kwok"]
         if self.kubelet_nodes:
@@ -423,7 +426,19 @@ class LocalCluster:
         )
 
     def import_image(self, node: str, archive: Path) -> None:
-        """Load a docker-archive or OCI tar into a kubelet node's containerd (no registry here)."""
+        """Load a docker-archive or OCI tar into a kubelet node's containerd (no registry here).
+
+        The node keeps the archive's layers and unpacks them when a pod starts: about three
+        times the archive's size. Too little room is said here, not as a pod that never starts."""
+        root = self.kubelet_node(node).containerd_dir
+        need = 3 * archive.stat().st_size + IMAGE_HEADROOM_BYTES
+        free = shutil.disk_usage(root).free
+        if free < need:
+            raise RuntimeError(
+                f"{free / 1e9:.1f} GB free under {root}, and loading {archive.name} on node {node} "
+                f"needs {need / 1e9:.1f} GB: free space on that file system (a killed run's pytest "
+                "folders, old clones) and run again"
+            )
         self.ctr(node, "images", "import", "--no-unpack", str(archive))
 
     def _start_kubelet_node(self, name: str, timeout: float) -> None:
@@ -714,6 +729,26 @@ def processes_under(marker: str) -> list[int]:
         if marker in cmdline and int(entry.name) != os.getpid() and _proc_state(int(entry.name)) != "Z":
             found.append(int(entry.name))
     return found
+
+
+def reclaim_abandoned_nodes(workdir: Path) -> list[Path]:
+    """Remove the image stores of kubelet nodes whose cluster was killed before its teardown
+    (pytest keeps its last sessions' folders, and such a node holds about 10 GB with the server
+    image); return what was removed. Only pytest's folders are searched, and a node with a live
+    process or a mount under its folder is left alone."""
+    base = workdir.resolve().parent.parent
+    if not base.name.startswith("pytest-of-"):
+        return []
+    removed = []
+    for root in base.glob("pytest-*/*/nodes/*/containerd/root"):
+        node = root.parents[1]
+        if node.is_relative_to(workdir.resolve()) or processes_under(str(node)):
+            continue
+        if node_host.mounts_under(str(node)):
+            continue
+        shutil.rmtree(root, ignore_errors=True)
+        removed.append(root)
+    return removed
 
 
 @contextlib.contextmanager

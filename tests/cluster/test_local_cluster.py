@@ -393,3 +393,31 @@ def test_cluster_up_and_down_start_quickly_and_leave_nothing_behind(tmp_path: Pa
     assert left.leftovers() == []
     if not runtime_dir_before:
         assert not Path("/run/containerd").exists(), list(Path("/run/containerd").rglob("*"))
+
+
+def test_a_killed_runs_node_images_are_reclaimed_and_a_live_ones_are_not(tmp_path: Path) -> None:
+    """A run killed before its teardown leaves a node's image store (about 10 GB with the server
+    image) in a folder pytest keeps; the next kubelet cluster removes it, but never the store of
+    a node whose processes still run, nor its own."""
+    base = tmp_path / "pytest-of-someone"
+
+    def node(session: str) -> Path:
+        root = base / session / "node-cluster0" / "nodes" / "node-0" / "containerd" / "root"
+        (root / "io.containerd.content.v1.content").mkdir(parents=True)
+        return root
+
+    abandoned, live, own = node("pytest-1"), node("pytest-2"), node("pytest-3")
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(60)", str(live.parents[1] / "containerd/config.toml")]
+    )
+    try:
+        removed = local_cluster.reclaim_abandoned_nodes(base / "pytest-3" / "node-cluster0")
+    finally:
+        holder.kill()
+        holder.wait()
+    assert removed == [abandoned]
+    assert not abandoned.exists()
+    assert live.is_dir()
+    assert own.is_dir()
+    # Outside pytest's folders (a demo's --dir, say) nothing is searched.
+    assert local_cluster.reclaim_abandoned_nodes(tmp_path / "elsewhere" / "cluster") == []

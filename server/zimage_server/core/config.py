@@ -10,6 +10,7 @@ from typing import Annotated, Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from zimage_server.core.adapters import AdapterSetting, check_adapter_list
 from zimage_server.core.choices import COMPILABLE, GRAPHABLE, check_attention_backend
 from zimage_server.core.keys import parse_keys, read_key_file
 from zimage_server.core.sources import ModelSource
@@ -78,6 +79,23 @@ class Settings(BaseSettings):
     served_model_names: Annotated[list[str], NoDecode] = Field(
         default_factory=lambda: ["z-image-turbo", "Tongyi-MAI/Z-Image-Turbo"],
         description="Names a request's 'model' field may use (comma-separated); the first is reported",
+    )
+
+    loras: list[AdapterSetting] = Field(
+        default_factory=list,
+        description='LoRA adapters loaded at start, as JSON: [{"name": "pixel-art", "source": '
+        '"/models/pixel.safetensors", "scale": 0.8}]; a source is a .safetensors file (diffusers, kohya '
+        "or ai-toolkit format), a folder holding pytorch_lora_weights.safetensors, file:///PATH or "
+        'hf://OWNER/NAME[/FILE][@REVISION]. A request picks them with "lora" or as its model',
+    )
+    lora_max_per_request: int = Field(2, ge=1, le=8, description="Most adapters one request may combine")
+    lora_max_rank: int | None = Field(
+        None,
+        ge=1,
+        le=4096,
+        description="The rank ceiling the adapters are swapped into without recompiling: a request's "
+        "adapters' ranks together. Default: the sum of the lora_max_per_request largest ranks loaded; "
+        "an adapter above it is refused at load",
     )
 
     host: str = Field("127.0.0.1", description="Address to listen on (0.0.0.0 in a container)")
@@ -296,6 +314,13 @@ class Settings(BaseSettings):
             )
         if not self.served_model_names:
             raise ValueError("served_model_names needs at least one name")
+        check_adapter_list(self.loras)
+        for adapter in self.loras:
+            if adapter.name in self.served_model_names:
+                raise ValueError(
+                    f"loras: the name {adapter.name!r} is also a served model name; a request's model "
+                    "names either one, so rename the adapter"
+                )
         for size in [self.default_size, *self.warmup_sizes]:
             self.check_size(size)
         _check_parts("compile_parts", self.compile_parts, COMPILABLE)

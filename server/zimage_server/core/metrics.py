@@ -61,6 +61,18 @@ class Metrics:
         self.gpu_images = Counter(
             "zimage_gpu_images_generated", "Images generated, by the worker's GPU", ["gpu"], registry=r
         )
+        self.adapter_requests = Counter(
+            "zimage_adapter_requests",
+            "Requests admitted that use each LoRA adapter",
+            ["adapter"],
+            registry=r,
+        )
+        self.adapter_images = Counter(
+            "zimage_adapter_images_generated",
+            "Images generated with each LoRA adapter",
+            ["adapter"],
+            registry=r,
+        )
         self.gpu_busy_seconds = Counter(
             "zimage_gpu_busy_seconds",
             "Seconds the worker on each GPU spent running batches (its rate: that GPU's utilisation)",

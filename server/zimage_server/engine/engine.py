@@ -29,6 +29,7 @@ from typing import Any
 
 from PIL import Image
 
+from zimage_server.core.adapters import Selection
 from zimage_server.core.config import Settings
 from zimage_server.core.errors import APIError, draining_error
 from zimage_server.core.metrics import Metrics
@@ -37,7 +38,7 @@ from zimage_server.pipeline.runner import BatchResult, BatchSpec, PipelineRunner
 
 logger = logging.getLogger(__name__)
 
-BatchKey = tuple[int, int, int]  # width, height, steps
+BatchKey = tuple[int, int, int, Selection]  # width, height, steps, LoRA adapters
 # The longest wait for a fuller batch after a batch, as a share of that batch's run time: what
 # a batch that does not fill loses at most.
 LINGER_SHARE = 0.05
@@ -62,6 +63,8 @@ class Job:
     # image)). The future still says when all its images are done, or why not.
     partial_images: int = 0
     events: asyncio.Queue[tuple[Any, ...]] | None = None
+    # LoRA adapters and their scales, by name: only jobs with the same ones share a batch.
+    adapters: Selection = ()
 
     def __post_init__(self) -> None:
         # Mark a failure as seen even when no handler is left to read it (its client went, or
@@ -70,7 +73,7 @@ class Job:
 
     @property
     def key(self) -> BatchKey:
-        return (self.width, self.height, self.steps)
+        return (self.width, self.height, self.steps, self.adapters)
 
     @property
     def remaining(self) -> int:
@@ -133,6 +136,16 @@ class Engine:
     def check_prompt(self, prompt: str) -> None:
         """Raise ``ValueError`` when the model's tokenizer cannot encode ``prompt``."""
         self.lead.check_prompt(prompt)
+
+    def check_adapters(self, selection: Selection) -> None:
+        """Raise ``ValueError`` naming why ``selection`` cannot run here (unknown, failed to
+        load, too many, past the rank ceiling)."""
+        self.lead.adapters.check(selection)
+
+    @property
+    def adapters(self) -> Any:
+        """The LoRA adapters every worker loaded (the lead runner's, the same on each)."""
+        return self.lead.adapters
 
     def prompt_tokens(self, prompt: str) -> int:
         """The tokens ``prompt`` takes in the text encoder's window (0 before the model loads)."""
@@ -309,6 +322,7 @@ class Engine:
             height=key[1],
             steps=key[2],
             partials=[job.partial_images for job, _ in batch],
+            adapters=key[3],
         )
         try:
             result = await self._generate(worker, spec, batch)
@@ -336,7 +350,7 @@ class Engine:
     def _finish(
         self, worker: Worker, result: BatchResult, batch: list[tuple[Job, int]], key: BatchKey
     ) -> None:
-        self._record(worker, result, len(batch))
+        self._record(worker, result, len(batch), key[3])
         self.cost.observe(key[0], key[1], key[2], len(batch), result.seconds)
         for (job, index), image in zip(batch, result.images, strict=True):
             self._deliver(job, index, image)
@@ -345,8 +359,15 @@ class Engine:
         """Run ``part`` (images of ``job`` from a failed batch) as a batch of its own."""
         if job.cancelled or job.future.done():
             return
+        width, height, steps, adapters = key
         spec = BatchSpec(
-            [job.prompt] * len(part), [job.seeds[i] for _, i in part], *key, [job.partial_images] * len(part)
+            [job.prompt] * len(part),
+            [job.seeds[i] for _, i in part],
+            width,
+            height,
+            steps,
+            [job.partial_images] * len(part),
+            adapters,
         )
         try:
             result = await self._generate(worker, spec, part)
@@ -396,7 +417,9 @@ class Engine:
                 self._jobs.remove(job)
         return batch
 
-    def _record(self, worker: Worker, result: BatchResult, size: int) -> None:
+    def _record(self, worker: Worker, result: BatchResult, size: int, adapters: Selection) -> None:
+        for name, _ in adapters:
+            self.metrics.adapter_images.labels(name).inc(size)
         self.metrics.batch_seconds.observe(result.seconds)
         self.metrics.batch_size.observe(size)
         self.metrics.images.inc(size)

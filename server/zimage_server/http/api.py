@@ -96,11 +96,22 @@ def sliced_response(body: bytes, media_type: str, headers: dict[str, str] | None
 
 @router.get("/v1/models", tags=["images"], responses=errors(401))
 async def list_models(request: Request) -> dict[str, Any]:
+    """The served model, and each LoRA adapter loaded (as vLLM lists them: its base model as
+    its ``parent``); a request names an adapter in ``lora``, or as its ``model``."""
     service = _service(request)
-    return {
-        "object": "list",
-        "data": [{"id": service.model_name, "object": "model", "created": 0, "owned_by": "zimage"}],
-    }
+    base = {"id": service.model_name, "object": "model", "created": 0, "owned_by": "zimage"}
+    adapters = [
+        {
+            "id": adapter.name,
+            "object": "model",
+            "created": 0,
+            "owned_by": "zimage",
+            "parent": service.model_name,
+            "lora": {"scale": adapter.scale, "rank": adapter.rank},
+        }
+        for adapter in service.engine.adapters.adapters.values()
+    ]
+    return {"object": "list", "data": [base, *adapters]}
 
 
 def _probe(answer: tuple[int, dict[str, Any]]) -> JSONResponse:
@@ -149,6 +160,11 @@ async def load(request: Request) -> dict[str, Any]:
         "workers": len(engine.workers),
         "busy_workers": sum(1 for worker in engine.workers if worker.jobs),
         "sequence_parallel": service.settings.sequence_parallel,
+        # The LoRA adapters this replica loaded, and those it could not, with why.
+        "adapters": {
+            "loaded": list(engine.adapters.adapters),
+            "failed": dict(engine.adapters.failed),
+        },
         # What this replica did with the shared compile artifacts (off unless configured), and
         # the artifact's key, a digest of its GPU, versions and choices.
         "compile_artifacts": {

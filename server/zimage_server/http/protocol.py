@@ -51,6 +51,22 @@ MAX_PARTIAL_IMAGES = 3
 PartialCount = Annotated[int, Strict(), Ge(0), Le(MAX_PARTIAL_IMAGES), BeforeValidator(_integral)]
 
 
+# Most adapters a request may name (the server's lora_max_per_request may allow fewer).
+MAX_ADAPTERS = 8
+
+
+class AdapterChoice(BaseModel):
+    """One LoRA adapter a request asks for: ``{"name": "pixel-art", "scale": 0.8}``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: StrictStr = Field(description="An adapter GET /v1/models lists (its 'id')")
+    scale: Annotated[float, Strict()] | None = Field(
+        None,
+        description="How strongly it applies, -2 to 2 (0: the base model); default: the adapter's own",
+    )
+
+
 class ImageGenerationRequest(BaseModel):
     """``POST /v1/images/generations`` and ``POST /generate``.
 
@@ -83,6 +99,12 @@ class ImageGenerationRequest(BaseModel):
         None, description="Same seed, same image", json_schema_extra={"maximum": MAX_SEED}
     )
     num_inference_steps: JsonInt | None = Field(None, description="Denoising steps (Turbo: 8)")
+    lora: list[AdapterChoice] | None = Field(
+        None,
+        description="LoRA adapters to apply, each with a scale (an extension; with the openai client, "
+        "extra_body). A request may also name one adapter as its 'model'",
+        max_length=MAX_ADAPTERS,
+    )
     # Accepted for compatibility with OpenAI clients; they do not change the result.
     quality: Literal["auto", "standard", "hd", "low", "medium", "high"] | None = None
     style: Literal["vivid", "natural"] | None = None

@@ -14,6 +14,7 @@ from typing import Any
 from fastapi import Request
 from PIL import Image
 
+from zimage_server.core.adapters import Selection, check_scale
 from zimage_server.core.config import Settings
 from zimage_server.core.encoding import encode_image
 from zimage_server.core.errors import APIError, bad_request, draining_error
@@ -35,6 +36,7 @@ class GenerationParams:
     stream: bool = False
     partial_images: int = 0
     progress: bool = False
+    adapters: Selection = ()
 
     @property
     def size(self) -> str:
@@ -69,13 +71,20 @@ class ImageService:
     def params(self, req: ImageGenerationRequest) -> GenerationParams:
         """Check ``req`` against this server's limits; raise a 4xx ``APIError`` naming the fix."""
         s = self.settings
-        if req.model is not None and req.model not in s.served_model_names:
+        if (
+            req.model is not None
+            and req.model not in s.served_model_names
+            and req.model not in self.adapter_names
+        ):
+            listed = f", an adapter ({', '.join(sorted(self.adapter_names))})" if self.adapter_names else ""
             raise APIError(
                 404,
-                f"model {req.model!r} is not served here; use {self.model_name!r} or leave 'model' out",
+                f"model {req.model!r} is not served here; use {self.model_name!r}{listed} "
+                "or leave 'model' out",
                 param="model",
                 code="model_not_found",
             )
+        adapters = self.adapters(req)
         if req.response_format == "url":
             raise bad_request(
                 "response_format 'url' is not supported: this server keeps no images to link to; "
@@ -137,7 +146,42 @@ class ImageService:
             stream=bool(req.stream),
             partial_images=req.partial_images or 0,
             progress=bool(req.stream_progress),
+            adapters=adapters,
         )
+
+    @property
+    def adapter_names(self) -> set[str]:
+        return {adapter.name for adapter in self.settings.loras}
+
+    def adapters(self, req: ImageGenerationRequest) -> Selection:
+        """The request's adapters (its ``lora`` list, and its ``model`` where that names one),
+        each with its scale, by name; a 400 naming the one that cannot be."""
+        defaults = {adapter.name: adapter.scale for adapter in self.settings.loras}
+        chosen: dict[str, float] = {}
+        if req.model in defaults:
+            chosen[req.model] = defaults[req.model]
+        for index, choice in enumerate(req.lora or []):
+            param = f"lora[{index}]"
+            if choice.name in chosen:
+                raise bad_request(f"adapter {choice.name!r} is named twice", param=param)
+            if choice.name not in defaults:
+                known = ", ".join(sorted(defaults)) or "this server has none"
+                raise bad_request(
+                    f"adapter {choice.name!r} is not served here; the adapters are: {known}",
+                    param=f"{param}.name",
+                    code="adapter_not_found",
+                )
+            try:
+                scale = defaults[choice.name] if choice.scale is None else check_scale(choice.scale)
+            except ValueError as exc:
+                raise bad_request(f"adapter {choice.name!r}: {exc}", param=f"{param}.scale") from None
+            chosen[choice.name] = scale
+        selection = tuple(sorted(chosen.items()))
+        try:
+            self.engine.check_adapters(selection)
+        except ValueError as exc:
+            raise bad_request(str(exc), param="lora", code="adapter_unavailable") from None
+        return selection
 
     async def generate(self, params: GenerationParams, request: Request) -> list[Image.Image]:
         """Queue the work and wait for it, giving up at the timeout or when the client leaves."""
@@ -194,8 +238,11 @@ class ImageService:
             params.seeds,
             partial_images=params.partial_images if params.stream else 0,
             events=asyncio.Queue() if params.stream else None,
+            adapters=params.adapters,
         )
         self.engine.submit(job)
+        for name, _ in params.adapters:
+            self.metrics.adapter_requests.labels(name).inc()
         return job
 
     async def encode(self, images: list[Image.Image], params: GenerationParams) -> list[bytes]:

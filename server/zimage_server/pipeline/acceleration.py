@@ -116,12 +116,14 @@ def _attention_call(
 
 def fp8_filter(module: torch.nn.Module, fqn: str) -> bool:
     """Which linears go to fp8: those of the main transformer blocks, except their adaLN
-    modulation. Embedders, refiners and the final layer stay in bf16 (precision-sensitive).
+    modulation. Embedders, refiners and the final layer stay in bf16 (precision-sensitive), and
+    so do LoRA adapters' slots (their linears are swapped into; the layer they wrap goes to fp8).
     Float8 matmuls need both sides a multiple of 16 (all of Z-Image-Turbo's are)."""
     return (
         isinstance(module, torch.nn.Linear)
         and fqn.startswith("layers.")
         and "adaLN_modulation" not in fqn
+        and ".lora_" not in fqn
         and module.in_features % 16 == 0
         and module.out_features % 16 == 0
     )

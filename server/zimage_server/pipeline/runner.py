@@ -14,10 +14,18 @@ from typing import Any
 import torch
 from PIL import Image
 
+from zimage_server.core.adapters import Selection
 from zimage_server.core.config import Settings
 from zimage_server.core.processes import process_age
 from zimage_server.core.sources import ModelSource
-from zimage_server.pipeline import acceleration, compile_artifacts, cuda_graphs, partials, weight_prefetch
+from zimage_server.pipeline import (
+    acceleration,
+    adapters,
+    compile_artifacts,
+    cuda_graphs,
+    partials,
+    weight_prefetch,
+)
 from zimage_server.pipeline.model_source import resolve
 
 # This process's age once torch and the server's modules are imported (the interpreter's start
@@ -95,6 +103,8 @@ class BatchSpec:
     steps: int
     # Per item, how many partial images it wants (an empty sequence: none).
     partials: Sequence[int] = ()
+    # The LoRA adapters of the whole batch, with their scales (none: the base model).
+    adapters: Selection = ()
 
 
 @dataclass(frozen=True)
@@ -118,6 +128,7 @@ class PipelineRunner:
         self.startup_seconds: dict[str, float] = {}
         self.graphs: dict[str, cuda_graphs.ShapeGraphs] = {}
         self.artifacts = compile_artifacts.ArtifactState()
+        self.adapters = adapters.AdapterBank(max_per_request=settings.lora_max_per_request)
         self.shares_artifacts = True  # loads (and saves) the shared compile artifacts
         self.workers = 1  # pipelines in this process: each compiles its own variants of the same code
 
@@ -161,6 +172,18 @@ class PipelineRunner:
         # per layer makes every compiled layer guard on its own cache slot (a recompile each).
         pipe.text_encoder.config.use_cache = False
         pipe.set_progress_bar_config(disable=True)
+        if self.settings.loras:  # before fp8 and compile: the slots are part of what they make
+            loading = time.perf_counter()
+            token = self.settings.hf_token.get_secret_value() if self.settings.hf_token else None
+            self.adapters = adapters.load_bank(
+                pipe.transformer,
+                self.settings.loras,
+                max_per_request=self.settings.lora_max_per_request,
+                max_rank=self.settings.lora_max_rank,
+                cache_dir=self.settings.hf_cache_dir,
+                token=token,
+            )
+            self.startup_seconds["adapters"] = time.perf_counter() - loading
         logger.info(
             "loaded %s from %s on %s as %s in %.1fs",
             self.source,
@@ -327,7 +350,8 @@ class PipelineRunner:
 
     def run_pipe(self, spec: BatchSpec, callback: Any, output_type: str) -> Any:
         """One pipeline call for ``spec``: the seeds' CPU generators (the same starting noise on
-        any device and in any batch), the prompts' window, no guidance."""
+        any device and in any batch), the prompts' window, no guidance, the batch's adapters."""
+        self.adapters.activate(spec.adapters)
         generators = [torch.Generator("cpu").manual_seed(seed) for seed in spec.seeds]
         return self.pipe(
             prompt=list(spec.prompts),

@@ -182,6 +182,7 @@ class SequenceParallelRunner(_Rank):
                 "width": spec.width,
                 "height": spec.height,
                 "steps": spec.steps,
+                "adapters": [list(pair) for pair in spec.adapters],
             }
         )
         try:
@@ -233,7 +234,14 @@ def follow(rank: int, lines: IO[str]) -> None:
     runner.load()
     for line in lines:
         batch = json.loads(line)
-        spec = BatchSpec(batch["prompts"], batch["seeds"], batch["width"], batch["height"], batch["steps"])
+        spec = BatchSpec(
+            batch["prompts"],
+            batch["seeds"],
+            batch["width"],
+            batch["height"],
+            batch["steps"],
+            adapters=tuple((name, scale) for name, scale in batch["adapters"]),
+        )
         try:
             runner.run_pipe(spec, None, "latent")  # rank 0 decodes the images
         except Exception:

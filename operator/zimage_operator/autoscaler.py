@@ -18,7 +18,7 @@ from .config import OperatorSettings
 from .kube import Kube
 from .metrics import DECISIONS
 from .reconcile import EventSink, Reconciler, owns
-from .scaling import Decision, History, PodLoad, artifacts_status, decide
+from .scaling import Decision, History, PodLoad, adapters_status, artifacts_status, decide
 from .spec import InvalidSpecError, parse_spec
 from .status import now_rfc3339
 
@@ -66,7 +66,7 @@ class Autoscaler:
         except InvalidSpecError:
             return True  # the reconciler reports it
         artifacts = spec.runtime.compile_artifacts.enabled
-        if spec.autoscaling.mode != "builtin" and not artifacts:
+        if spec.autoscaling.mode != "builtin" and not artifacts and not spec.loras:
             return True
         owner = Owner(meta["name"], meta["namespace"], meta["uid"])
         deployment = await asyncio.to_thread(
@@ -83,6 +83,8 @@ class Autoscaler:
         loads = await asyncio.gather(*(self._read(http, pod) for pod in ready_pods(pods)))
         if artifacts:
             await self._record_artifacts(body, owner, list(loads))
+        if spec.loras:
+            await self._record_adapters(body, owner, list(loads))
         if spec.autoscaling.mode != "builtin":
             return True
         decision = decide(
@@ -101,6 +103,7 @@ class Autoscaler:
             response.raise_for_status()
             load = response.json()
             artifacts = load.get("compile_artifacts") or {}  # absent from older servers
+            adapters = load.get("adapters") or {}
             return PodLoad(
                 name,
                 True,
@@ -110,6 +113,10 @@ class Autoscaler:
                 artifacts=artifacts.get("state"),
                 artifact=artifact_file(artifacts.get("artifact")),
                 ready=bool(load.get("ready", True)),
+                adapters=tuple(str(name) for name in adapters.get("loaded") or []),
+                adapters_failed=tuple(
+                    (str(name), str(reason)) for name, reason in (adapters.get("failed") or {}).items()
+                ),
             )
         except (httpx.HTTPError, ValueError) as exc:
             return PodLoad(name, False, error=f"{type(exc).__name__}: {exc}")
@@ -127,6 +134,20 @@ class Autoscaler:
         await asyncio.to_thread(
             self.kube.patch_status, owner.namespace, owner.name, {"compileArtifacts": patch}
         )
+
+    async def _record_adapters(self, body: dict[str, Any], owner: Owner, loads: list[PodLoad]) -> None:
+        """``status.adapters``, written when what the ready pods report changes; a change in
+        what failed is reconciled at once (the Degraded condition says it)."""
+        previous = (body.get("status") or {}).get("adapters") or {}
+        record = adapters_status(loads)
+        if all(previous.get(key) == value for key, value in record.items()):
+            return
+        # A merge patch merges maps: a pod no longer reporting is removed by name.
+        gone = {pod: None for pod in previous.get("pods") or {} if pod not in record["pods"]}
+        patch = {**record, "pods": {**gone, **record["pods"]}, "observedTime": now_rfc3339()}
+        await asyncio.to_thread(self.kube.patch_status, owner.namespace, owner.name, {"adapters": patch})
+        if previous.get("failed", []) != record["failed"]:
+            await asyncio.to_thread(self.reconciler.reconcile, owner.namespace, owner.name)
 
     async def _record(
         self, body: dict[str, Any], owner: Owner, current: int, decision: Decision, history: History

@@ -6,12 +6,13 @@ Nothing here talks to the API server, so every property is unit-tested without a
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 from dataclasses import dataclass
 from typing import Any
 
 from .config import OperatorSettings
-from .spec import ZImageServiceSpec
+from .spec import LoraSpec, ZImageServiceSpec
 
 GROUP = "zimage.dev"
 VERSION = "v1alpha1"
@@ -29,6 +30,7 @@ MODEL_DIR = "/models"
 ARTIFACTS_DIR = "/compile-artifacts"  # a claim of its own (runtime.compileArtifacts.claimName)
 HUB_CACHE_DIR = f"{MODEL_DIR}/hub"
 PVC_MOUNT = f"{MODEL_DIR}/pvc"
+ADAPTERS_DIR = "/adapters"  # each claim of a pvc:// adapter, read-only, at ADAPTERS_DIR/CLAIM
 API_KEYS_DIR = "/etc/zimage/api-keys"  # the Secret of spec.auth.apiKeySecretRef
 # The preStop pause lets endpoints drop the pod before the server starts refusing requests.
 PRESTOP_SECONDS = 5
@@ -110,9 +112,10 @@ def cache_claim_name(owner: Owner) -> str:
 
 
 def prefetch_job_name(owner: Owner, spec: ZImageServiceSpec) -> str:
-    """NAME-prefetch-<digest of the model>: a Job's template cannot change, so a new model gets
-    a new Job."""
-    digest = hashlib.sha256(spec.model.hub_source.encode()).hexdigest()[:8]
+    """NAME-prefetch-<digest of the model and the Hub adapters>: a Job's template cannot change,
+    so a new model or another Hub adapter gets a new Job."""
+    fetched = [spec.model.hub_source, *(lora.source for lora in spec.hub_loras)]
+    digest = hashlib.sha256(" ".join(fetched).encode()).hexdigest()[:8]
     return f"{owner.name}-prefetch-{digest}"
 
 
@@ -150,6 +153,32 @@ def model_env(spec: ZImageServiceSpec) -> list[Manifest]:
     elif model.token_secret_ref is not None:
         env.append(_token_env(spec))
     return env
+
+
+def adapter_claims(spec: ZImageServiceSpec) -> list[str]:
+    """The claims the pvc:// adapters are on, each mounted once."""
+    return list(
+        dict.fromkeys(
+            lora.source.removeprefix("pvc://").partition("/")[0]
+            for lora in spec.loras
+            if lora.scheme == "pvc"
+        )
+    )
+
+
+def adapter_path(source: str) -> str:
+    """Where the server finds an adapter: an hf:// source as it is (the server resolves it in
+    its Hub cache), a pvc:// one under its claim's mount, a file:// one as its path."""
+    if source.startswith("pvc://"):
+        claim, _, path = source.removeprefix("pvc://").partition("/")
+        return f"{ADAPTERS_DIR}/{claim}/{path}"
+    return source.removeprefix("file://") if source.startswith("file://") else source
+
+
+def loras_env(loras: list[LoraSpec]) -> Manifest:
+    """ZIMAGE_LORAS: the adapters as the server's setting, a JSON list."""
+    value = [{"name": lora.name, "source": adapter_path(lora.source), "scale": lora.scale} for lora in loras]
+    return {"name": "ZIMAGE_LORAS", "value": json.dumps(value, separators=(",", ":"))}
 
 
 def _token_env(spec: ZImageServiceSpec) -> Manifest:
@@ -193,6 +222,8 @@ def server_env(spec: ZImageServiceSpec) -> list[Manifest]:
     }
     env: list[Manifest] = [{"name": key, "value": value} for key, value in settings.items()]
     env.extend(model_env(spec))
+    if spec.loras:
+        env.append(loras_env(spec.loras))
     artifacts = runtime.compile_artifacts
     if artifacts.enabled:
         # Beside the weights in the model cache, or in a claim of its own; every replica mounts it.
@@ -231,6 +262,11 @@ def _volumes(owner: Owner, spec: ZImageServiceSpec) -> tuple[list[Manifest], lis
         claim = spec.model.source.removeprefix("pvc://").partition("/")[0]
         volumes.append({"name": "model", "persistentVolumeClaim": {"claimName": claim, "readOnly": True}})
         mounts.append({"name": "model", "mountPath": PVC_MOUNT, "readOnly": True})
+    for index, claim in enumerate(adapter_claims(spec)):
+        volumes.append(
+            {"name": f"adapters-{index}", "persistentVolumeClaim": {"claimName": claim, "readOnly": True}}
+        )
+        mounts.append({"name": f"adapters-{index}", "mountPath": f"{ADAPTERS_DIR}/{claim}", "readOnly": True})
     artifacts_claim = spec.runtime.compile_artifacts.claim_name
     if spec.runtime.compile_artifacts.enabled and artifacts_claim:
         volumes.append({"name": "compile-artifacts", "persistentVolumeClaim": {"claimName": artifacts_claim}})
@@ -555,6 +591,8 @@ def build_prefetch_job(owner: Owner, spec: ZImageServiceSpec, settings: Operator
         {"name": "ZIMAGE_HF_CACHE_DIR", "value": HUB_CACHE_DIR},
         {"name": "HF_HOME", "value": "/tmp/hf-home"},
     ]
+    if spec.hub_loras:  # fetched beside the model; the servers then find them offline
+        env.append(loras_env(spec.hub_loras))
     if spec.model.token_secret_ref is not None:
         env.append(_token_env(spec))
     labels = {**common_labels(owner), "app.kubernetes.io/component": "model-prefetch"}

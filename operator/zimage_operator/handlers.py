@@ -237,12 +237,22 @@ def artifacts_enabled(body: kopf.Body) -> bool:
     return bool((runtime.get("compileArtifacts") or {}).get("enabled"))
 
 
+def reads_pods(body: kopf.Body) -> bool:
+    """Whether the daemon reads the pods' /load: to scale (builtin mode), or for the status of
+    the shared compile artifacts or of the LoRA adapters."""
+    return (
+        autoscaling_mode(body) == "builtin"
+        or artifacts_enabled(body)
+        or bool(body.get("spec", {}).get("loras"))
+    )
+
+
 async def service_loop(
     *, name: str, namespace: str | None, uid: str | None, body: kopf.Body, memo: Any,
     stopped: kopf.DaemonStopped, **_: Any,
 ) -> None:  # fmt: skip
     """One service's daemon: a resync now and every ``resync_seconds``, and in builtin mode (or
-    with shared compile artifacts, whose status it reads from the pods) an autoscaler pass every
+    with shared compile artifacts or adapters, whose status it reads from the pods) a pass every
     ``autoscale_seconds``. A failed resync raises ``kopf.TemporaryError``,
     and Kopf starts the daemon again after its delay. Ends when the service is gone (``body``,
     which Kopf keeps fresh, only tells the mode; a deletion is learned from the API server)."""
@@ -299,7 +309,7 @@ async def service_loop(
                 if not await resync():
                     break
                 next_resync = loop.time() + operator_settings.resync_seconds
-            if autoscaling_mode(body) != "builtin" and not artifacts_enabled(body):
+            if not reads_pods(body):
                 continue
             try:
                 if not await autoscaler.scale_if_present(http, namespace, name, key, state.history):

@@ -163,6 +163,9 @@ class Reconciler:
             scaled = ((body.get("status") or {}).get("autoscaling") or {}).get("desiredReplicas")
             current = scaled if scaled is not None else current
         replicas = builders.desired_replicas(spec, current, model.ready)
+        refreshing = _refreshing(model, live_deployment)
+        if refreshing is not None:  # the running replicas keep serving until the cache is filled
+            replicas = int((live_deployment or {}).get("spec", {}).get("replicas") or 0)
 
         desired: list[Manifest] = []
         claim = builders.build_cache_claim(owner, spec)
@@ -239,7 +242,7 @@ class Reconciler:
         retry = False
         deployment = live_deployment
         for manifest, live in zip(desired, lives, strict=True):
-            if held is not None and manifest["kind"] == "Deployment":
+            if (held is not None or refreshing is not None) and manifest["kind"] == "Deployment":
                 continue
             try:
                 result = self._converge(manifest, live)
@@ -281,6 +284,7 @@ class Reconciler:
             vram_restart=vram_restart,
             pod_problems=self._mount_failures(owner.namespace, pods),
             rollout_held=rollout_held,
+            refreshing=refreshing,
         )
         if retry:
             raise TemporaryFailureError(apply_error or "a write failed")
@@ -437,9 +441,12 @@ class Reconciler:
         conflict: str | None = None,
         pod_problems: list[str] | None = None,
         rollout_held: str | None = None,
+        refreshing: str | None = None,
     ) -> None:
         previous = body.get("status") or {}
         conditions = compute_conditions(
+            refreshing=refreshing,
+            adapter_failures=adapter_failures(previous, spec),
             invalid=invalid,
             conflict=conflict,
             pod_problems=pod_problems,
@@ -472,6 +479,8 @@ class Reconciler:
             status["lastVramRestart"] = vram_restart
         if spec is not None and not spec.runtime.compile_artifacts.enabled and "compileArtifacts" in previous:
             status["compileArtifacts"] = None  # turned off: the daemon no longer reports it
+        if spec is not None and not spec.loras and "adapters" in previous:
+            status["adapters"] = None  # none configured: the daemon no longer reports them
         if _same(previous, status):
             return
         self.kube.patch_status(owner.namespace, owner.name, status)
@@ -530,6 +539,33 @@ def _bad(condition: dict[str, Any]) -> bool:
     healthy = {"Ready": "True", "Degraded": "False", "ModelReady": "True"}
     expected = healthy.get(condition["type"])
     return expected is not None and condition["status"] != expected
+
+
+def _refreshing(model: ModelState, deployment: dict[str, Any] | None) -> str | None:
+    """Why the Deployment is left as it is: the prefetch Job fills the cache again (another model
+    or Hub adapter) while its ready replicas serve; None when there is no such Deployment."""
+    if model.ready or model.reason not in ("CachePending", "CacheDownloading") or deployment is None:
+        return None
+    ready = int((deployment.get("status") or {}).get("readyReplicas") or 0)
+    if ready == 0:
+        return None
+    return (
+        f"{model.message}; the {ready} ready replica{'s' if ready != 1 else ''} keep serving the "
+        "previous model and adapters until it is done, then roll"
+    )
+
+
+def adapter_failures(status: dict[str, Any], spec: ZImageServiceSpec | None) -> list[str]:
+    """``adapter NAME on POD: why`` for each adapter of the spec a ready replica could not load,
+    from ``status.adapters`` (written by the daemon from the pods' /load)."""
+    if spec is None or not spec.loras:
+        return []
+    wanted = {lora.name for lora in spec.loras}
+    return [
+        f"adapter {failure.get('name')} on {failure.get('pod')}: {failure.get('reason')}"
+        for failure in (status.get("adapters") or {}).get("failed") or []
+        if failure.get("name") in wanted
+    ]
 
 
 def _same(previous: dict[str, Any], status: dict[str, Any]) -> bool:

@@ -29,6 +29,9 @@ class PodLoad:
     artifacts: str | None = None
     artifact: str | None = None
     ready: bool = True
+    # The LoRA adapters the pod loaded, and those it could not with why (its /load says).
+    adapters: tuple[str, ...] = ()
+    adapters_failed: tuple[tuple[str, str], ...] = ()
 
     @property
     def busy(self) -> bool:
@@ -132,3 +135,23 @@ def artifacts_status(pods: list[PodLoad]) -> dict[str, Any]:
         state = "Unknown"
         message = "no ready replica has reported on the compile artifacts yet"
     return {"state": state, "message": message, "artifacts": names, "pods": counts}
+
+
+def adapters_status(pods: list[PodLoad]) -> dict[str, Any]:
+    """``status.adapters`` from the ready pods' reports: what each loaded, what all loaded, and
+    each failure with its pod and reason."""
+    reports = sorted((pod for pod in pods if pod.reachable and pod.ready), key=lambda pod: pod.name)
+    loaded = (
+        [name for name in reports[0].adapters if all(name in pod.adapters for pod in reports)]
+        if reports
+        else []
+    )
+    return {
+        "loaded": loaded,
+        "pods": {pod.name: list(pod.adapters) for pod in reports},
+        "failed": [
+            {"name": name, "pod": pod.name, "reason": reason}
+            for pod in reports
+            for name, reason in pod.adapters_failed
+        ],
+    }

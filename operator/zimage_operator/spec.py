@@ -51,6 +51,16 @@ class ModelSpec(_Model):
         return self.source if "@" in self.source else f"{self.source}@{self.revision}"
 
 
+class LoraSpec(_Model):
+    name: str
+    source: str
+    scale: float = 1.0
+
+    @property
+    def scheme(self) -> str:
+        return self.source.split("://", 1)[0]
+
+
 class CompileArtifacts(_Model):
     enabled: bool = False
     claim_name: str | None = Field(None, alias="claimName")
@@ -135,6 +145,7 @@ class AuthSpec(_Model):
 
 class ZImageServiceSpec(_Model):
     model: ModelSpec = Field(default_factory=ModelSpec)
+    loras: list[LoraSpec] = Field(default_factory=list)
     runtime: RuntimeSpec = Field(default_factory=RuntimeSpec)
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
     parallelism: ParallelismSpec = Field(default_factory=ParallelismSpec)
@@ -150,6 +161,11 @@ class ZImageServiceSpec(_Model):
     @property
     def needs_cache(self) -> bool:
         return self.model.scheme == "hf" and self.model.cache is not None
+
+    @property
+    def hub_loras(self) -> list[LoraSpec]:
+        """The adapters fetched from the Hub: into the model cache by the prefetch Job, if any."""
+        return [lora for lora in self.loras if lora.scheme == "hf"]
 
     @property
     def scales_from_zero(self) -> bool:
@@ -179,6 +195,16 @@ def _server_side(side: int) -> bool:
 
 # The most GPUs one replica asks for: one node's.
 MAX_GPUS = 8
+
+# What the CRD admits for spec.loras (the server checks the same names and scales).
+MAX_LORAS = 16
+LORA_NAME = re.compile(r"[a-z0-9]([-a-z0-9._]{0,61}[a-z0-9])?")
+LORA_SOURCE = re.compile(
+    r"hf://[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*(/[^@\s]+)?(@[A-Za-z0-9_./-]+)?"
+    r"|pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?/\S+|file:///\S+"
+)
+LORA_SCALE = (-2.0, 2.0)
+SERVED_MODEL_NAME = "z-image-turbo"  # the server's first served model name, which a request may name
 
 # An image reference as container runtimes parse it: [REGISTRY[:PORT]/]PATH[:TAG][@DIGEST], the
 # path in lower case (the CRD holds the same expression).
@@ -235,6 +261,7 @@ def parse_spec(raw: dict[str, Any] | None) -> ZImageServiceSpec:
     if not 0 <= spec.resources.gpus <= MAX_GPUS:
         raise InvalidSpecError(f"spec.resources.gpus: from 0 (the CPU) to {MAX_GPUS} (one node's GPUs)")
     _check_parallelism(spec)
+    _check_loras(spec)
     if spec.on_cpu and (spec.runtime.compile or spec.runtime.precision != "bf16"):
         raise InvalidSpecError(
             "spec.resources.gpus: 0 runs the server on the CPU, which needs runtime.compile false "
@@ -291,3 +318,33 @@ def _check_parallelism(spec: ZImageServiceSpec) -> None:
             + (" and sequenceParallel above 1" if degree > 1 else "")
             + "; leave workers out or set it to that"
         )
+
+
+def _check_loras(spec: ZImageServiceSpec) -> None:
+    """The CRD's rules for spec.loras, for resources stored before them."""
+    if len(spec.loras) > MAX_LORAS:
+        raise InvalidSpecError(f"spec.loras: at most {MAX_LORAS} adapters")
+    seen: set[str] = set()
+    for index, lora in enumerate(spec.loras):
+        where = f"spec.loras[{index}]"
+        if not LORA_NAME.fullmatch(lora.name):
+            raise InvalidSpecError(
+                f"{where}.name: {lora.name!r} must be 1 to 63 lower-case letters, digits, '-', '.' or '_', "
+                "starting and ending with a letter or digit"
+            )
+        if lora.name in seen:
+            raise InvalidSpecError(f"{where}.name: {lora.name!r} is given twice")
+        if lora.name == SERVED_MODEL_NAME:
+            raise InvalidSpecError(
+                f"{where}.name: {SERVED_MODEL_NAME} is the model's own name; choose another"
+            )
+        seen.add(lora.name)
+        if not LORA_SOURCE.fullmatch(lora.source):
+            raise InvalidSpecError(
+                f"{where}.source: {lora.source!r} must be hf://OWNER/NAME[/FILE][@REVISION], "
+                "pvc://CLAIM/PATH or file:///PATH"
+            )
+        if re.search(r"/[.][.](/|$|@)", lora.source):
+            raise InvalidSpecError(f"{where}.source: a path must not contain '..'")
+        if not LORA_SCALE[0] <= lora.scale <= LORA_SCALE[1]:
+            raise InvalidSpecError(f"{where}.scale: must be between -2 and 2")

@@ -148,7 +148,12 @@ def compute_conditions(
     pods: list[dict[str, Any]],
     pod_problems: list[str] | None = None,
     rollout_held: str | None = None,
+    refreshing: str | None = None,
+    adapter_failures: list[str] | None = None,
 ) -> list[Condition]:
+    """``refreshing``: the model cache is being filled again (another model or adapter) while
+    the replicas keep serving what they have; ``adapter_failures``: adapters a ready replica
+    could not load, as its /load said."""
     if invalid is not None:
         return [
             Condition("Ready", False, "InvalidSpec", invalid),
@@ -177,7 +182,7 @@ def compute_conditions(
         and ready == desired_replicas
     )
 
-    if not model.ready:
+    if not model.ready and refreshing is None:
         ready_condition = Condition("Ready", False, "WaitingForModel", model.message)
     elif desired_replicas == 0:
         ready_condition = Condition("Ready", False, "ScaledToZero", "no replicas are requested")
@@ -188,7 +193,9 @@ def compute_conditions(
             "Ready", False, "NoReadyReplicas", f"0 of {desired_replicas} replicas ready"
         )
 
-    if not model.ready:
+    if refreshing is not None:
+        progressing = Condition("Progressing", True, "RefreshingCache", refreshing)
+    elif not model.ready:
         progressing = Condition("Progressing", True, "WaitingForModel", model.message)
     elif apply_error is not None:
         progressing = Condition("Progressing", False, "ApplyFailed", "stopped until the write is accepted")
@@ -217,6 +224,8 @@ def compute_conditions(
         degraded = Condition("Degraded", True, "PodsFailing", "; ".join(sorted(failing)[:5]))
     elif unschedulable:
         degraded = Condition("Degraded", True, "Unschedulable", "; ".join(sorted(unschedulable)[:5]))
+    elif adapter_failures:
+        degraded = Condition("Degraded", True, "AdapterLoadFailed", "; ".join(adapter_failures[:5]))
     elif dep_problem is not None:
         degraded = Condition("Degraded", True, *dep_problem)
     else:

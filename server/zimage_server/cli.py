@@ -17,8 +17,9 @@ commands:
   serve             run the HTTP server (the default); `zimage-server serve --help` lists the flags,
                     each also read from the environment as ZIMAGE_<FLAG>
   make-tiny-model   write the built-in tiny random-weight pipeline to DIR (save_pretrained layout)
-  prefetch          download the configured model (ZIMAGE_MODEL, ZIMAGE_HF_CACHE_DIR, ...) into
-                    the cache and exit; the operator's model-cache Job runs it
+  prefetch          download the configured model and Hub adapters (ZIMAGE_MODEL, ZIMAGE_LORAS,
+                    ZIMAGE_HF_CACHE_DIR, ...) into the cache and exit; the operator's model-cache
+                    Job runs it
 """
 
 
@@ -37,8 +38,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _prefetch(args: list[str]) -> int:
+    from zimage_server.core.adapters import AdapterSource
     from zimage_server.core.config import load_settings
     from zimage_server.core.sources import ModelSource, ModelSourceError
+    from zimage_server.pipeline.adapters import local_file
     from zimage_server.pipeline.model_source import resolve
 
     try:
@@ -46,10 +49,15 @@ def _prefetch(args: list[str]) -> int:
         source = ModelSource.parse(settings.model, settings.revision)
         token = settings.hf_token.get_secret_value() if settings.hf_token else None
         path = resolve(source, settings.hf_cache_dir, token)
+        print(f"{source} is in {path}")
+        for adapter in settings.loras:  # the Hub's: a path or a claim is read where it is
+            found = AdapterSource.parse(adapter.source)
+            if found.scheme == "hf":
+                fetched = local_file(found, settings.hf_cache_dir, token)
+                print(f"adapter {adapter.name} ({found}) is in {fetched}")
     except (ValueError, ModelSourceError) as exc:
         print(f"zimage-server prefetch: {exc}", file=sys.stderr)
         return 1
-    print(f"{source} is in {path}")
     return 0
 
 

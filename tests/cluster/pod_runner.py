@@ -71,9 +71,13 @@ def operator_process(runner: LocalPodRunner, pod: Any, container: Any, env: dict
 
 
 def _remap(value: str, mounts: dict[str, Path]) -> str:
+    """A path under a mount path as the folder here; also each such path quoted inside a JSON
+    value (ZIMAGE_LORAS's sources, say)."""
     for mount_path, folder in mounts.items():
         if value == mount_path or value.startswith(mount_path + "/"):
             return str(folder) + value[len(mount_path) :]
+    for mount_path, folder in mounts.items():
+        value = value.replace(f'"{mount_path}/', f'"{folder}/')
     return value
 
 

@@ -100,10 +100,35 @@ affinities = st.one_of(
         ),
     ),
 )
+lora_sources = st.sampled_from(
+    [
+        "hf://acme/pixel-art",
+        "hf://acme/styles/ink/ink.safetensors@v2",
+        "hf://acme",
+        "pvc://adapters/pixel.safetensors",
+        "pvc://adapters",
+        "pvc://adapters/../secrets/x",
+        "file:///opt/adapters/ink",
+        "file://relative",
+        "s3://bucket/a.safetensors",
+        "/opt/adapters/ink",
+    ]
+)
+loras = st.lists(
+    st.fixed_dictionaries(
+        {
+            "name": st.sampled_from(["pixel", "ink", "pixel.v2", "Pixel", "-x", "z-image-turbo", "a" * 64]),
+            "source": lora_sources,
+        },
+        optional={"scale": st.sampled_from([0, 0.8, 1, -2, 2, 2.5, -3])},
+    ),
+    max_size=3,
+)
 specs = st.fixed_dictionaries(
     {},
     optional={
         "model": st.fixed_dictionaries({"source": sources}),
+        "loras": loras,
         "runtime": st.fixed_dictionaries(
             {},
             optional={

@@ -196,3 +196,64 @@ def test_the_api_key_is_asked_once_and_kept(browser: Any, serve: ServerFactory) 
     page.click("#forget-key")
     assert page.evaluate("localStorage.getItem('zimage.apiKey')") is None
     assert view.hosts() == {"127.0.0.1"}
+
+
+def test_the_adapter_picker_sends_the_adapter_and_its_scale(
+    browser: Any, serve: ServerFactory, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    from .lora_files import make_adapter
+
+    loras = [
+        {
+            "name": "pixel",
+            "source": str(make_adapter(tiny_model_dir, tmp_path / "pixel", seed=1)),
+            "scale": 0.8,
+        },
+        {"name": "ink", "source": str(make_adapter(tiny_model_dir, tmp_path / "ink", seed=2))},
+    ]
+    server = serve(loras=loras)
+    view = Page(browser, server)
+    page = view.page
+    assert page.is_visible("#adapter")
+    assert [o for o in page.eval_on_selector_all("#adapter option", "os => os.map(o => o.value)")] == [
+        "",
+        "pixel",
+        "ink",
+    ]
+    page.select_option("#adapter", "pixel")
+    assert page.input_value("#adapter-scale") == "0.8", "the adapter's own scale first"
+    page.fill("#adapter-scale", "0.5")
+    page.dispatch_event("#adapter-scale", "input")
+    assert page.text_content("#adapter-scale-value") == "0.50"
+    page.fill("#prompt", "a red fox")
+    page.select_option("#size", "256x256")
+    page.fill("#steps", "2")
+    page.fill("#seed", "5")
+    page.select_option("#partials", "0")
+    page.click("#generate")
+    link = page.locator("figure a")
+    link.wait_for(state="visible", timeout=120_000)
+    with page.expect_download() as download:
+        link.click()
+    saved = tmp_path / "shown.png"
+    download.value.save_as(saved)
+    shown = saved.read_bytes()
+    body = {"prompt": "a red fox", "size": "256x256", "num_inference_steps": 2, "seed": 5}
+    with_adapter = httpx.post(
+        server.url + "/generate", json={**body, "lora": [{"name": "pixel", "scale": 0.5}]}, timeout=60
+    )
+    without = httpx.post(server.url + "/generate", json=body, timeout=60)
+    assert shown == with_adapter.content, "the page's image is the API's with pixel at 0.5"
+    assert shown != without.content
+    # Restored from the history with its adapter.
+    page.select_option("#adapter", "")
+    page.click("#history li")
+    assert page.input_value("#adapter") == "pixel"
+    assert page.input_value("#adapter-scale") == "0.5"
+    assert view.errors == []
+    assert view.hosts() == {"127.0.0.1"}
+
+
+def test_without_adapters_the_picker_is_hidden(browser: Any, server: RunningServer) -> None:
+    view = Page(browser, server)
+    assert not view.page.is_visible("#adapter-row")

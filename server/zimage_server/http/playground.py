@@ -63,6 +63,9 @@ async def playground_config(request: Request) -> dict[str, Any]:
         "max_steps": settings.max_steps,
         "max_n": settings.max_n,
         "auth": settings.authenticated,
+        # The adapters configured, each with its default scale (one that failed to load is
+        # refused by the API with the reason, which the page shows).
+        "adapters": [{"name": adapter.name, "scale": adapter.scale} for adapter in settings.loras],
     }
 
 

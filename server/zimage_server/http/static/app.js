@@ -33,6 +33,9 @@ async function loadConfig() {
   $("steps").max = config.max_steps;
   $("n").max = config.max_n;
   $("key-row").hidden = !config.auth;
+  for (const adapter of config.adapters) $("adapter").add(new Option(adapter.name, adapter.name));
+  $("adapter-row").hidden = config.adapters.length === 0;
+  showScale();
   $("api-key").value = localStorage.getItem(KEY) || "";
 }
 
@@ -45,6 +48,15 @@ async function pollHealth() {
   } catch {
     $("health").textContent = "unreachable";
   }
+}
+
+function showScale() {
+  $("adapter-scale-value").textContent = Number($("adapter-scale").value).toFixed(2);
+}
+
+function adapterDefault(name) {
+  const adapter = config.adapters.find((a) => a.name === name);
+  return adapter ? adapter.scale : 1;
 }
 
 function chosenSize() {
@@ -129,7 +141,8 @@ function renderHistory() {
     img.src = entry.thumb; // a data: URL made here
     img.alt = "";
     const text = document.createElement("span");
-    text.textContent = `${entry.prompt} · ${entry.size} · ${entry.steps} steps · seed ${entry.seed}`;
+    const adapter = entry.lora ? ` · ${entry.lora[0].name} ${entry.lora[0].scale}` : "";
+    text.textContent = `${entry.prompt} · ${entry.size} · ${entry.steps} steps · seed ${entry.seed}${adapter}`;
     item.append(img, text);
     item.title = "Use these settings again";
     item.addEventListener("click", () => restore(entry));
@@ -146,6 +159,11 @@ function restore(entry) {
   $("steps").value = entry.steps;
   $("seed").value = entry.seed;
   $("n").value = entry.n;
+  const adapter = entry.lora ? entry.lora[0] : null;
+  const offered = adapter && [...$("adapter").options].some((o) => o.value === adapter.name);
+  $("adapter").value = offered ? adapter.name : "";
+  if (offered) $("adapter-scale").value = adapter.scale;
+  showScale();
 }
 
 async function remember(entry, url) {
@@ -177,6 +195,7 @@ async function generate(event) {
     partial_images: Number($("partials").value),
     stream_progress: true,
   };
+  if ($("adapter").value) body.lora = [{ name: $("adapter").value, scale: Number($("adapter-scale").value) }];
   const button = $("generate");
   button.disabled = true;
   setStatus("sending…");
@@ -225,7 +244,7 @@ async function generate(event) {
         target.link.hidden = false;
         finished++;
         progress.value = finished / n;
-        if (finished === 1) remember({ prompt: body.prompt, size: body.size, steps: body.num_inference_steps, seed, n }, url);
+        if (finished === 1) remember({ prompt: body.prompt, size: body.size, steps: body.num_inference_steps, seed, n, lora: body.lora }, url);
       }
     }
     if (finished < n) throw new Error("the stream ended before every image came");
@@ -241,6 +260,11 @@ async function generate(event) {
 $("size").addEventListener("change", () => {
   $("custom-size").hidden = $("size").value !== "custom";
 });
+$("adapter").addEventListener("change", () => {
+  $("adapter-scale").value = adapterDefault($("adapter").value);
+  showScale();
+});
+$("adapter-scale").addEventListener("input", showScale);
 $("random-seed").addEventListener("click", () => {
   $("seed").value = randomSeed();
 });

@@ -4,5 +4,5 @@ image encoding (PNG, base64).
 
 May import: no other layer. Importing ``core.config`` (or parsing settings) does not import
 torch: the lists the settings are checked against live here
-(``choices``, ``sources``, ``keys``, ``vram_limit``), not in the layers that implement them.
+(``choices``, ``sources``, ``adapters``, ``keys``, ``vram_limit``), not in the layers that implement them.
 """

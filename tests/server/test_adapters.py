@@ -353,3 +353,12 @@ def test_adapters_come_from_the_environment_or_a_flag_as_json(
     flagged = load_settings(["--loras", json.dumps(loras), "--lora-max-per-request", "1"])
     assert [adapter.name for adapter in flagged.loras] == ["pixel"]
     assert flagged.lora_max_per_request == 1
+
+
+def test_the_published_schema_names_the_adapters_and_the_limits(lora_server: RunningServer) -> None:
+    schema = httpx.get(f"{lora_server.url}/openapi.json").json()["components"]["schemas"]
+    lora = schema["ImageGenerationRequest"]["properties"]["lora"]["anyOf"][0]
+    assert lora["maxItems"] == 2  # lora_max_per_request
+    assert lora["items"]["properties"]["name"]["enum"] == ["pixel", "ink", "corrupt"]
+    scale = lora["items"]["properties"]["scale"]["anyOf"][0]
+    assert (scale["minimum"], scale["maximum"]) == (-2.0, 2.0)

@@ -15,13 +15,18 @@ from schemathesis.generation.modes import GenerationMode
 from zimage_server.core.config import Settings
 
 from .conftest import RunningServer
+from .lora_files import make_adapter
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def contract_server(tiny_model_dir: Path) -> Iterator[RunningServer]:
-    # Small limits, so that every image a drawn request may ask for is quick to make.
+def contract_server(
+    tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[RunningServer]:
+    # Small limits, so that every image a drawn request may ask for is quick to make; one
+    # LoRA adapter, so that requests are drawn with it and without.
+    adapter = make_adapter(tiny_model_dir, tmp_path_factory.mktemp("adapter"), rank=2)
     server = RunningServer(
         Settings(
             _env_file=None,
@@ -35,6 +40,7 @@ def contract_server(tiny_model_dir: Path) -> Iterator[RunningServer]:
             max_steps=2,
             default_steps=1,
             max_queue=256,
+            loras=[{"name": "pixel", "source": str(adapter)}],
         )
     )
     server.start()

@@ -13,6 +13,7 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
+from zimage_server.core.adapters import MAX_SCALE, MIN_SCALE
 from zimage_server.core.config import SIZE_MULTIPLE, Settings
 from zimage_server.http.protocol import VISIBLE, ErrorResponse
 
@@ -59,6 +60,27 @@ def _publish_limits(properties: dict[str, Any], settings: Settings, max_n: int) 
     steps = {"type": "integer", "minimum": 1, "maximum": settings.max_steps}
     properties["num_inference_steps"] = _nullable({**steps, "description": "Denoising steps"})
     properties["response_format"] = _nullable({"type": "string", "enum": ["b64_json"]})
+    # The adapters this server was started with, and how many a request may combine (a name
+    # given twice, or ranks past the ceiling, are still refused with a 400 that says so).
+    names = [adapter.name for adapter in settings.loras]
+    choice: dict[str, Any] = {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["name"],
+        "properties": {
+            "name": {"type": "string", "enum": names} if names else {"type": "string"},
+            "scale": _nullable({"type": "number", "minimum": MIN_SCALE, "maximum": MAX_SCALE}),
+        },
+    }
+    most = min(settings.lora_max_per_request, len(names))
+    properties["lora"] = _nullable(
+        {
+            "type": "array",
+            "items": choice,
+            "maxItems": most,
+            "description": properties["lora"].get("description", ""),
+        }
+    )
     for name, values in (("background", ["auto", "opaque"]), ("moderation", ["low"])):
         description = properties[name].get("description", "")
         properties[name] = _nullable({"type": "string", "enum": values, "description": description})

@@ -199,6 +199,23 @@ INVALID: list[tuple[str, dict[str, Any], str]] = [
     ),
     ("tiny-warmup", {"runtime": {"warmupSizes": ["16x16"]}}, "spec.runtime.warmupSizes[0]"),
     (
+        "lora-bad-source",
+        {"loras": [{"name": "pixel", "source": "s3://bucket/pixel.safetensors"}]},
+        "must be hf://OWNER/NAME[/FILE][@REVISION], pvc://CLAIM/PATH or file:///PATH",
+    ),
+    (
+        "lora-twice",
+        {"loras": [{"name": "pixel", "source": "hf://a/b"}, {"name": "pixel", "source": "hf://a/c"}]},
+        'spec.loras[1]: Duplicate value: {"name":"pixel"}',
+    ),
+    (
+        "lora-scale",
+        {"loras": [{"name": "pixel", "source": "hf://a/b", "scale": 3}]},
+        "spec.loras[0].scale: Invalid value: 3: spec.loras[0].scale in body should be less than or equal to 2",
+    ),
+    ("lora-model-name", {"loras": [{"name": "z-image-turbo", "source": "hf://a/b"}]}, "the model's own name"),
+    ("lora-dotdot", {"loras": [{"name": "a", "source": "pvc://c/x/../y"}]}, "must not contain '..'"),
+    (
         "odd-warmup",
         {"runtime": {"warmupSizes": ["1000x1000"]}},
         "each side a multiple of 16 from 256 to 2048",

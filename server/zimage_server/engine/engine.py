@@ -25,7 +25,7 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from PIL import Image
 
@@ -34,11 +34,44 @@ from zimage_server.core.config import Settings
 from zimage_server.core.errors import APIError, draining_error
 from zimage_server.core.metrics import Metrics
 from zimage_server.engine.cost_model import CostModel
-from zimage_server.pipeline.runner import BatchResult, BatchSpec, PipelineRunner, prompt_tokens
+from zimage_server.pipeline.runner import (
+    BatchResult,
+    BatchSpec,
+    EditBatch,
+    PipelineRunner,
+    denoising_steps,
+    prompt_tokens,
+)
 
 logger = logging.getLogger(__name__)
 
-BatchKey = tuple[int, int, int, Selection]  # width, height, steps, LoRA adapters
+
+class BatchKey(NamedTuple):
+    """What the jobs of one batch share."""
+
+    width: int
+    height: int
+    steps: int
+    adapters: Selection  # LoRA adapters and their scales
+    edit: tuple[str, float] | None  # an edit's kind and strength; None: text to image
+
+    @property
+    def work_steps(self) -> int:
+        """The denoising steps the batch runs (an edit runs the last ``strength`` of them)."""
+        return self.steps if self.edit is None else denoising_steps(self.steps, self.edit[1])
+
+
+@dataclass(frozen=True)
+class EditInput:
+    """An edit request's start: the image at the request's size, and to inpaint its mask
+    (mode L, 255 where the image is repainted)."""
+
+    kind: str
+    strength: float
+    image: Image.Image
+    mask: Image.Image | None = None
+
+
 # The longest wait for a fuller batch after a batch, as a share of that batch's run time: what
 # a batch that does not fill loses at most.
 LINGER_SHARE = 0.05
@@ -65,6 +98,8 @@ class Job:
     events: asyncio.Queue[tuple[Any, ...]] | None = None
     # LoRA adapters and their scales, by name: only jobs with the same ones share a batch.
     adapters: Selection = ()
+    # An edit's image (and mask): batched only with edits of the same kind and strength.
+    edit: EditInput | None = None
 
     def __post_init__(self) -> None:
         # Mark a failure as seen even when no handler is left to read it (its client went, or
@@ -73,7 +108,8 @@ class Job:
 
     @property
     def key(self) -> BatchKey:
-        return (self.width, self.height, self.steps, self.adapters)
+        edit = None if self.edit is None else (self.edit.kind, self.edit.strength)
+        return BatchKey(self.width, self.height, self.steps, self.adapters, edit)
 
     @property
     def remaining(self) -> int:
@@ -229,7 +265,9 @@ class Engine:
     def pending_gpu_seconds(self) -> float:
         """Expected GPU time of everything queued or running on every worker, priced from
         measured batches."""
-        queued = sum(self.cost.cost(job.width, job.height, job.steps, job.remaining) for job in self._jobs)
+        queued = sum(
+            self.cost.cost(job.width, job.height, job.key.work_steps, job.remaining) for job in self._jobs
+        )
         return queued + sum(worker.cost for worker in self.workers if worker.jobs)
 
     def retry_after(self) -> int:
@@ -310,20 +348,12 @@ class Engine:
             return
         jobs = list(dict.fromkeys(job for job, _ in batch))
         worker.jobs = len(jobs)
-        worker.cost = self.cost.cost(key[0], key[1], key[2], len(batch))
+        worker.cost = self.cost.cost(key.width, key.height, key.work_steps, len(batch))
         worker.since = time.monotonic()
         self.metrics.in_flight.set(self.in_flight)
         self.metrics.worker_busy.labels(worker.label).set(1)
         self._update_gauges()
-        spec = BatchSpec(
-            prompts=[job.prompt for job, _ in batch],
-            seeds=[job.seeds[i] for job, i in batch],
-            width=key[0],
-            height=key[1],
-            steps=key[2],
-            partials=[job.partial_images for job, _ in batch],
-            adapters=key[3],
-        )
+        spec = _spec(key, batch)
         try:
             result = await self._generate(worker, spec, batch)
         except Exception as exc:
@@ -350,8 +380,8 @@ class Engine:
     def _finish(
         self, worker: Worker, result: BatchResult, batch: list[tuple[Job, int]], key: BatchKey
     ) -> None:
-        self._record(worker, result, len(batch), key[3])
-        self.cost.observe(key[0], key[1], key[2], len(batch), result.seconds)
+        self._record(worker, result, len(batch), key.adapters)
+        self.cost.observe(key.width, key.height, key.work_steps, len(batch), result.seconds)
         for (job, index), image in zip(batch, result.images, strict=True):
             self._deliver(job, index, image)
 
@@ -359,16 +389,7 @@ class Engine:
         """Run ``part`` (images of ``job`` from a failed batch) as a batch of its own."""
         if job.cancelled or job.future.done():
             return
-        width, height, steps, adapters = key
-        spec = BatchSpec(
-            [job.prompt] * len(part),
-            [job.seeds[i] for _, i in part],
-            width,
-            height,
-            steps,
-            [job.partial_images] * len(part),
-            adapters,
-        )
+        spec = _spec(key, part)
         try:
             result = await self._generate(worker, spec, part)
         except Exception as exc:
@@ -446,6 +467,29 @@ class Engine:
     def _update_gauges(self) -> None:
         self.metrics.queue_depth.set(self.waiting)
         self.metrics.queue_images.set(self.queued_images)
+
+
+def _spec(key: BatchKey, batch: list[tuple[Job, int]]) -> BatchSpec:
+    """The pipeline's batch for ``batch``'s images (all of one ``key``)."""
+    edit = None
+    if key.edit is not None:
+        inputs = [job.edit for job, _ in batch if job.edit is not None]
+        edit = EditBatch(
+            key.edit[0],
+            key.edit[1],
+            [one.image for one in inputs],
+            [one.mask for one in inputs if one.mask is not None],
+        )
+    return BatchSpec(
+        prompts=[job.prompt for job, _ in batch],
+        seeds=[job.seeds[i] for job, i in batch],
+        width=key.width,
+        height=key.height,
+        steps=key.steps,
+        partials=[job.partial_images for job, _ in batch],
+        adapters=key.adapters,
+        edit=edit,
+    )
 
 
 class _BatchObserver:

@@ -67,8 +67,10 @@ class PartialDecoder:
         items = [item for item, steps in enumerate(self.plan) if step in steps]
         if not items:
             return
+        # An edit's schedule starts part way (its begin index): step counts from there.
         sigmas = self.pipe.scheduler.sigmas
-        sigma, sigma_next = float(sigmas[step]), float(sigmas[step + 1])
+        start = getattr(self.pipe.scheduler, "begin_index", None) or 0
+        sigma, sigma_next = float(sigmas[start + step]), float(sigmas[start + step + 1])
         for item in items:
             started = time.perf_counter()
             estimate = clean_estimate(previous[item : item + 1], latents[item : item + 1], sigma, sigma_next)

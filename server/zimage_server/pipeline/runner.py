@@ -92,6 +92,27 @@ def _visible(count: int) -> str:
     return f"{count} {'is' if count == 1 else 'are'} visible"
 
 
+EDIT_KINDS = ("img2img", "inpaint")
+
+
+def denoising_steps(steps: int, strength: float) -> int:
+    """The steps an edit at ``strength`` runs of ``steps``: the last ``strength`` of the
+    schedule, as diffusers' image-to-image and inpainting pipelines cut it."""
+    start = int(max(steps - min(steps * strength, steps), 0))
+    return steps - start
+
+
+@dataclass(frozen=True)
+class EditBatch:
+    """What an edit batch starts from: per item its image (at the batch's size) and, to
+    inpaint, its mask (mode L, 255 where the image is repainted)."""
+
+    kind: str  # one of EDIT_KINDS
+    strength: float
+    images: Sequence[Image.Image]
+    masks: Sequence[Image.Image] = ()
+
+
 @dataclass(frozen=True)
 class BatchSpec:
     """One forward batch: images that share size and step count."""
@@ -105,6 +126,12 @@ class BatchSpec:
     partials: Sequence[int] = ()
     # The LoRA adapters of the whole batch, with their scales (none: the base model).
     adapters: Selection = ()
+    # An edit batch's images (and masks); none: text to image.
+    edit: EditBatch | None = None
+
+    @property
+    def denoising_steps(self) -> int:
+        return self.steps if self.edit is None else denoising_steps(self.steps, self.edit.strength)
 
 
 @dataclass(frozen=True)
@@ -121,6 +148,8 @@ class PipelineRunner:
         self.device = device if device is not None else pick_device(settings.device)
         self.dtype = pick_dtype(settings.dtype, self.device)
         self.pipe: Any = None
+        # Image-to-image and inpainting, built on the loaded pipeline's modules (no copy).
+        self.edit_pipes: dict[str, Any] = {}
         self.admission_tokenizer: Any = None
         self.model_path: Path | None = None
         self.compile = settings.compile if settings.compile is not None else self.device.type == "cuda"
@@ -223,6 +252,7 @@ class PipelineRunner:
         # the event loop get their own copy, the GPU worker keeps the pipeline's.
         self.admission_tokenizer = copy.deepcopy(pipe.tokenizer)
         self.pipe = pipe
+        self.edit_pipes = edit_pipelines(pipe)
 
     def resolve_model(self) -> Path:
         """The model's local directory, downloading it first where the source is the Hub."""
@@ -338,12 +368,21 @@ class PipelineRunner:
         if self.pipe is None:
             raise RuntimeError("the pipeline is not loaded")
         timer = _StepTimer(self.device)
+        pipe = self.pipe if spec.edit is None else self.edit_pipes[spec.edit.kind]
         if observer is not None:
-            timer.observe(observer, partials.PartialDecoder(self.pipe, spec.partials, spec.steps, observer))
+            decoder = partials.PartialDecoder(pipe, spec.partials, spec.denoising_steps, observer)
+            timer.observe(observer, decoder)
         started = time.perf_counter()
         output = self.run_pipe(spec, timer, "pt")
+        images = partials.to_pil(output.images)
+        if spec.edit is not None and spec.edit.kind == "inpaint":
+            # The unmasked pixels are the input's own: the VAE's round trip would blur them.
+            images = [
+                Image.composite(image, original.convert("RGB"), mask)
+                for image, original, mask in zip(images, spec.edit.images, spec.edit.masks, strict=True)
+            ]
         return BatchResult(
-            images=partials.to_pil(output.images),
+            images=images,
             step_seconds=timer.durations(),
             seconds=time.perf_counter() - started,
         )
@@ -353,7 +392,14 @@ class PipelineRunner:
         any device and in any batch), the prompts' window, no guidance, the batch's adapters."""
         self.adapters.activate(spec.adapters)
         generators = [torch.Generator("cpu").manual_seed(seed) for seed in spec.seeds]
-        return self.pipe(
+        pipe, edit = self.pipe, {}
+        if spec.edit is not None:
+            pipe = self.edit_pipes[spec.edit.kind]
+            edit = {"image": list(spec.edit.images), "strength": spec.edit.strength}
+            if spec.edit.kind == "inpaint":
+                edit["mask_image"] = list(spec.edit.masks)
+        return pipe(
+            **edit,
             prompt=list(spec.prompts),
             height=spec.height,
             width=spec.width,
@@ -364,6 +410,20 @@ class PipelineRunner:
             callback_on_step_end=callback,
             output_type=output_type,
         )
+
+
+def edit_pipelines(pipe: Any) -> dict[str, Any]:
+    """Image-to-image and inpainting pipelines over ``pipe``'s own modules: the same weights,
+    compiled blocks and CUDA graphs, nothing loaded twice."""
+    from diffusers import ZImageImg2ImgPipeline, ZImageInpaintPipeline
+
+    pipes = {
+        "img2img": ZImageImg2ImgPipeline(**pipe.components),
+        "inpaint": ZImageInpaintPipeline(**pipe.components),
+    }
+    for edit in pipes.values():
+        edit.set_progress_bar_config(disable=True)
+    return pipes
 
 
 def prompt_tokens(tokenizer: Any, prompts: Sequence[str]) -> list[int]:

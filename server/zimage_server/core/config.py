@@ -221,6 +221,26 @@ class Settings(BaseSettings):
     max_queue: int = Field(32, ge=1, description="Requests allowed to wait; more get 429")
     request_timeout_s: float = Field(120.0, gt=0, description="Seconds from arrival to answer; then 504")
 
+    max_edit_body_bytes: int = Field(
+        25 * 1024 * 1024,
+        ge=1024,
+        description="Largest body of POST /v1/images/edits (the image, its mask and the fields); a larger "
+        "one gets 413 before it is read",
+    )
+    max_upload_pixels: int = Field(
+        4096 * 4096,
+        ge=64 * 64,
+        description="Most pixels an uploaded image or mask may have, checked from its header before it "
+        "is decoded (a small file can hold a huge image)",
+    )
+    edit_strength: float = Field(
+        0.6,
+        gt=0,
+        le=1,
+        description="How much of an edit's image is redrawn when a request names no strength (image to "
+        "image; inpainting redraws the masked area whole, 1.0); it runs that share of the steps",
+    )
+
     min_size: int = Field(256, ge=SIZE_MULTIPLE, description="Smallest width or height in pixels")
     max_size: int = Field(2048, ge=SIZE_MULTIPLE, description="Largest width or height in pixels")
     default_size: str = "1024x1024"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
@@ -12,6 +13,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from zimage_server.core.errors import bad_request
 from zimage_server.core.state import ServerState
 from zimage_server.health import health
+from zimage_server.http import edits
 from zimage_server.http.openapi import IMAGE_ERRORS, PROBE_RESPONSES, errors
 from zimage_server.http.protocol import (
     MEDIA_TYPES,
@@ -38,6 +40,28 @@ async def create_images(body: ImageGenerationRequest, request: Request) -> Respo
     """Generate images; the OpenAI Images API shape, with ``seed`` and ``num_inference_steps``."""
     service = _service(request)
     params = service.params(body)
+    if params.stream:
+        stream = ImageStream(service, service.admit(params), params)
+        headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        return StreamingResponse(stream.events(), media_type="text/event-stream", headers=headers)
+    images = await service.generate(params, request)
+    return sliced_response(await service.encode_response(images, params), "application/json")
+
+
+@router.post(
+    "/v1/images/edits",
+    response_model=ImageGenerationResponse,
+    tags=["images"],
+    responses=IMAGE_ERRORS,
+    openapi_extra=edits.form_schema(),
+)
+async def edit_images(request: Request) -> Response:
+    """Edit an image: image to image, or inpainting where a mask says; OpenAI's images edit API
+    (multipart), with ``seed``, ``strength`` and ``num_inference_steps``."""
+    service = _service(request)
+    req, edit = await edits.edit_request(request, service.settings)
+    params = service.params(req)
+    params = replace(params, edit=edits.start_images(edit, params.width, params.height))
     if params.stream:
         stream = ImageStream(service, service.admit(params), params)
         headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}

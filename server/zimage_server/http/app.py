@@ -117,7 +117,10 @@ def create_app(settings: Settings, memory_source: MemorySource | None = None) ->
     install_error_handlers(app)
     # The last added runs first: metrics see every answer, keys are checked before the body.
     app.add_middleware(
-        RequestLimitMiddleware, max_bytes=settings.max_body_bytes, max_head_bytes=MAX_HEAD_BYTES
+        RequestLimitMiddleware,
+        max_bytes=settings.max_body_bytes,
+        max_head_bytes=MAX_HEAD_BYTES,
+        route_max_bytes={"/v1/images/edits": settings.max_edit_body_bytes},
     )
     if settings.authenticated:
         app.add_middleware(ApiKeyMiddleware, ring=key_ring(settings))

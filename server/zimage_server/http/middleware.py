@@ -63,10 +63,13 @@ class RequestLimitMiddleware:
     ``Content-Length`` is over the limit for a text/plain 413, a keyless request's 401 included.
     """
 
-    def __init__(self, app: ASGIApp, max_bytes: int, max_head_bytes: int) -> None:
+    def __init__(
+        self, app: ASGIApp, max_bytes: int, max_head_bytes: int, route_max_bytes: dict[str, int] | None = None
+    ) -> None:
         self.app = app
         self.max_bytes = max_bytes
         self.max_head_bytes = max_head_bytes
+        self.route_max_bytes = route_max_bytes or {}  # path -> its own body limit (uploads)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -80,10 +83,11 @@ class RequestLimitMiddleware:
             message = f"the request line and headers are over {limit} KiB; send smaller headers"
             await _refuse(send, 431, message, "request_header_too_large")
             return
+        limit = self.route_max_bytes.get(scope.get("path", ""), self.max_bytes)
         for name, value in headers:
-            if name.lower() == b"content-length" and value.isdigit() and int(value) > self.max_bytes:
+            if name.lower() == b"content-length" and value.isdigit() and int(value) > limit:
                 message = (
-                    f"the request body ({int(value)} bytes) is over the limit of {self.max_bytes} bytes; "
+                    f"the request body ({int(value)} bytes) is over the limit of {limit} bytes; "
                     "send a smaller one"
                 )
                 await _refuse(send, 413, message, "request_too_large")
@@ -95,8 +99,8 @@ class RequestLimitMiddleware:
             message = await receive()
             if message["type"] == "http.request":
                 size += len(message.get("body", b""))
-                if size > self.max_bytes:
-                    raise BodyTooLargeError(self.max_bytes)
+                if size > limit:
+                    raise BodyTooLargeError(limit)
             return message
 
         await self.app(scope, counted, send)

@@ -97,6 +97,8 @@ SSE_EVENT: dict[str, Any] = {
             "enum": [
                 "image_generation.partial_image",
                 "image_generation.completed",
+                "image_edit.partial_image",
+                "image_edit.completed",
                 "zimage.queue",
                 "zimage.progress",
                 "error",

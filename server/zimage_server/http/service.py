@@ -20,7 +20,7 @@ from zimage_server.core.encoding import encode_image
 from zimage_server.core.errors import APIError, bad_request, draining_error
 from zimage_server.core.metrics import Metrics
 from zimage_server.core.state import Phase, ServerState
-from zimage_server.engine.engine import Engine, Job
+from zimage_server.engine.engine import EditInput, Engine, Job
 from zimage_server.http.protocol import RANDOM_SEED_LIMIT, ImageGenerationRequest, OutputFormat
 
 
@@ -37,6 +37,7 @@ class GenerationParams:
     partial_images: int = 0
     progress: bool = False
     adapters: Selection = ()
+    edit: EditInput | None = None  # POST /v1/images/edits: what the images start from
 
     @property
     def size(self) -> str:
@@ -239,6 +240,7 @@ class ImageService:
             partial_images=params.partial_images if params.stream else 0,
             events=asyncio.Queue() if params.stream else None,
             adapters=params.adapters,
+            edit=params.edit,
         )
         self.engine.submit(job)
         for name, _ in params.adapters:

@@ -1,7 +1,8 @@
 """``stream: true``: the OpenAI Images API's server-sent events for one request.
 
 Each image sends its partial images (``image_generation.partial_image``, ``partial_image_index``
-0 up) and then ``image_generation.completed``, as the official clients read them; with ``n`` > 1
+0 up) and then ``image_generation.completed`` (``image_edit.*`` for an edit), as the official
+clients read them; with ``n`` > 1
 each event also names its image (``image_index``, an extension). An error after the stream has
 started is a last event ``{"error": {...}}``, which the official clients raise. With
 ``stream_progress`` the stream also carries ``zimage.queue`` (place in the queue) and
@@ -65,6 +66,8 @@ class ImageStream:
         self.service = service
         self.job = job
         self.params = params
+        # The OpenAI API's event names: image_generation.* for generations, image_edit.* for edits.
+        self.event_prefix = "image_generation" if params.edit is None else "image_edit"
         self.created = int(time.time())
         self.common = {
             "created_at": self.created,
@@ -133,11 +136,11 @@ class ImageStream:
                         continue
                     sent.add((index, partial_index))
                     fields = {"partial_image_index": partial_index, "image_index": index}
-                    yield await self._image_event("image_generation.partial_image", image, fields)
+                    yield await self._image_event(f"{self.event_prefix}.partial_image", image, fields)
                 elif kind == "image":
                     _, index, image = event
                     fields = {"image_index": index, "seed": params.seeds[index], "usage": self.usage}
-                    yield await self._image_event("image_generation.completed", image, fields)
+                    yield await self._image_event(f"{self.event_prefix}.completed", image, fields)
                     completed += 1
                 last_sent = time.monotonic()
         finally:

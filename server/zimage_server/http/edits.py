@@ -26,7 +26,6 @@ from zimage_server.core.config import SIZE_MULTIPLE, Settings
 from zimage_server.core.errors import APIError, bad_request
 from zimage_server.engine.engine import EditInput
 from zimage_server.http.protocol import ImageGenerationRequest
-from zimage_server.pipeline.runner import denoising_steps
 
 IMAGE_FIELDS = ("image", "image[]")  # the openai client sends a list of images as image[]
 MASK_FIELD = "mask"
@@ -53,7 +52,6 @@ class EditForm(BaseModel):
     seed: int | None = None
     num_inference_steps: int | None = None
     strength: float | None = None
-    lora: str | None = None  # a JSON list, as in a generation's body
     quality: str | None = None
     background: str | None = None
     moderation: str | None = None
@@ -126,14 +124,7 @@ def request_from(fields: dict[str, str]) -> tuple[ImageGenerationRequest, float 
         form = EditForm.model_validate(fields)
     except ValidationError as exc:
         raise _invalid(exc) from None
-    values = form.model_dump(exclude_none=True, exclude={"strength", "lora", "input_fidelity"})
-    if form.lora is not None:
-        try:
-            values["lora"] = json.loads(form.lora)
-        except ValueError:
-            raise bad_request(
-                'lora must be a JSON list, as in [{"name": "pixel-art", "scale": 0.8}]', param="lora"
-            ) from None
+    values = form.model_dump(exclude_none=True, exclude={"strength", "input_fidelity"})
     try:
         return ImageGenerationRequest.model_validate(values), form.strength
     except ValidationError as exc:
@@ -245,12 +236,6 @@ async def edit_request(request: Request, settings: Settings) -> tuple[ImageGener
         strength = INPAINT_STRENGTH if mask is not None else settings.edit_strength
     if not 0 < strength <= 1:
         raise bad_request(f"'strength' must be above 0 and at most 1, got {strength:g}", param="strength")
-    steps = req.num_inference_steps or settings.default_steps
-    if 1 <= steps <= settings.max_steps and denoising_steps(steps, strength) < 1:
-        raise bad_request(
-            f"strength {strength:g} of {steps} steps runs no step; raise strength or num_inference_steps",
-            param="strength",
-        )
     return req, EditInput(kind, strength, image, mask)
 
 
@@ -266,31 +251,71 @@ def start_images(edit: EditInput, width: int, height: int) -> EditInput:
 
 
 def form_schema() -> dict[str, Any]:
-    """The route's body in the published document: the multipart form, its files binary."""
-    properties: dict[str, Any] = {
-        "image": {
-            "type": "string",
-            "format": "binary",
-            "description": "The image to edit (PNG, JPEG or WebP)",
-        },
-        "mask": {
-            "type": "string",
-            "format": "binary",
-            "description": "Where to repaint: transparent (alpha 0), or white in a mask without alpha; "
-            "the image's size",
-        },
-        "prompt": {"type": "string", "minLength": 1},
-        "strength": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
-    }
-    for name in EditForm.model_fields:
-        properties.setdefault(name, {"type": "string"})
+    """The route's body in the published document: the multipart form, its files binary (the
+    text fields' schemas are the generation's, written in with the server's limits by
+    ``openapi.openapi_document``)."""
     return {
         "requestBody": {
             "required": True,
             "content": {
                 "multipart/form-data": {
-                    "schema": {"type": "object", "required": ["image", "prompt"], "properties": properties}
+                    "schema": {
+                        "type": "object",
+                        "required": ["image", "prompt"],
+                        "properties": {},
+                        "additionalProperties": False,
+                    },
+                    "encoding": {
+                        "image": {"contentType": "image/png, image/jpeg, image/webp"},
+                        "mask": {"contentType": "image/png"},
+                    },
                 }
             },
         }
     }
+
+
+def publish_form(form: dict[str, Any], generation: dict[str, Any]) -> None:
+    """The edit form's fields in ``form`` (its schema): the generation's own (``generation``,
+    with the server's limits; LoRA adapters are for generations only), the two files and
+    ``strength``."""
+    properties = {
+        name: _present(schema)
+        for name, schema in generation["properties"].items()
+        if name in EditForm.model_fields
+    }
+    properties["image"] = {
+        "type": "string",
+        "format": "binary",
+        "description": "The image to edit: PNG, JPEG or WebP, at most max_upload_pixels pixels",
+    }
+    properties["mask"] = {
+        "type": "string",
+        "format": "binary",
+        "description": "Where to repaint: transparent (alpha 0), or white in a mask without alpha; the "
+        "image's size. Without a mask the whole image is redrawn at 'strength'",
+    }
+    properties["strength"] = {
+        "type": "number",
+        "exclusiveMinimum": 0,
+        "maximum": 1,
+        "description": "How much of the image is redrawn: the share of the steps that run (default "
+        "edit_strength, 0.6; 1.0 with a mask)",
+    }
+    form["properties"] = properties
+    if "allOf" in generation:  # partial_images and stream_progress only with stream
+        form["allOf"] = json.loads(
+            json.dumps(generation["allOf"]).replace('"const": true', '"const": "true"')
+        )
+
+
+def _present(schema: dict[str, Any]) -> dict[str, Any]:
+    """A JSON field's schema for a form field, which is there or not but never null, and whose
+    true and false are the words."""
+    choices = [choice for choice in schema.get("anyOf", []) if choice.get("type") != "null"]
+    if len(choices) == 1:
+        rest = {key: value for key, value in schema.items() if key != "anyOf"}
+        schema = {**choices[0], **rest}
+    if schema.get("type") == "boolean":
+        schema = {**schema, "type": "string", "enum": ["true", "false"]}
+    return schema

@@ -15,6 +15,7 @@ from fastapi.openapi.utils import get_openapi
 
 from zimage_server.core.adapters import MAX_SCALE, MIN_SCALE
 from zimage_server.core.config import SIZE_MULTIPLE, Settings
+from zimage_server.http.edits import publish_form
 from zimage_server.http.protocol import VISIBLE, ErrorResponse
 
 
@@ -142,7 +143,10 @@ def openapi_document(app: FastAPI) -> dict[str, Any]:
         for name, most in (("ImageGenerationRequest", app.state.settings.max_n), ("SingleImageRequest", 1)):
             _publish_limits(schemas[name]["properties"], app.state.settings, most)
         _publish_streaming(schemas)
-        generations = document["paths"]["/v1/images/generations"]["post"]["responses"]["200"]
-        generations["content"]["text/event-stream"] = {"schema": SSE_EVENT}
+        edit = document["paths"]["/v1/images/edits"]["post"]["requestBody"]["content"]["multipart/form-data"]
+        publish_form(edit["schema"], schemas["ImageGenerationRequest"])
+        for path in ("/v1/images/generations", "/v1/images/edits"):
+            answer = document["paths"][path]["post"]["responses"]["200"]
+            answer["content"]["text/event-stream"] = {"schema": SSE_EVENT}
         app.openapi_schema = document
     return app.openapi_schema

@@ -163,13 +163,19 @@ def decode_image(data: bytes, param: str, max_pixels: int) -> Image.Image:
             if width * height > max_pixels:
                 raise bad_request(
                     f"'{param}' is {width}x{height} ({width * height} pixels); the limit is {max_pixels} "
-                    "(max_upload_pixels): send a smaller image",
+                    "pixels (max_upload_pixels): send a smaller image",
                     param=param,
                 )
             image.load()
     except APIError:
         raise
-    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning):
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        message = (
+            f"'{param}' has more pixels than Pillow will open; the limit is {max_pixels} pixels "
+            "(max_upload_pixels): send a smaller image"
+        )
+        raise bad_request(message, param=param) from None
+    except UnidentifiedImageError:
         raise bad_request(
             f"'{param}' is not an image this server reads; send PNG, JPEG or WebP", param=param
         ) from None

@@ -257,3 +257,50 @@ def test_the_adapter_picker_sends_the_adapter_and_its_scale(
 def test_without_adapters_the_picker_is_hidden(browser: Any, server: RunningServer) -> None:
     view = Page(browser, server)
     assert not view.page.is_visible("#adapter-row")
+
+
+def test_the_edit_mode_sends_the_image_and_the_painted_mask(
+    browser: Any, server: RunningServer, tmp_path: Path
+) -> None:
+    import numpy as np
+
+    source = Image.fromarray(np.random.default_rng(1).integers(0, 256, (256, 256, 3), dtype=np.uint8), "RGB")
+    path = tmp_path / "in.png"
+    source.save(path)
+    view = Page(browser, server)
+    page = view.page
+    page.select_option("#mode", "edit")
+    assert page.is_visible("#edit-row")
+    assert page.input_value("#size") == "auto"
+    page.set_input_files("#edit-image", str(path))
+    page.wait_for_selector("#edit-canvas", state="visible")
+    # Paint a stroke across the middle of the picture.
+    box = page.locator("#edit-canvas").bounding_box()
+    assert box is not None
+    page.mouse.move(box["x"] + box["width"] * 0.4, box["y"] + box["height"] * 0.5)
+    page.mouse.down()
+    page.mouse.move(box["x"] + box["width"] * 0.6, box["y"] + box["height"] * 0.5, steps=8)
+    page.mouse.up()
+    page.fill("#prompt", "a red boat")
+    page.fill("#steps", "4")
+    page.fill("#seed", "3")
+    page.select_option("#partials", "1")
+    page.click("#generate")
+    link = page.locator("figure a")
+    link.wait_for(state="visible", timeout=120_000)
+    assert page.text_content("#status") == "done"
+    with page.expect_download() as download:
+        link.click()
+    saved = tmp_path / "out.png"
+    download.value.save_as(saved)
+    edited = np.asarray(Image.open(saved).convert("RGB"), dtype=np.int16)
+    original = np.asarray(source, dtype=np.int16)
+    changed = np.abs(edited - original).max(axis=2) > 1
+    assert edited.shape == original.shape, "the image's own size"
+    # Inpainted: the stroke's band changed, the corners (never painted) did not.
+    assert changed[118:138, 110:146].mean() > 0.5
+    assert not changed[:40, :40].any()
+    assert not changed[-40:, -40:].any()
+    assert page.evaluate("window.imageChanges") == 2  # the preview, then the image
+    assert view.errors == []
+    assert view.hosts() == {"127.0.0.1"}

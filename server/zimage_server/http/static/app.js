@@ -181,6 +181,96 @@ async function remember(entry, url) {
   renderHistory();
 }
 
+// Edit mode: the image to edit, shown on a canvas, and the mask painted over it (kept on a
+// canvas of the image's size: opaque, transparent where painted, as OpenAI's masks are).
+const edit = { file: null, image: null, mask: null, painted: false };
+
+function showStrength() {
+  $("strength-value").textContent = Number($("strength").value).toFixed(2);
+}
+
+function drawEdit() {
+  const canvas = $("edit-canvas");
+  const context = canvas.getContext("2d");
+  context.drawImage(edit.image, 0, 0);
+  if (!edit.painted) return;
+  // The painted area in red over the image.
+  const overlay = document.createElement("canvas");
+  overlay.width = canvas.width;
+  overlay.height = canvas.height;
+  const o = overlay.getContext("2d");
+  o.fillStyle = "rgba(220, 40, 40, 0.45)";
+  o.fillRect(0, 0, overlay.width, overlay.height);
+  o.globalCompositeOperation = "destination-out";
+  o.drawImage(edit.mask, 0, 0);
+  context.drawImage(overlay, 0, 0);
+}
+
+function clearMask() {
+  const context = edit.mask.getContext("2d");
+  context.globalCompositeOperation = "source-over";
+  context.fillStyle = "#000";
+  context.fillRect(0, 0, edit.mask.width, edit.mask.height);
+  edit.painted = false;
+  drawEdit();
+}
+
+async function chooseImage(file) {
+  if (!file) return;
+  const url = URL.createObjectURL(file);
+  const image = new Image();
+  image.src = url;
+  try {
+    await image.decode();
+  } catch {
+    setStatus("that file is not an image this page can show", true);
+    return;
+  }
+  edit.file = file;
+  edit.image = image;
+  const canvas = $("edit-canvas");
+  canvas.width = image.naturalWidth;
+  canvas.height = image.naturalHeight;
+  edit.mask = document.createElement("canvas");
+  edit.mask.width = canvas.width;
+  edit.mask.height = canvas.height;
+  canvas.hidden = false;
+  $("mask-tools").hidden = false;
+  clearMask();
+}
+
+function paint(event) {
+  if (!edit.image || !(event.buttons & 1)) return;
+  const canvas = $("edit-canvas");
+  const box = canvas.getBoundingClientRect();
+  const x = ((event.clientX - box.left) * canvas.width) / box.width;
+  const y = ((event.clientY - box.top) * canvas.height) / box.height;
+  const context = edit.mask.getContext("2d");
+  context.globalCompositeOperation = "destination-out";
+  context.beginPath();
+  context.arc(x, y, Math.max(canvas.width, canvas.height) / 24, 0, 2 * Math.PI);
+  context.fill();
+  edit.painted = true;
+  drawEdit();
+}
+
+function maskBlob() {
+  return new Promise((resolve) => edit.mask.toBlob(resolve, "image/png"));
+}
+
+// The edit's multipart form: the same fields as a generation, as text, and the files.
+async function editForm(body) {
+  const form = new FormData();
+  form.append("image", edit.file);
+  if (edit.painted) form.append("mask", await maskBlob(), "mask.png");
+  else if ($("mask-file").files[0]) form.append("mask", $("mask-file").files[0]);
+  for (const [name, value] of Object.entries(body)) {
+    if (name !== "lora") form.append(name, String(value));
+  }
+  form.append("strength", $("strength").value);
+  return form;
+}
+
 async function generate(event) {
   event.preventDefault();
   const n = Number($("n").value) || 1;
@@ -196,6 +286,11 @@ async function generate(event) {
     stream_progress: true,
   };
   if ($("adapter").value) body.lora = [{ name: $("adapter").value, scale: Number($("adapter-scale").value) }];
+  const editing = $("mode").value === "edit";
+  if (editing && !edit.file) {
+    setStatus("choose an image to edit first", true);
+    return;
+  }
   const button = $("generate");
   button.disabled = true;
   setStatus("sending…");
@@ -206,11 +301,18 @@ async function generate(event) {
   const results = $("results");
   let finished = 0;
   try {
-    const response = await fetch("v1/images/generations", {
-      method: "POST",
-      headers: headers(),
-      body: JSON.stringify(body),
-    });
+    let response;
+    if (editing) {
+      const auth = headers();
+      delete auth["Content-Type"]; // the browser writes the multipart boundary
+      response = await fetch("v1/images/edits", { method: "POST", headers: auth, body: await editForm(body) });
+    } else {
+      response = await fetch("v1/images/generations", {
+        method: "POST",
+        headers: headers(),
+        body: JSON.stringify(body),
+      });
+    }
     if (!response.ok) {
       let message = `HTTP ${response.status}`;
       try {
@@ -231,11 +333,11 @@ async function generate(event) {
       } else if (event === "zimage.progress") {
         progress.value = (data.images_done + data.step / data.steps) / n;
         setStatus(`step ${data.step} of ${data.steps}` + (n > 1 ? ` (${data.images_done} of ${n} images done)` : ""));
-      } else if (event === "image_generation.partial_image") {
+      } else if (event === "image_generation.partial_image" || event === "image_edit.partial_image") {
         const target = cards[data.image_index || 0];
         URL.revokeObjectURL(target.img.src);
         target.img.src = blobUrl(data.b64_json, data.output_format);
-      } else if (event === "image_generation.completed") {
+      } else if (event === "image_generation.completed" || event === "image_edit.completed") {
         const target = cards[data.image_index || 0];
         const url = blobUrl(data.b64_json, data.output_format);
         target.img.src = url;
@@ -260,6 +362,40 @@ async function generate(event) {
 $("size").addEventListener("change", () => {
   $("custom-size").hidden = $("size").value !== "custom";
 });
+$("mode").addEventListener("change", () => {
+  const editing = $("mode").value === "edit";
+  $("edit-row").hidden = !editing;
+  $("generate").textContent = editing ? "Edit" : "Generate";
+  // LoRA adapters are for generations.
+  $("adapter-row").hidden = editing || config.adapters.length === 0;
+  // An edit's size is the image's unless another is chosen.
+  const size = $("size");
+  const auto = [...size.options].find((o) => o.value === "auto");
+  if (editing && !auto) {
+    size.add(new Option("the image's", "auto"), 0);
+    size.value = "auto";
+  } else if (!editing && auto) {
+    auto.remove();
+    size.value = config.default_size;
+  }
+  $("custom-size").hidden = size.value !== "custom";
+});
+$("edit-image").addEventListener("change", () => chooseImage($("edit-image").files[0]));
+$("drop").addEventListener("dragover", (event) => {
+  event.preventDefault();
+  $("drop").classList.add("over");
+});
+$("drop").addEventListener("dragleave", () => $("drop").classList.remove("over"));
+$("drop").addEventListener("drop", (event) => {
+  event.preventDefault();
+  $("drop").classList.remove("over");
+  chooseImage(event.dataTransfer.files[0]);
+});
+$("edit-canvas").addEventListener("pointerdown", paint);
+$("edit-canvas").addEventListener("pointermove", paint);
+$("clear-mask").addEventListener("click", clearMask);
+$("strength").addEventListener("input", showStrength);
+showStrength();
 $("adapter").addEventListener("change", () => {
   $("adapter-scale").value = adapterDefault($("adapter").value);
   showScale();

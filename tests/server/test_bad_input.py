@@ -198,9 +198,9 @@ def test_bad_input_loses_nothing(server: RunningServer) -> None:
 
 
 def test_unknown_route_and_method_answer_in_the_error_shape(server: RunningServer) -> None:
-    missing = httpx.get(f"{server.url}/v1/images/edits")
+    missing = httpx.get(f"{server.url}/v1/images/variations")
     assert missing.status_code == 404
-    assert "no route GET /v1/images/edits" in missing.json()["error"]["message"]
+    assert "no route GET /v1/images/variations" in missing.json()["error"]["message"]
     wrong_method = httpx.get(f"{server.url}{GEN}")
     assert wrong_method.status_code == 405
     assert "not allowed" in wrong_method.json()["error"]["message"]

@@ -15,7 +15,7 @@ from openai import OpenAI
 from tests.cluster.local_cluster import LocalCluster
 from tests.cluster.pod_runner import LocalPodRunner
 
-from .test_operator_cluster import apply, wait_for, zis
+from .test_operator_cluster import apply, service_address, zis
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
@@ -42,20 +42,7 @@ def test_a_service_with_api_keys_refuses_keyless_clients(
     }
     apply(cluster, namespace, zis("keyed", **spec))
 
-    def serving() -> str | None:
-        # What the Service routes to (no kube-proxy here): its selector and target port, resolved
-        # as the kubelet's service links are.
-        links = pod_runner.service_links(namespace)
-        if "KEYED_SERVICE_HOST" not in links:
-            return None
-        host, port = links["KEYED_SERVICE_HOST"], links["KEYED_SERVICE_PORT"]
-        try:
-            ready = httpx.get(f"http://{host}:8001/healthz/ready", timeout=1)
-        except httpx.TransportError:
-            return None
-        return f"{host}:{port}" if ready.status_code == 200 else None
-
-    address = wait_for(serving, 120, "a ready server behind the Service")
+    address = service_address(pod_runner, namespace, "keyed", timeout=120)
     url = f"http://{address}/v1/images/generations"
     keyless = httpx.post(url, json=REQUEST, timeout=60)
     assert keyless.status_code == 401, keyless.text

@@ -25,7 +25,7 @@ from tests.server.lora_files import make_adapter
 from zimage_server.pipeline.tiny_model import ensure_tiny_model
 
 from .test_artifacts_cluster import _claim
-from .test_operator_cluster import apply, condition, get, wait_for, zis
+from .test_operator_cluster import apply, condition, get, service_address, wait_for, zis
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
@@ -65,18 +65,7 @@ def test_a_service_with_two_adapters_serves_each_and_reports_them(
         result = apply(cluster, namespace, zis("styled", **spec))
         assert result.returncode == 0, result.stderr
 
-        def serving() -> str | None:
-            links = pod_runner.service_links(namespace)
-            if "STYLED_SERVICE_HOST" not in links:
-                return None
-            host, port = links["STYLED_SERVICE_HOST"], links["STYLED_SERVICE_PORT"]
-            try:
-                ready = httpx.get(f"http://{host}:8001/healthz/ready", timeout=1)
-            except httpx.TransportError:
-                return None
-            return f"{host}:{port}" if ready.status_code == 200 else None
-
-        address = wait_for(serving, 180, "a ready server behind the Service")
+        address = service_address(pod_runner, namespace, "styled")
         openai = OpenAI(base_url=f"http://{address}/v1", api_key="unused", max_retries=0, timeout=120)
         models = {entry.id: entry for entry in openai.models.list()}
         assert list(models) == ["z-image-turbo", "pixel", "ink"]

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import yaml
 from kubernetes import client
@@ -37,6 +38,27 @@ def zis(name: str, **spec: Any) -> dict[str, Any]:
 
 def apply(cluster: LocalCluster, namespace: str, *docs: dict[str, Any]) -> subprocess.CompletedProcess[str]:
     return cluster.kubectl("apply", "-n", namespace, "-f", "-", input=yaml.safe_dump_all(docs), check=False)
+
+
+def service_address(pod_runner: LocalPodRunner, namespace: str, name: str, timeout: float = 180) -> str:
+    """HOST:PORT of a ready server behind the service ``name``'s Service, as the pod runner
+    routes it (no kube-proxy here: its selector and target port, resolved as the kubelet's
+    service links are)."""
+    prefix = name.upper().replace("-", "_")
+
+    def serving() -> str | None:
+        links = pod_runner.service_links(namespace)
+        if f"{prefix}_SERVICE_HOST" not in links:
+            return None
+        host, port = links[f"{prefix}_SERVICE_HOST"], links[f"{prefix}_SERVICE_PORT"]
+        try:
+            ready = httpx.get(f"http://{host}:8001/healthz/ready", timeout=1)
+        except httpx.TransportError:
+            return None
+        return f"{host}:{port}" if ready.status_code == 200 else None
+
+    address: str = wait_for(serving, timeout, "a ready server behind the Service")
+    return address
 
 
 def get(api: client.ApiClient, namespace: str, name: str) -> dict[str, Any]:
@@ -742,7 +764,6 @@ def test_a_namespace_scoped_operator_works_under_the_charts_namespaced_rbac(
     """The chart installed with watch.namespaces: the operator runs with a token of the chart's
     ServiceAccount, which holds a Role in that namespace only, and serves it end to end. A
     permission taken away is said once, with what to grant, and fails liveness."""
-    import httpx
 
     core = client.CoreV1Api(api)
     other, home = f"{namespace}-x"[:63], f"{namespace}-op"[:63]

@@ -21,7 +21,7 @@ from zimage_server.http.protocol import (
     ImageGenerationResponse,
     SingleImageRequest,
 )
-from zimage_server.http.service import ImageService
+from zimage_server.http.service import GenerationParams, ImageService
 from zimage_server.http.streaming import ImageStream
 from zimage_server.pipeline import compile_artifacts
 
@@ -39,13 +39,7 @@ def _service(request: Request) -> ImageService:
 async def create_images(body: ImageGenerationRequest, request: Request) -> Response:
     """Generate images; the OpenAI Images API shape, with ``seed`` and ``num_inference_steps``."""
     service = _service(request)
-    params = service.params(body)
-    if params.stream:
-        stream = ImageStream(service, service.admit(params), params)
-        headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-        return StreamingResponse(stream.events(), media_type="text/event-stream", headers=headers)
-    images = await service.generate(params, request)
-    return sliced_response(await service.encode_response(images, params), "application/json")
+    return await _images(service, service.params(body), request)
 
 
 @router.post(
@@ -62,6 +56,11 @@ async def edit_images(request: Request) -> Response:
     req, edit = await edits.edit_request(request, service.settings)
     params = service.params(req)
     params = replace(params, edit=edits.start_images(edit, params.width, params.height))
+    return await _images(service, params, request)
+
+
+async def _images(service: ImageService, params: GenerationParams, request: Request) -> Response:
+    """The images of checked work: streamed as server-sent events, or one JSON body."""
     if params.stream:
         stream = ImageStream(service, service.admit(params), params)
         headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}

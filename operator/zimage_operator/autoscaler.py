@@ -87,12 +87,13 @@ class Autoscaler:
             await self._record_adapters(body, owner, list(loads))
         if spec.autoscaling.mode != "builtin":
             return True
-        decision = decide(
-            spec.autoscaling, current, list(loads), history, time.monotonic(), builders.replica_floor(spec)
-        )
+        now = time.time()  # wall clock: the window is kept in the status, across operators
+        history.restore(((body.get("status") or {}).get("autoscaling") or {}).get("recommendations"), now)
+        window_before = history.values()
+        decision = decide(spec.autoscaling, current, list(loads), history, now, builders.replica_floor(spec))
         direction = "hold" if decision.desired == current else "up" if decision.desired > current else "down"
         DECISIONS.labels(direction).inc()
-        await self._record(body, owner, current, decision, history)
+        await self._record(body, owner, current, decision, history, window_before != history.values())
         return True
 
     async def _read(self, http: httpx.AsyncClient, pod: dict[str, Any]) -> PodLoad:
@@ -150,12 +151,19 @@ class Autoscaler:
             await asyncio.to_thread(self.reconciler.reconcile, owner.namespace, owner.name)
 
     async def _record(
-        self, body: dict[str, Any], owner: Owner, current: int, decision: Decision, history: History
+        self,
+        body: dict[str, Any],
+        owner: Owner,
+        current: int,
+        decision: Decision,
+        history: History,
+        window_changed: bool,
     ) -> None:
         previous = (body.get("status") or {}).get("autoscaling") or {}
         scaled = decision.desired != current
         summary = (decision.desired, decision.reason)
-        if not scaled and history.written == summary and previous.get("desiredReplicas") == decision.desired:
+        unchanged = history.written == summary and previous.get("desiredReplicas") == decision.desired
+        if not scaled and unchanged and not window_changed:
             return
         record = {
             "desiredReplicas": decision.desired,
@@ -165,6 +173,8 @@ class Autoscaler:
             "reason": decision.reason,
             "unreachablePods": list(decision.unreachable),
             "lastScaleTime": now_rfc3339() if scaled else previous.get("lastScaleTime"),
+            # The scale-down window: what an operator after this one continues from.
+            "recommendations": history.to_status(),
         }
         await asyncio.to_thread(self.kube.patch_status, owner.namespace, owner.name, {"autoscaling": record})
         history.written = summary

@@ -60,7 +60,6 @@ class Reconciler:
     settings: OperatorSettings
     post_event: EventSink
     _locks: dict[str, threading.Lock] = field(default_factory=dict)
-    _seen_restarts: set[tuple[str, str, int]] = field(default_factory=set)
     _failures: dict[str, str] = field(default_factory=dict)  # namespace/name -> the problem last logged
     _guard: threading.Lock = field(default_factory=threading.Lock)
     _defaults: dict[str, dict[str, Any] | None] = field(default_factory=dict)  # rendering -> defaulted
@@ -497,7 +496,10 @@ class Reconciler:
         self, body: dict[str, Any], pods: list[dict[str, Any]]
     ) -> dict[str, Any] | None:
         """An Event for each container restart whose termination message blames VRAM; returns
-        the latest such restart among ``pods`` for the status, or None."""
+        the latest such restart among ``pods`` for the status, or None. What was reported is
+        the status's ``lastVramRestart``: a restart no later than that one had its Event, by
+        this operator or the one before it (a restart or a failover reports nothing twice)."""
+        reported = _restart_order((body.get("status") or {}).get("lastVramRestart") or {})
         latest: dict[str, Any] | None = None
         for pod in pods:
             for status in (pod.get("status") or {}).get("containerStatuses") or []:
@@ -514,13 +516,21 @@ class Reconciler:
                 }
                 if latest is None or restart["finishedAt"] > latest["finishedAt"]:
                     latest = restart
-                key = (pod["metadata"]["uid"], restart["container"], restart["restartCount"])
-                if key in self._seen_restarts:
+                if _restart_order(restart) <= reported:
                     continue
-                self._seen_restarts.add(key)
                 event = f"pod {restart['pod']} was restarted: {restart['message']}"
                 self.post_event(body, "Warning", "VramLimitRestart", event)
         return latest
+
+
+def _restart_order(restart: dict[str, Any]) -> tuple[str, str, str, int]:
+    """Restarts in the order they happened (then by pod and container, for ties)."""
+    return (
+        str(restart.get("finishedAt") or ""),
+        str(restart.get("pod") or ""),
+        str(restart.get("container") or ""),
+        int(restart.get("restartCount") or 0),
+    )
 
 
 def _owned_by(obj: dict[str, Any], owner: Owner) -> bool:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 from collections import deque
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 from .spec import AutoscalingSpec
@@ -51,17 +52,55 @@ class Decision:
 
 @dataclass
 class History:
-    """One service's recent recommendations, for the scale-down stabilization window."""
+    """One service's recent recommendations, for the scale-down stabilization window: each
+    recommendation with its wall-clock time, those that can no longer be the window's highest
+    dropped (a later one as high or higher), so the first is the highest in the window.
+
+    It lives in ``status.autoscaling.recommendations`` too, written when its values change: an
+    operator that restarts, or a standby that takes over, continues the window (``restore``)."""
 
     entries: deque[tuple[float, int]] = field(default_factory=deque)
     written: tuple[int, str] | None = None  # the (desired, reason) last written to the status
+    restored: bool = False
 
     def add(self, now: float, recommended: int, window: float) -> int:
         """Record ``recommended``; return the highest recommendation within ``window``."""
+        while self.entries and self.entries[-1][1] <= recommended:
+            self.entries.pop()
         self.entries.append((now, recommended))
-        while self.entries and self.entries[0][0] < now - window:
+        while self.entries[0][0] < now - window:
             self.entries.popleft()
-        return max(value for _, value in self.entries)
+        return self.entries[0][1]
+
+    def values(self) -> list[int]:
+        return [value for _, value in self.entries]
+
+    def to_status(self) -> list[dict[str, Any]]:
+        """The entries as the status keeps them, each time rounded up to the second (a window
+        continued from them ends no earlier than this one)."""
+        return [
+            {
+                "time": datetime.fromtimestamp(math.ceil(at), UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+                "replicas": value,
+            }
+            for at, value in self.entries
+        ]
+
+    def restore(self, recorded: Any, now: float) -> None:
+        """Take the window from the status, once, if this history has none yet. The last entry's
+        value may have been recommended until the moment the writer stopped, which the status
+        cannot say: it counts as recommended now, so the window never closes early."""
+        if self.restored or self.entries:
+            return
+        self.restored = True
+        for item in recorded if isinstance(recorded, list) else []:
+            try:
+                at = datetime.strptime(str(item["time"]), "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
+                self.entries.append((at.timestamp(), int(item["replicas"])))
+            except (KeyError, TypeError, ValueError):
+                continue
+        if self.entries:
+            self.entries[-1] = (now, self.entries[-1][1])
 
 
 def decide(

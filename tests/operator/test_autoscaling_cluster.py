@@ -4,6 +4,8 @@ and the built-in autoscaler scaling the ZImageService up and back down."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import threading
 import time
 from typing import Any
@@ -104,6 +106,9 @@ def images_generated(url: str) -> float:
     return 0.0
 
 
+WINDOW_SECONDS = 10
+
+
 def test_the_builtin_autoscaler_follows_the_load(
     operator: LocalPodRunner,
     pod_runner: LocalPodRunner,
@@ -123,7 +128,7 @@ def test_the_builtin_autoscaler_follows_the_load(
             "minReplicas": 1,
             "maxReplicas": 4,
             "targetQueuePerReplica": 2,
-            "scaleDownStabilizationSeconds": 10,
+            "scaleDownStabilizationSeconds": WINDOW_SECONDS,
         },
     }
     apply(cluster, namespace, zis("busy", **spec))
@@ -143,7 +148,17 @@ def test_the_builtin_autoscaler_follows_the_load(
     print(f"requests: {load.sent}, statuses: {load.statuses}")
     assert load.statuses == {200: load.sent}, "every request was answered"
 
+    # The operator is killed as the load stops: the one started in its place continues the
+    # scale-down window from the status, so nothing scales down inside the window.
     calm = time.monotonic()
+    peak = replicas(api, namespace)
+    (before,) = operator.pids()
+    os.kill(before, signal.SIGKILL)
+    wait_for(lambda: replicas(api, namespace) < peak, 90, "the first scale-down")
+    first_down = time.monotonic() - calm
+    print(f"first scale-down {first_down:.1f}s after the load stopped (the operator restarted meanwhile)")
+    assert operator.pids() != [before]
+    assert first_down >= WINDOW_SECONDS - 2.5, "the restarted operator scaled down inside the window"
     wait_for(lambda: replicas(api, namespace) == 1, 90, "the scale-down to the minimum")
     print(f"back to 1 replica {time.monotonic() - calm:.1f}s after the load stopped")
 

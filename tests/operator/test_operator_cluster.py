@@ -882,6 +882,23 @@ def test_a_vram_restart_is_recorded_as_an_event_and_in_the_status(
         "message": message,
     }
 
+    # A new operator (killed and started again) reads what was reported from the status: the
+    # same restart is not reported twice; a later one is.
+    (before,) = operator.pids()
+    os.kill(before, signal.SIGKILL)
+    wait_for(lambda: operator.pids() and operator.pids() != [before], 30, "the operator to be restarted")
+    apply(cluster, namespace, zis("hungry", disruption={"maxUnavailable": 2}))  # a reconcile, no rollout
+    wait_for(
+        lambda: condition(get(api, namespace, "hungry"), "Ready").get("observedGeneration") == 2,
+        60,
+        "the restarted operator to reconcile the service",
+    )
+    assert len(recorded()) == 1, "the restart was reported again after the operator restarted"
+    status["containerStatuses"][0]["restartCount"] = 2
+    status["containerStatuses"][0]["lastState"]["terminated"]["finishedAt"] = "2026-01-01T00:05:00Z"
+    core.patch_namespaced_pod_status(pod.metadata.name, namespace, {"status": status})
+    wait_for(lambda: len(recorded()) == 2 or None, 30, "the second restart's event")
+
 
 def _degraded_for(api: client.ApiClient, namespace: str, name: str, reason: str, words: str) -> Any:
     def shown() -> dict[str, Any] | None:

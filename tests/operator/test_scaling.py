@@ -110,3 +110,38 @@ def test_the_status_names_the_artifact_file_the_server_keys() -> None:
     assert artifact_file(key) == path.name
     assert artifact_file(path.name) == path.name, "what older servers sent"
     assert artifact_file(None) is None
+
+
+def test_the_window_kept_in_the_status_continues_in_another_operator() -> None:
+    first = History()
+    assert first.add(1000.0, 4, 60) == 4
+    assert first.add(1002.5, 3, 60) == 4
+    recorded = first.to_status()
+    # Times rounded up to the second: a window continued from them ends no earlier.
+    assert recorded == [
+        {"time": "1970-01-01T00:16:40Z", "replicas": 4},
+        {"time": "1970-01-01T00:16:43Z", "replicas": 3},
+    ]
+    # Another operator, started at 1014: the window still holds 4 until 60 s after it was asked
+    # for, and 3 (asked for until the first operator stopped, which the status cannot say)
+    # until 60 s after the second one started.
+    second = History()
+    second.restore(recorded, now=1014.0)
+    assert second.add(1016.0, 1, 60) == 4
+    assert second.add(1059.0, 1, 60) == 4
+    assert second.add(1061.0, 1, 60) == 3
+    assert second.add(1073.0, 1, 60) == 3
+    assert second.add(1075.0, 1, 60) == 1
+    # Restored once, and only into an empty history; a malformed status is ignored.
+    second.restore([{"time": "1970-01-01T00:16:40Z", "replicas": 9}], now=1080.0)
+    assert second.add(1080.0, 1, 60) == 1
+    third = History()
+    third.restore([{"time": "yesterday", "replicas": 2}, {"replicas": 3}, "x"], now=0.0)
+    assert third.values() == []
+
+
+def test_the_window_keeps_only_what_can_still_be_its_highest() -> None:
+    history = History()
+    for at, value in [(0.0, 2), (1.0, 5), (2.0, 3), (3.0, 3), (4.0, 4), (5.0, 1)]:
+        history.add(at, value, 100)
+    assert history.values() == [5, 4, 1]

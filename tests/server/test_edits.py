@@ -369,3 +369,22 @@ def test_the_tiny_models_edit_pipelines_share_its_modules(server: RunningServer)
         assert pipe.transformer is runner.pipe.transformer
         assert pipe.text_encoder is runner.pipe.text_encoder
         assert pipe.vae is runner.pipe.vae
+
+
+def test_an_adapter_named_as_the_model_applies_to_an_edit(
+    serve: ServerFactory, tiny_model_dir: Any, tmp_path: Any
+) -> None:
+    from .lora_files import make_adapter
+
+    adapter = make_adapter(tiny_model_dir, tmp_path / "pixel", seed=1)
+    server = serve(loras=[{"name": "pixel", "source": str(adapter)}])
+    files = {"image": ("in.png", _png(_source(256, 256)), "image/png")}
+    plain = _edit(server, files, size="256x256", seed="1", strength="1.0")
+    styled = _edit(server, files, size="256x256", seed="1", strength="1.0", model="pixel")
+    assert styled.status_code == 200, styled.text
+    difference = pixel_difference(
+        _decoded(plain.json()["data"][0]["b64_json"]).convert("RGB"),
+        _decoded(styled.json()["data"][0]["b64_json"]).convert("RGB"),
+    )
+    assert difference.mean() > 3
+    assert server.metrics()['zimage_adapter_requests_total{adapter="pixel"}'] == 1

@@ -283,8 +283,8 @@ def form_schema() -> dict[str, Any]:
 
 def publish_form(form: dict[str, Any], generation: dict[str, Any]) -> None:
     """The edit form's fields in ``form`` (its schema): the generation's own (``generation``,
-    with the server's limits; LoRA adapters are for generations only), the two files and
-    ``strength``."""
+    with the server's limits; not ``lora``, a JSON list: an edit names an adapter as its
+    ``model``), the two files and ``strength``."""
     properties = {
         name: _present(schema)
         for name, schema in generation["properties"].items()

@@ -74,11 +74,12 @@ class Reconciler:
 
         Whatever goes wrong ends as a Degraded condition and one log line per distinct problem;
         an unreachable API server or a failure worth retrying raises ``TemporaryFailureError``."""
-        with self._lock(f"{namespace}/{name}"):
+        key = f"{namespace}/{name}"
+        with self._lock(key):
             try:
                 body = self.kube.get_service(namespace, name)
                 if body is None or body["metadata"].get("deletionTimestamp"):
-                    self._changes.forget(f"{namespace}/{name}")
+                    self._forget(key)
                     return  # gone, or going: garbage collection removes the children
                 clean = self._reconcile(body)
             except TemporaryFailureError:
@@ -102,6 +103,15 @@ class Reconciler:
                 RECONCILES.labels("degraded").inc()
             else:
                 RECONCILES.labels("ok" if clean else "degraded").inc()
+
+    def _forget(self, key: str) -> None:
+        """Drop what this operator keeps for a service that is gone: its held rollout, its last
+        logged problem and its lock (released by the caller; a later reconcile of a service of
+        the same name makes a new one)."""
+        self._changes.forget(key)
+        self._failures.pop(key, None)
+        with self._guard:
+            self._locks.pop(key, None)
 
     def _report_failure(self, namespace: str, name: str, exc: Exception) -> None:
         """Degraded=True, reason ReconcileFailed, with what went wrong; the other conditions

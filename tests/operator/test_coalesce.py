@@ -51,3 +51,22 @@ def test_one_change_waits_for_the_quiet_time_only() -> None:
     clock.now += 0.2
     assert changes.due("ns/a")
     assert changes.hold("ns/a", 2) is None
+
+
+def test_a_reconciler_keeps_nothing_for_a_service_that_is_gone() -> None:
+    from zimage_operator.config import OperatorSettings
+    from zimage_operator.reconcile import Reconciler
+
+    class Gone:
+        """The one call a reconcile of a deleted service makes: the service is not there."""
+
+        def get_service(self, namespace: str, name: str) -> None:
+            return None
+
+    reconciler = Reconciler(Gone(), OperatorSettings(_env_file=None), lambda *args: None)  # type: ignore[arg-type]
+    reconciler._failures["ml/posters"] = "an old problem"
+    reconciler._changes.hold("ml/posters", 2)
+    reconciler.reconcile("ml", "posters")
+    assert reconciler._failures == {}
+    assert reconciler._locks == {}
+    assert not reconciler.rollout_due("ml", "posters")

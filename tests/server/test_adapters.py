@@ -362,3 +362,29 @@ def test_the_published_schema_names_the_adapters_and_the_limits(lora_server: Run
     assert lora["items"]["properties"]["name"]["enum"] == ["pixel", "ink", "corrupt"]
     scale = lora["items"]["properties"]["scale"]["anyOf"][0]
     assert (scale["minimum"], scale["maximum"]) == (-2.0, 2.0)
+
+
+def test_a_kohya_style_file_is_read_as_its_diffusers_twin(
+    runner: PipelineRunner, adapter_files: dict[str, Path], tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """The same factors saved as trainers outside diffusers save them (``diffusion_model.``
+    prefix, ``lora_down``/``lora_up``, an ``alpha`` per module): the same image."""
+    import torch
+    from safetensors.torch import load_file
+
+    state = load_file(str(adapter_files["ink"]))  # rank 8, lora_alpha 16
+    converted: dict[str, torch.Tensor] = {}
+    for key, tensor in state.items():
+        module, _, part = key.removeprefix("transformer.").rpartition(".lora_")
+        name = "lora_down" if part.startswith("A") else "lora_up"
+        converted[f"diffusion_model.{module}.{name}.weight"] = tensor
+        converted[f"diffusion_model.{module}.alpha"] = torch.tensor(16.0)
+    kohya = tmp_path / "ink-kohya.safetensors"
+    save_file(converted, str(kohya))
+    loras = [{"name": "ink", "source": str(kohya)}]
+    other = PipelineRunner(_settings(tiny_model_dir, loras=loras))
+    other.load()
+    assert other.adapters.failed == {}
+    found = _image(other, (("ink", 1.0),))
+    assert pixel_difference(found, _image(runner, (("ink", 1.0),))).mean() < 0.5
+    assert pixel_difference(found, _image(runner)).mean() > 3

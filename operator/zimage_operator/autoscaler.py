@@ -124,31 +124,29 @@ class Autoscaler:
 
     async def _record_artifacts(self, body: dict[str, Any], owner: Owner, loads: list[PodLoad]) -> None:
         """``status.compileArtifacts``, written when what the ready pods report changes."""
-        previous = (body.get("status") or {}).get("compileArtifacts") or {}
-        record = artifacts_status(loads)
-        if all(previous.get(key) == value for key, value in record.items()):
-            return
-        patch = {**record, "observedTime": now_rfc3339()}
-        # A merge patch merges maps: a state no pod reports any more is removed by name.
-        gone = {state: None for state in previous.get("pods") or {} if state not in record["pods"]}
-        patch["pods"] = {**gone, **record["pods"]}
-        await asyncio.to_thread(
-            self.kube.patch_status, owner.namespace, owner.name, {"compileArtifacts": patch}
-        )
+        await self._record_report(body, owner, "compileArtifacts", artifacts_status(loads))
 
     async def _record_adapters(self, body: dict[str, Any], owner: Owner, loads: list[PodLoad]) -> None:
         """``status.adapters``, written when what the ready pods report changes; a change in
         what failed is reconciled at once (the Degraded condition says it)."""
-        previous = (body.get("status") or {}).get("adapters") or {}
         record = adapters_status(loads)
-        if all(previous.get(key) == value for key, value in record.items()):
-            return
-        # A merge patch merges maps: a pod no longer reporting is removed by name.
-        gone = {pod: None for pod in previous.get("pods") or {} if pod not in record["pods"]}
-        patch = {**record, "pods": {**gone, **record["pods"]}, "observedTime": now_rfc3339()}
-        await asyncio.to_thread(self.kube.patch_status, owner.namespace, owner.name, {"adapters": patch})
-        if previous.get("failed", []) != record["failed"]:
+        previous = await self._record_report(body, owner, "adapters", record)
+        if previous is not None and previous.get("failed", []) != record["failed"]:
             await asyncio.to_thread(self.reconciler.reconcile, owner.namespace, owner.name)
+
+    async def _record_report(
+        self, body: dict[str, Any], owner: Owner, field: str, record: dict[str, Any]
+    ) -> dict[str, Any] | None:
+        """Write ``record`` (what the ready pods report, with a ``pods`` map) as ``status.FIELD``
+        when it differs from what is there; return what was there, or None when nothing changed."""
+        previous: dict[str, Any] = (body.get("status") or {}).get(field) or {}
+        if all(previous.get(key) == value for key, value in record.items()):
+            return None
+        # A merge patch merges maps: a key of ``pods`` no pod reports any more is removed by name.
+        gone = {key: None for key in previous.get("pods") or {} if key not in record["pods"]}
+        patch = {**record, "pods": {**gone, **record["pods"]}, "observedTime": now_rfc3339()}
+        await asyncio.to_thread(self.kube.patch_status, owner.namespace, owner.name, {field: patch})
+        return previous
 
     async def _record(
         self,

@@ -9,6 +9,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 logger = logging.getLogger(__name__)
@@ -69,8 +70,9 @@ def _response(err: APIError) -> JSONResponse:
     )
 
 
-def describe_validation_error(exc: RequestValidationError) -> APIError:
-    """Turn pydantic's first complaint into one sentence that names the field and the fix."""
+def describe_validation_error(exc: RequestValidationError | ValidationError) -> APIError:
+    """Turn pydantic's first complaint into one sentence that names the field and the fix (a
+    JSON body's, or a form's fields validated by hand, as the edits route does)."""
     errors = exc.errors()
     if not errors:
         return bad_request("the request is not valid")

@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from starlette.datastructures import UploadFile
 
 from zimage_server.core.config import SIZE_MULTIPLE, Settings
-from zimage_server.core.errors import APIError, bad_request
+from zimage_server.core.errors import APIError, bad_request, describe_validation_error
 from zimage_server.engine.engine import EditInput
 from zimage_server.http.protocol import ImageGenerationRequest
 
@@ -123,28 +123,12 @@ def request_from(fields: dict[str, str]) -> tuple[ImageGenerationRequest, float 
     try:
         form = EditForm.model_validate(fields)
     except ValidationError as exc:
-        raise _invalid(exc) from None
+        raise describe_validation_error(exc) from None
     values = form.model_dump(exclude_none=True, exclude={"strength", "input_fidelity"})
     try:
         return ImageGenerationRequest.model_validate(values), form.strength
     except ValidationError as exc:
-        raise _invalid(exc) from None
-
-
-def _invalid(exc: ValidationError) -> APIError:
-    first = exc.errors()[0]
-    param = ".".join(str(part) for part in first.get("loc", ())) or None
-    kind = str(first.get("type", ""))
-    if kind == "missing" and param:
-        return bad_request(f"'{param}' is required", param=param, code="missing_required_parameter")
-    if kind == "extra_forbidden" and param:
-        return bad_request(
-            f"unknown parameter '{param}'; check its spelling against the images API",
-            param=param,
-            code="unknown_parameter",
-        )
-    message = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
-    return bad_request(f"invalid '{param}': {message}" if param else message, param=param)
+        raise describe_validation_error(exc) from None
 
 
 def decode_image(data: bytes, param: str, max_pixels: int) -> Image.Image:

@@ -38,6 +38,7 @@ import json
 import multiprocessing
 import os
 import queue
+import re
 import socket
 import statistics
 import subprocess
@@ -86,10 +87,18 @@ def rss_bytes(pid: int) -> int:
     return int(line.split()[1]) * 1024
 
 
+def error_code(status: int, body: bytes) -> str:
+    """The status, and for a 5xx the error's code from its body, so that a report says which."""
+    if status < 500:
+        return str(status)
+    found = re.search(rb'"(?:code|phase)":\s*"([^"]+)"', body)
+    return f"{status} {found.group(1).decode() if found else body[:60].decode(errors='replace')}"
+
+
 def post(http: httpx.Client, url: str, body: bytes) -> str:
     try:
         response = http.post(url, content=body, headers={"Content-Type": "application/json"})
-        return str(response.status_code)
+        return error_code(response.status_code, response.content)
     except httpx.HTTPError as exc:
         return type(exc).__name__
 
@@ -221,8 +230,9 @@ def hostile_clients(url: str, health_url: str, counts: Counts, stop: threading.E
                 sock.setblocking(True)
                 sock.settimeout(5)
                 try:
-                    answer = sock.recv(64)
-                    counts.add("bodiless", answer[9:12].decode() or "closed")
+                    answer = sock.recv(4096)
+                    status = answer[9:12].decode()
+                    counts.add("bodiless", error_code(int(status), answer) if status.isdigit() else "closed")
                 except OSError as exc:
                     counts.add("bodiless", type(exc).__name__)
                 sock.close()
@@ -237,7 +247,8 @@ def probe_loop(url: str, answers: Any, ended: Any) -> None:
         while not ended.is_set():
             started = time.perf_counter()
             try:
-                status = str(http.get(url).status_code)
+                response = http.get(url)
+                status = error_code(response.status_code, response.content)
             except httpx.HTTPError as exc:
                 status = type(exc).__name__
             answers.put((status, (time.perf_counter() - started) * 1000))

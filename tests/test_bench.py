@@ -88,7 +88,8 @@ def test_the_soak_runs_its_mixed_traffic_and_reports(tmp_path: Path) -> None:
     assert statuses.get("200", 0) > 0
     assert statuses.get("400", 0) > 0
     assert statuses.get("413", 0) > 0
-    assert report["server_errors"] == 0, statuses
+    log = (tmp_path / "server.log").read_text(errors="replace")
+    assert report["server_errors"] == 0, report["markdown"] + "\n" + log[-4000:]
     counts = report["samples"][-1]["counts"]
     assert counts["slowloris"].get("closed by server", 0) > 0, "half-sent requests were closed"
     assert counts["probe"].get("200", 0) > 0

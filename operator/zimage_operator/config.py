@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 FIELD_MANAGER = "zimage-operator"
@@ -43,6 +43,23 @@ class OperatorSettings(BaseSettings):
     health_host: str = Field("0.0.0.0", description="Address of the liveness endpoint")
     health_port: int = Field(8080, ge=1, le=65535)
     log_level: str = "info"
+    leader_election: bool = Field(
+        True, description="Act only while holding the Lease; other replicas stand by (election.py)"
+    )
+    lease_name: str = Field("zimage-operator", description="The Lease the replicas share")
+    lease_namespace: str = Field("", description="The Lease's namespace; empty means the operator's own")
+    lease_seconds: float = Field(15.0, ge=2, description="How long a Lease not renewed stays held")
+    lease_retry_seconds: float = Field(2.0, gt=0, description="How often the Lease is renewed or tried")
+
+    @model_validator(mode="after")
+    def _lease_timing(self) -> OperatorSettings:
+        if not self.lease_retry_seconds * 2 <= self.lease_seconds:
+            raise ValueError(
+                "leader election needs lease_retry_seconds at most half of lease_seconds "
+                f"(got {self.lease_retry_seconds:g} and {self.lease_seconds:g}): the leader renews "
+                "several times within a lease"
+            )
+        return self
 
     @field_validator("namespaces", mode="before")
     @classmethod

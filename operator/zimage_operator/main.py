@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import socket
 import sys
+import threading
 from typing import Any, cast
 
 import kopf
@@ -12,7 +15,9 @@ from pydantic import ValidationError
 from pydantic_settings import CliApp
 
 from .config import OperatorSettings
+from .election import LeaderElector, own_namespace
 from .kube import OUTAGE
+from .metrics import LEADER, serve_standby
 
 # Kopf's words for a request that found no API server at all.
 _UNREACHABLE_WORDS = ("Cannot connect", "ClientConnectorError", "ServerDisconnected", "TimeoutError")
@@ -59,6 +64,40 @@ class QuietRetries(logging.Filter):
         return not (OUTAGE.active or going)
 
 
+def lead(settings: OperatorSettings) -> LeaderElector | None:
+    """Stand by until this replica holds the Lease, answering /healthz meanwhile; then keep
+    renewing it, and exit at once when another replica holds it. None when stopped (SIGTERM)
+    while standing by."""
+    from .handlers import api_client
+
+    elector = LeaderElector(
+        api_client(),
+        settings.lease_namespace or own_namespace(),
+        settings.lease_name,
+        lease_seconds=settings.lease_seconds,
+        retry_seconds=settings.lease_retry_seconds,
+    )
+    stop = threading.Event()
+    previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    health = serve_standby(settings.health_host, settings.health_port)
+    try:
+        leads = elector.wait_for_leadership(stop)
+    finally:
+        health.shutdown()
+        health.server_close()
+        signal.signal(signal.SIGTERM, previous)
+    if not leads:
+        return None
+
+    def lost() -> None:
+        logging.getLogger(__name__).error("leader election: lost the Lease; exiting so that one replica acts")
+        logging.shutdown()
+        os._exit(1)
+
+    elector.keep_renewing(lost)
+    return elector
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         settings = CliApp.run(OperatorSettings, cli_args=list(sys.argv[1:] if argv is None else argv))
@@ -78,17 +117,25 @@ def main(argv: list[str] | None = None) -> int:
 
     handlers.register(settings)
     scope = ", ".join(settings.namespaces) or "all namespaces"
+    elector = lead(settings) if settings.leader_election else None
+    if elector is None and settings.leader_election:
+        return 0  # stopped while standing by
+    LEADER.set(1)
     logging.getLogger(__name__).info("watching %s", scope)
-    kopf.run(
-        standalone=True,
-        # Kopf would name itself after the user from the password database, which has no entry
-        # for an arbitrary runAsUser (KeyError at start-up).
-        # (Kopf's Identity type is a NewType of str it does not export.)
-        identity=cast(Any, f"zimage-operator@{socket.gethostname()}"),
-        clusterwide=not settings.namespaces,
-        namespaces=settings.namespaces,
-        memo=kopf.Memo(settings=settings),
-    )
+    try:
+        kopf.run(
+            standalone=True,  # one replica acts: the Lease decides which (election.py)
+            # Kopf would name itself after the user from the password database, which has no
+            # entry for an arbitrary runAsUser (KeyError at start-up).
+            # (Kopf's Identity type is a NewType of str it does not export.)
+            identity=cast(Any, f"zimage-operator@{socket.gethostname()}"),
+            clusterwide=not settings.namespaces,
+            namespaces=settings.namespaces,
+            memo=kopf.Memo(settings=settings),
+        )
+    finally:
+        if elector is not None:
+            elector.release()
     return 0
 
 

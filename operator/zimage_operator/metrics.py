@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, generate_latest
@@ -33,6 +35,7 @@ SERVICE_LOOPS = Gauge(
 )
 API_REACHABLE = Gauge("zimage_operator_api_reachable", "1 while the API server answers, 0 during an outage")
 API_REACHABLE.set(1)
+LEADER = Gauge("zimage_operator_leader", "1 while this replica leads and acts, 0 while it stands by")
 
 
 async def _healthz(request: web.Request) -> web.Response:
@@ -60,3 +63,30 @@ async def start_health_server(host: str, port: int) -> web.AppRunner:
     await web.TCPSite(runner, host, port).start()
     logger.info("health and metrics on http://%s:%d", host, port)
     return runner
+
+
+class _StandbyHandler(BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        if self.path == "/metrics":
+            status, body, kind = 200, generate_latest(), CONTENT_TYPE_LATEST
+        elif self.path == "/healthz":
+            status, body, kind = 200, b"ok (standing by)\n", "text/plain"
+        else:
+            status, body, kind = 404, b"not found\n", "text/plain"
+        self.send_response(status)
+        self.send_header("Content-Type", kind)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+def serve_standby(host: str, port: int) -> ThreadingHTTPServer:
+    """``/healthz`` and ``/metrics`` while the replica stands by (Kopf, which serves them once
+    it leads, is not running yet); stop it with ``shutdown()`` and ``server_close()``."""
+    server = ThreadingHTTPServer((host, port), _StandbyHandler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, name="standby-health", daemon=True).start()
+    return server

@@ -76,7 +76,7 @@ def test_every_value_is_documented_by_a_comment_naming_it() -> None:
 
 def test_namespaced_mode_uses_roles_not_cluster_roles(helm: Any) -> None:
     docs = render(helm, "--set", "watch.namespaces={team-a,team-b}")
-    roles = [d for d in docs if d["kind"] == "Role"]
+    roles = [d for d in docs if d["kind"] == "Role" and "leases" not in str(d["rules"])]
     assert sorted(d["metadata"]["namespace"] for d in roles) == ["team-a", "team-b"]
     cluster_roles = [d for d in docs if d["kind"] == "ClusterRole"]
     assert [r["metadata"]["name"] for r in cluster_roles] == ["zimage-zimage-operator-crds"]
@@ -90,10 +90,38 @@ def test_namespaced_mode_uses_roles_not_cluster_roles(helm: Any) -> None:
 
 def test_the_chart_grants_what_deploy_grants(helm: Any) -> None:
     docs = render(helm)
-    chart_rules = [r for d in docs if d["kind"] == "ClusterRole" for r in d["rules"]]
-    deploy_rules = next(yaml.safe_load_all((ROOT / "deploy/operator/rbac.yaml").read_text()))["rules"]
+    deploy = list(yaml.safe_load_all((ROOT / "deploy/operator/rbac.yaml").read_text()))
     key = lambda rule: (tuple(rule["apiGroups"]), tuple(rule["resources"]), tuple(rule["verbs"]))  # noqa: E731
-    assert sorted(map(key, chart_rules)) == sorted(map(key, deploy_rules))
+    for kind in ("ClusterRole", "Role"):
+        chart_rules = [r for d in docs if d["kind"] == kind for r in d["rules"]]
+        deploy_rules = [r for d in deploy if d["kind"] == kind for r in d["rules"]]
+        assert sorted(map(key, chart_rules)) == sorted(map(key, deploy_rules)), kind
+
+
+def test_two_replicas_share_a_lease_spread_over_nodes_and_keep_one_through_a_drain(helm: Any) -> None:
+    docs = render(helm)
+    (deployment,) = [d for d in docs if d["kind"] == "Deployment"]
+    assert deployment["spec"]["replicas"] == 2
+    assert deployment["spec"]["strategy"]["type"] == "RollingUpdate"
+    pod = deployment["spec"]["template"]["spec"]
+    env = {item["name"]: item for item in pod["containers"][0]["env"]}
+    assert env["ZIMAGE_OPERATOR_LEADER_ELECTION"]["value"] == "true"
+    assert env["POD_NAMESPACE"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace"
+    term = pod["affinity"]["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"][0]
+    assert term["podAffinityTerm"]["topologyKey"] == "kubernetes.io/hostname"
+    (pdb,) = [d for d in docs if d["kind"] == "PodDisruptionBudget"]
+    assert pdb["spec"]["selector"] == deployment["spec"]["selector"]
+    (lease_role,) = [d for d in docs if d["kind"] == "Role"]
+    assert lease_role["rules"][0]["resources"] == ["leases"]
+    # One replica without election: no PDB (it would block every drain), Recreate.
+    single = render(helm, "--set", "replicaCount=1", "--set", "leaderElection.enabled=false")
+    assert not [d for d in single if d["kind"] == "PodDisruptionBudget"]
+    (deployment,) = [d for d in single if d["kind"] == "Deployment"]
+    assert deployment["spec"]["strategy"]["type"] == "Recreate"
+    # Several replicas without election would act at once: refused.
+    refused = helm("template", "zimage", str(CHART), "--set", "leaderElection.enabled=false")
+    assert refused.returncode != 0
+    assert "replicaCount above 1 needs leaderElection.enabled" in refused.stderr
 
 
 def test_names_fit_in_63_characters_and_selectors_leave_out_the_version(helm: Any) -> None:
@@ -104,8 +132,6 @@ def test_names_fit_in_63_characters_and_selectors_leave_out_the_version(helm: An
     selector = deployment["spec"]["selector"]["matchLabels"]
     assert "app.kubernetes.io/version" not in selector
     assert set(selector.items()) <= set(deployment["spec"]["template"]["metadata"]["labels"].items())
-    assert deployment["spec"]["strategy"] == {"type": "Recreate"}
-    assert deployment["spec"]["replicas"] == 1
 
 
 @pytest.mark.parametrize(
@@ -113,10 +139,11 @@ def test_names_fit_in_63_characters_and_selectors_leave_out_the_version(helm: An
     [
         ("image.pullPolicy=Sometimes", "at '/image/pullPolicy': value must be one of"),
         ("logLevel=chatty", "at '/logLevel': value must be one of"),
+        ("replicaCount=0", "at '/replicaCount': minimum"),
         ("watch.namespaces={Team_A}", "at '/watch/namespaces/0': 'Team_A' does not match pattern"),
         ("serviceMonitor.enabled=maybe", "at '/serviceMonitor/enabled': got string, want boolean"),
         ("serviceMonitor.interval=often", "at '/serviceMonitor/interval'"),
-        ("replicaCount=3", "replicaCount"),
+        ("leaderElection.leaseSeconds=2", "at '/leaderElection/leaseSeconds': minimum"),
         ("example.modelSource=s3://bucket/x", "at '/example/modelSource'"),
         ("rbac.create=yes", "at '/rbac/create': got string, want boolean"),
     ],

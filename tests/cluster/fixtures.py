@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import itertools
+import os
 import re
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -145,3 +147,38 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
                 report.sections.append((f"{report.when} log {log.relative_to(folder)}", _tail(log)))
             except OSError:
                 continue
+
+
+# -- which operator replica leads -------------------------------------------------------------
+
+LEASE = "zimage-operator"
+
+
+def leader_pod(api: client.ApiClient, namespace: str = OPERATOR_NAMESPACE) -> str | None:
+    """The name of the operator pod that holds the Lease (its identity is ``POD_NAME_suffix``)."""
+    try:
+        lease = client.CoordinationV1Api(api).read_namespaced_lease(LEASE, namespace)
+    except ApiException as exc:
+        if exc.status == 404:
+            return None
+        raise
+    holder = lease.spec.holder_identity or ""
+    return holder.rpartition("_")[0] or None
+
+
+def leading_process(operator: LocalPodRunner, api: client.ApiClient) -> Any:
+    """The process of the leading operator replica (waiting for one to lead)."""
+
+    def find() -> Any:
+        name = leader_pod(api)
+        return operator.running_pod(OPERATOR_NAMESPACE, name) if name else None
+
+    return wait_until(find, 60, "an operator replica to lead")
+
+
+def kill_leader(operator: LocalPodRunner, api: client.ApiClient) -> int:
+    """SIGKILL the leading operator replica's process; its PID. The pod runner starts it again,
+    as the kubelet would, and that process stands by until the Lease is free."""
+    pid: int = leading_process(operator, api).process.pid
+    os.kill(pid, signal.SIGKILL)
+    return pid

@@ -157,6 +157,10 @@ class LocalPodRunner:
                     return pod.process
         return None
 
+    def running_pod(self, namespace: str, name: str) -> RunningPod | None:
+        with self._lock:
+            return next((pod for pod in self.running.values() if pod.key == f"{namespace}/{name}"), None)
+
     def address_of(self, namespace: str, name: str) -> str | None:
         with self._lock:
             for pod in self.running.values():

@@ -4,8 +4,6 @@ real local control plane."""
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import time
 from pathlib import Path
@@ -17,6 +15,7 @@ import yaml
 from kubernetes import client
 from kubernetes.client.rest import ApiException
 
+from tests.cluster.fixtures import kill_leader, leading_process
 from tests.cluster.local_cluster import LocalCluster
 from tests.cluster.pod_runner import LocalPodRunner
 
@@ -626,11 +625,11 @@ def test_an_operator_killed_mid_reconcile_converges_without_duplicates(
     operator: LocalPodRunner, cluster: LocalCluster, api: client.ApiClient, namespace: str
 ) -> None:
     names = [f"svc-{i}" for i in range(6)]
-    (before,) = operator.pids()
+    leading_process(operator, api)
     apply(cluster, namespace, *(zis(name) for name in names))
     time.sleep(0.3)  # the operator is now in the middle of reconciling them
-    os.kill(before, signal.SIGKILL)
-    wait_for(lambda: operator.pids() and operator.pids() != [before], 30, "the operator to be restarted")
+    before = kill_leader(operator, api)
+    wait_for(lambda: before not in operator.pids(), 30, "the operator to be restarted")
     for name in names:
         wait_ready(api, namespace, name)
         assert _children_once(api, namespace, name)
@@ -788,7 +787,7 @@ def test_a_namespace_scoped_operator_works_under_the_charts_namespaced_rbac(
         )
         return answer
 
-    values = ["--set", f"watch.namespaces={{{namespace}}}", "--skip-crds"]
+    values = ["--set", f"watch.namespaces={{{namespace}}}", "--set", "replicaCount=1", "--skip-crds"]
     try:
         helm("install", "scoped", str(ROOT / "charts/zimage-operator"), *values)
         pod = wait_for(scoped_pod, 60, "the namespaced operator's process")
@@ -817,7 +816,7 @@ def test_a_namespace_scoped_operator_works_under_the_charts_namespaced_rbac(
         assert "APIForbiddenError" not in said, "Kopf's refused watch was logged over and over"
     finally:
         cluster.helm(tmp_path, "uninstall", "scoped", "--wait", namespace=home)
-        cluster.kubectl("scale", "deployment/zimage-operator", "-n", "zimage-system", "--replicas=1")
+        cluster.kubectl("scale", "deployment/zimage-operator", "-n", "zimage-system", "--replicas=2")
     try:
         wait_for(lambda: operator.pids(), 60, "the cluster-wide operator to come back")
         wait_ready(api, other, "outside")
@@ -884,9 +883,8 @@ def test_a_vram_restart_is_recorded_as_an_event_and_in_the_status(
 
     # A new operator (killed and started again) reads what was reported from the status: the
     # same restart is not reported twice; a later one is.
-    (before,) = operator.pids()
-    os.kill(before, signal.SIGKILL)
-    wait_for(lambda: operator.pids() and operator.pids() != [before], 30, "the operator to be restarted")
+    before = kill_leader(operator, api)
+    wait_for(lambda: before not in operator.pids(), 30, "the operator to be restarted")
     apply(cluster, namespace, zis("hungry", disruption={"maxUnavailable": 2}))  # a reconcile, no rollout
     wait_for(
         lambda: condition(get(api, namespace, "hungry"), "Ready").get("observedGeneration") == 2,

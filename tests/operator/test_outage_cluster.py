@@ -11,6 +11,7 @@ import httpx
 import pytest
 from kubernetes import client
 
+from tests.cluster.fixtures import leading_process
 from tests.cluster.local_cluster import LocalCluster
 from tests.cluster.pod_runner import LocalPodRunner
 
@@ -19,9 +20,10 @@ from .test_operator_cluster import apply, wait_for, wait_ready, zis
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
 
-def _operator_log(operator: LocalPodRunner) -> Path:
-    (pod,) = operator.running.values()
-    return pod.log
+def _operator_log(operator: LocalPodRunner, api: client.ApiClient) -> Path:
+    """The log of the replica that leads (the other stands by)."""
+    log: Path = leading_process(operator, api).log
+    return log
 
 
 def _env(api: client.ApiClient, namespace: str, name: str) -> dict[str, str]:
@@ -34,7 +36,7 @@ def test_an_api_server_outage_is_one_warning_and_recovery_takes_seconds(
 ) -> None:
     apply(cluster, namespace, zis("steady", autoscaling={"mode": "none"}, replicas=1))
     wait_ready(api, namespace, "steady")
-    log = _operator_log(operator)
+    log = _operator_log(operator, api)
     offset = log.stat().st_size
 
     cluster.restart_apiserver(down_seconds=30)
@@ -95,7 +97,7 @@ def test_a_deleted_service_ends_its_daemon(
     (a daemon per deleted service left running would be a leak)."""
     apply(cluster, namespace, zis("brief", autoscaling={"mode": "none"}, replicas=1))
     wait_ready(api, namespace, "brief")
-    log = _operator_log(operator)
+    log = _operator_log(operator, api)
     offset = log.stat().st_size
     deleted = cluster.kubectl("delete", "zis", "brief", "-n", namespace, "--wait=true", "--timeout=10s")
     assert deleted.returncode == 0, deleted.stderr

@@ -1,13 +1,15 @@
 """The built-in autoscaler's pass over one service: read the load of its ready pods, decide
 (scaling.py), and scale through the reconciler. One slow or unreachable pod cannot stall it:
 reads run concurrently with a short timeout, and a pod that does not answer is reported, not idle.
-Each service's Kopf daemon (handlers.py) runs the passes."""
+Each service's Kopf daemon (handlers.py) runs the passes, from what the operator's watches hold:
+an idle service costs the API server nothing between resyncs."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
+from collections.abc import Mapping
 from typing import Any
 
 import httpx
@@ -49,44 +51,40 @@ class Autoscaler:
         self.settings = settings
         self.post_event = post_event
 
-    async def scale_if_present(
-        self, http: httpx.AsyncClient, namespace: str, name: str, uid: str, history: History
-    ) -> bool:
-        """One pass over the service ``namespace/name`` whose uid is ``uid``, if it is still
-        there; returns whether it was (False once deleted, or replaced by another of the same
-        name: its daemon then ends)."""
-        body = await asyncio.to_thread(self.kube.get_service, namespace, name)
-        if body is None or body["metadata"].get("uid") != uid:
-            return False
+    async def scale(
+        self,
+        http: httpx.AsyncClient,
+        body: Mapping[str, Any],
+        deployment: dict[str, Any] | None,
+        pods: list[dict[str, Any]],
+        history: History,
+    ) -> None:
+        """One pass over the service ``body`` (Kopf's copy, kept fresh by its watch), with its
+        Deployment and server pods as the operator's watches last saw them: no API read."""
+        body = dict(body)
         meta = body["metadata"]
         if meta.get("deletionTimestamp"):
-            return False
+            return
         try:
             spec = parse_spec(body.get("spec"))
         except InvalidSpecError:
-            return True  # the reconciler reports it
+            return  # the reconciler reports it
         artifacts = spec.runtime.compile_artifacts.enabled
         if spec.autoscaling.mode != "builtin" and not artifacts and not spec.loras:
-            return True
+            return
         owner = Owner(meta["name"], meta["namespace"], meta["uid"])
-        deployment = await asyncio.to_thread(
-            self.kube.get, "apps/v1", "Deployment", owner.namespace, owner.name
-        )
         if deployment is None or not owns(deployment, owner):
-            return True  # not made yet, or someone else's (the reconciler reports a NameConflict)
+            return  # not made yet, or someone else's (the reconciler reports a NameConflict)
         current = int((deployment.get("spec") or {}).get("replicas") or 0)
         if current == 0 and spec.needs_cache:
-            return True  # waiting for the model cache; the reconciler owns this
-        pods = await asyncio.to_thread(
-            self.kube.list_objects, "v1", "Pod", owner.namespace, builders.selector_string(owner)
-        )
+            return  # waiting for the model cache; the reconciler owns this
         loads = await asyncio.gather(*(self._read(http, pod) for pod in ready_pods(pods)))
         if artifacts:
             await self._record_artifacts(body, owner, list(loads))
         if spec.loras:
             await self._record_adapters(body, owner, list(loads))
         if spec.autoscaling.mode != "builtin":
-            return True
+            return
         now = time.time()  # wall clock: the window is kept in the status, across operators
         history.restore(((body.get("status") or {}).get("autoscaling") or {}).get("recommendations"), now)
         window_before = history.values()
@@ -94,7 +92,6 @@ class Autoscaler:
         direction = "hold" if decision.desired == current else "up" if decision.desired > current else "down"
         DECISIONS.labels(direction).inc()
         await self._record(body, owner, current, decision, history, window_before != history.values())
-        return True
 
     async def _read(self, http: httpx.AsyncClient, pod: dict[str, Any]) -> PodLoad:
         name = pod["metadata"]["name"]

@@ -28,7 +28,17 @@ class OperatorSettings(BaseSettings):
         "zimage/zimage-server:0.1.0", description="Server image for a ZImageService that names none"
     )
     server_uid: int = Field(10001, description="Numeric user the server image runs as")
-    resync_seconds: float = Field(15.0, gt=0, description="How often each service is checked for drift")
+    resync_seconds: float = Field(
+        15.0,
+        gt=0,
+        description="How often a service not yet settled (Ready, not Degraded) is reconciled again",
+    )
+    idle_resync_seconds: float = Field(
+        300.0,
+        gt=0,
+        description="How often a settled service is reconciled again (its children are watched: drift "
+        "shows at once; this catches what no watch sees, such as KEDA's objects)",
+    )
     autoscale_seconds: float = Field(
         2.0, gt=0, description="How often the built-in autoscaler reads the load"
     )

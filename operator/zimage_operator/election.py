@@ -32,6 +32,8 @@ from typing import Any
 from kubernetes import client
 from kubernetes.client.rest import ApiException
 
+from .kube import OUTAGE
+
 logger = logging.getLogger(__name__)
 
 SERVICE_ACCOUNT_NAMESPACE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
@@ -156,7 +158,9 @@ class LeaderElector:
         standing_by = problem = None
         while not stop.is_set():
             try:
-                if self.try_acquire_or_renew():
+                leads = self.try_acquire_or_renew()
+                OUTAGE.succeeded()
+                if leads:
                     return True
                 holder = self.holder()
                 if holder != standing_by:
@@ -166,7 +170,8 @@ class LeaderElector:
             except Exception as exc:  # the API server unreachable or refusing: keep trying
                 self._observed = None  # the count starts again once the Lease can be read
                 described = f"{type(exc).__name__}: {getattr(exc, 'reason', None) or exc}"
-                if described != problem:
+                # An outage is one warning (kube.py) for the whole operator; else once a problem.
+                if not OUTAGE.record(exc) and described != problem:
                     logger.warning("leader election: cannot read the Lease: %s", described)
                 problem = described
             stop.wait(self.retry_seconds)
@@ -184,10 +189,14 @@ class LeaderElector:
             problem = None
             while not self._stop.wait(self.retry_seconds):
                 try:
-                    if self.try_acquire_or_renew() or self.holder() == self.identity:
+                    renewed = self.try_acquire_or_renew()
+                    OUTAGE.succeeded()
+                    if renewed or self.holder() == self.identity:
                         problem = None
                         continue  # renewed, or a write that lost a race: read again
                 except Exception as exc:
+                    if OUTAGE.record(exc):  # one warning for the whole outage
+                        continue
                     described = f"{type(exc).__name__}: {getattr(exc, 'reason', None) or exc}"
                     if described != problem:
                         logger.warning("leader election: cannot renew the Lease: %s", described)

@@ -16,59 +16,25 @@ from pydantic_settings import CliApp
 
 from .config import OperatorSettings
 from .election import LeaderElector, own_namespace
-from .kube import OUTAGE
 from .metrics import LEADER, serve_standby
 
-# Kopf's words for a request that found no API server at all.
-_UNREACHABLE_WORDS = ("Cannot connect", "ClientConnectorError", "ServerDisconnected", "TimeoutError")
 
-
-class QuietRetries(logging.Filter):
-    """Keeps retries from flooding the log: each problem is logged once where it is handled.
-
-    Drops Kopf's line per retried handler (the reconciler has said what failed) and its line per
-    retried event post (a post that finally fails is still a warning, unless an outage or the
-    deletion of its namespace explains it), and its line per request refused for a permission
-    (permissions.py reports those once); folds its line per
-    retried request into the one outage warning when the API server is unreachable or an outage
-    is going on. Other retried requests stay visible."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if not record.name.startswith("kopf"):
-            return True
-        message = record.getMessage()
-        if "failed temporarily" in message:
-            return False
-        if record.name.startswith("kopf._core.engines.posting"):
-            return self._keep_post_failure(message)
-        if not (message.startswith("Request attempt") and "will retry" in message):
-            return True
-        if "APIForbiddenError" in message:
-            # A permission the account lacks: the permission check says so once, naming what to
-            # grant, and fails liveness; Kopf would repeat its refused request every 2 s.
-            return False
-        if any(word in message for word in _UNREACHABLE_WORDS):
-            OUTAGE.failed(ConnectionError(message))
-            return False
-        return not OUTAGE.active
-
-    @staticmethod
-    def _keep_post_failure(message: str) -> bool:
-        """Events are best effort. Their retries are dropped; a post that finally fails stays
-        a warning, unless the outage warning already covers it or its namespace is going."""
-        if message.startswith("Request attempt"):
-            return False
-        if not message.startswith("Failed to post an event"):
-            return True
-        going = "NamespaceTerminating" in message or ('namespaces "' in message and "not found" in message)
-        return not (OUTAGE.active or going)
+def configure_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    quiet = level != "debug"
+    # Kopf retries its watches and Event posts without end and logs every attempt; what matters
+    # is said once by the operator itself: an unreachable API server (kube.py), a permission the
+    # account lacks (permissions.py), a failed reconcile (reconcile.py). At debug level Kopf
+    # says everything. httpx would log every /load read.
+    logging.getLogger("kopf").setLevel(logging.CRITICAL if quiet else logging.NOTSET)
+    logging.getLogger("httpx").setLevel(logging.WARNING if quiet else logging.NOTSET)
 
 
 def lead(settings: OperatorSettings) -> LeaderElector | None:
     """Stand by until this replica holds the Lease, answering /healthz meanwhile; then keep
     renewing it, and exit at once when another replica holds it. None when stopped (SIGTERM)
     while standing by."""
-    from .handlers import api_client
+    from .kube import api_client
 
     elector = LeaderElector(
         api_client(),
@@ -104,15 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValidationError as exc:
         print(f"zimage-operator: invalid settings:\n{exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    for handler in logging.getLogger().handlers:
-        handler.addFilter(QuietRetries())
-    if settings.log_level != "debug":
-        # Kopf logs every handler call at INFO, httpx every load read; keep their warnings and errors.
-        logging.getLogger("kopf.objects").setLevel(logging.WARNING)
-        logging.getLogger("httpx").setLevel(logging.WARNING)
+    configure_logging(settings.log_level)
     from . import handlers
 
     handlers.register(settings)

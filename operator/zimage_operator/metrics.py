@@ -20,6 +20,11 @@ RECONCILES = Counter(
     ["outcome"],
 )
 WRITES = Counter("zimage_operator_writes", "Writes the operator sent to the API server", ["kind", "verb"])
+API_REQUESTS = Counter(
+    "zimage_operator_api_requests",
+    "Requests the operator's own code sent to the API server (Kopf's watches and events aside), by verb",
+    ["verb"],
+)
 ERRORS = Counter(
     "zimage_operator_errors",
     "Failures by kind: unreachable (the API server), api (an error answer), internal (a bug)",
@@ -31,7 +36,8 @@ DECISIONS = Counter(
     ["direction"],
 )
 SERVICE_LOOPS = Gauge(
-    "zimage_operator_service_loops", "ZImageServices whose daemon (resync, built-in autoscaler) is running"
+    "zimage_operator_service_loops",
+    "ZImageServices the operator's passes look after (resync, built-in autoscaler)",
 )
 API_REACHABLE = Gauge("zimage_operator_api_reachable", "1 while the API server answers, 0 during an outage")
 API_REACHABLE.set(1)

@@ -8,10 +8,13 @@ every few seconds forever while saying it is alive.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from dataclasses import dataclass
 
 from kubernetes import client
+
+from .config import OperatorSettings
 
 logger = logging.getLogger(__name__)
 
@@ -124,3 +127,19 @@ class PermissionReport:
 
 
 REPORT = PermissionReport()
+
+
+async def check_permissions(api_client: client.ApiClient, settings: OperatorSettings) -> None:
+    """Compare the account's permissions with what the operator needs, now and every
+    ``permission_check_seconds`` (a grant or a revocation shows without a restart)."""
+    from .kube import OUTAGE
+
+    while True:
+        try:
+            missing = await asyncio.to_thread(missing_permissions, api_client, settings.namespaces)
+        except Exception as exc:
+            if not OUTAGE.record(exc):
+                logger.warning("cannot check the operator's permissions: %s: %s", type(exc).__name__, exc)
+        else:
+            REPORT.update(missing)
+        await asyncio.sleep(settings.permission_check_seconds)

@@ -104,6 +104,11 @@ class Reconciler:
             else:
                 RECONCILES.labels("ok" if clean else "degraded").inc()
 
+    def forget(self, namespace: str, name: str) -> None:
+        """Drop what is kept for a service that is gone."""
+        with self._lock(f"{namespace}/{name}"):
+            self._forget(f"{namespace}/{name}")
+
     def _forget(self, key: str) -> None:
         """Drop what this operator keeps for a service that is gone: its held rollout, its last
         logged problem and its lock (released by the caller; a later reconcile of a service of

@@ -176,6 +176,13 @@ def leading_process(operator: LocalPodRunner, api: client.ApiClient) -> Any:
     return wait_until(find, 60, "an operator replica to lead")
 
 
+def leader_ip(operator: LocalPodRunner, api: client.ApiClient) -> str:
+    """The pod IP of the leading operator replica, where its /healthz and /metrics answer."""
+    name = leading_process(operator, api).key.split("/", 1)[1]
+    ip: str = client.CoreV1Api(api).read_namespaced_pod(name, OPERATOR_NAMESPACE).status.pod_ip
+    return ip
+
+
 def kill_leader(operator: LocalPodRunner, api: client.ApiClient) -> int:
     """SIGKILL the leading operator replica's process; its PID. The pod runner starts it again,
     as the kubelet would, and that process stands by until the Lease is free."""

@@ -752,9 +752,11 @@ def test_a_model_cache_is_prefetched_before_the_servers_start(
 def test_the_operator_answers_its_liveness_endpoint(operator: LocalPodRunner, api: client.ApiClient) -> None:
     import httpx
 
-    (pod,) = client.CoreV1Api(api).list_namespaced_pod("zimage-system").items
-    response = httpx.get(f"http://{pod.status.pod_ip}:8080/healthz", timeout=5)
-    assert response.status_code == 200
+    # Both replicas answer: the leader, and the standby that waits to take over.
+    for pod in client.CoreV1Api(api).list_namespaced_pod("zimage-system").items:
+        response = httpx.get(f"http://{pod.status.pod_ip}:8080/healthz", timeout=5)
+        assert response.status_code == 200
+    assert len(operator.pids()) == 2
 
 
 def test_a_namespace_scoped_operator_works_under_the_charts_namespaced_rbac(

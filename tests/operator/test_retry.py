@@ -1,21 +1,25 @@
-"""A failed reconcile is retried by the service's daemon through kopf.TemporaryError, with
-exponential backoff, or every few seconds while the API server is unreachable; an outage that
-flickers at its edges is one warning; the daemon holds no finalizer on the service."""
+"""A failed reconcile is tried again by the operator's passes after an exponential backoff, or
+every few seconds while the API server is unreachable; an outage that flickers at its edges is
+one warning."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
-import kopf
 import pytest
 import urllib3
 
-from zimage_operator import handlers
 from zimage_operator.config import OperatorSettings
-from zimage_operator.handlers import OUTAGE_RETRY_SECONDS, backoff_seconds, retry_later
 from zimage_operator.kube import OUTAGE, OutageLog
+from zimage_operator.passes import OUTAGE_RETRY_SECONDS, Passes, ServiceState, backoff_seconds
 from zimage_operator.reconcile import TemporaryFailureError
 
+INDICES: dict[str, dict[object, object]] = {
+    "index_service": {},
+    "index_deployment": {},
+    "index_server_pod": {},
+}
 REFUSED = urllib3.exceptions.MaxRetryError(
     None,  # type: ignore[arg-type]
     "/apis/zimage.dev/v1alpha1/namespaces/ml/zimageservices/posters",
@@ -27,21 +31,40 @@ def test_backoff_doubles_up_to_a_minute() -> None:
     assert [backoff_seconds(retry) for retry in range(7)] == [2, 4, 8, 16, 32, 60, 60]
 
 
+class FailingReconciler:
+    """Stands in for the reconciler (whose real failures the cluster tests make): fails as told."""
+
+    def __init__(self, cause: BaseException) -> None:
+        self.cause = cause
+
+    def reconcile(self, namespace: str, name: str) -> None:
+        raise TemporaryFailureError(str(self.cause)) from self.cause
+
+
+def retried_after(cause: BaseException, failures: int) -> float:
+    """Seconds until the passes try a service again after ``failures + 1`` failed reconciles."""
+
+    async def run() -> float:
+        passes = Passes(FailingReconciler(cause), None, OperatorSettings(), INDICES)  # type: ignore[arg-type]
+        state = ServiceState(("ml", "posters"), last_reconcile=0.0, failures=failures)
+        assert not await passes.reconcile("ml", "posters", state)
+        assert state.failures == failures + 1
+        assert state.retry_at is not None
+        return state.retry_at - asyncio.get_running_loop().time()
+
+    return asyncio.run(run())
+
+
 @pytest.mark.parametrize("failures", [0, 1, 2, 5])
-def test_a_temporary_failure_asks_kopf_to_retry_after_the_backoff(failures: int) -> None:
-    error = retry_later(TemporaryFailureError("Deployment posters: etcd leader changed"), failures)
-    assert isinstance(error, kopf.TemporaryError)
-    assert error.delay == backoff_seconds(failures)
-    assert "etcd leader changed" in str(error)
+def test_a_temporary_failure_is_tried_again_after_the_backoff(failures: int) -> None:
+    waited = retried_after(RuntimeError("Deployment posters: etcd leader changed"), failures)
+    assert backoff_seconds(failures) - 0.5 < waited <= backoff_seconds(failures)
 
 
 def test_an_unreachable_api_server_is_retried_every_few_seconds() -> None:
-    try:
-        raise TemporaryFailureError("the API server is unreachable") from REFUSED
-    except TemporaryFailureError as exc:
-        error = retry_later(exc, 9)
+    waited = retried_after(REFUSED, 9)
     OUTAGE.succeeded()
-    assert error.delay == OUTAGE_RETRY_SECONDS
+    assert OUTAGE_RETRY_SECONDS - 0.5 < waited <= OUTAGE_RETRY_SECONDS
 
 
 def test_an_outage_that_flickers_is_one_warning(caplog: pytest.LogCaptureFixture) -> None:
@@ -67,16 +90,6 @@ def test_an_outage_after_the_settling_time_is_news(caplog: pytest.LogCaptureFixt
         outage.failed(REFUSED)
         outage.succeeded()
     assert len(caplog.records) == 2
-
-
-def test_the_service_daemon_puts_no_finalizer_on_services() -> None:
-    """A finalizer would make `helm uninstall` and namespace deletion wait for an operator that
-    is already gone; Kopf's daemon handlers must not ask for one."""
-    registry = kopf.OperatorRegistry()
-    handlers.register(OperatorSettings(), registry)
-    spawning = registry._spawning.get_all_handlers()
-    assert [handler.id for handler in spawning] == ["loop"]
-    assert [handler.requires_finalizer for handler in spawning] == [False]
 
 
 def test_a_namespace_being_deleted_is_told_apart_from_a_refusal() -> None:

@@ -27,14 +27,6 @@ from .metrics import API_REACHABLE, API_REQUESTS, ERRORS, WRITES
 logger = logging.getLogger(__name__)
 
 
-class CountingApiClient(client.ApiClient):  # type: ignore[misc]
-    """The client, counting each request it sends (``zimage_operator_api_requests_total``)."""
-
-    def request(self, method: str, url: str, *args: Any, **kwargs: Any) -> Any:
-        API_REQUESTS.labels(method).inc()
-        return super().request(method, url, *args, **kwargs)
-
-
 def api_client() -> client.ApiClient:
     """In a pod: its service account. Elsewhere: the kubeconfig (KUBECONFIG or ~/.kube/config)."""
     configuration = client.Configuration()
@@ -46,7 +38,16 @@ def api_client() -> client.ApiClient:
     configuration.connection_pool_maxsize = 32
     # Fail fast while the API server is down; the caller retries with backoff.
     configuration.retries = 0
-    return CountingApiClient(configuration)
+    api = client.ApiClient(configuration)
+    send = api.rest_client.request
+
+    def counted(method: str, url: str, *args: Any, **kwargs: Any) -> Any:
+        # Every request of the client (typed APIs and the dynamic one) passes here.
+        API_REQUESTS.labels(method).inc()
+        return send(method, url, *args, **kwargs)
+
+    api.rest_client.request = counted
+    return api
 
 
 class Kube:

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from kubernetes import client, config
 from kubernetes.client.rest import ApiException
@@ -154,16 +155,21 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
 LEASE = "zimage-operator"
 
 
-def leader_pod(api: client.ApiClient, namespace: str = OPERATOR_NAMESPACE) -> str | None:
-    """The name of the operator pod that holds the Lease (its identity is ``POD_NAME_suffix``)."""
+def leader_identity(api: client.ApiClient, namespace: str = OPERATOR_NAMESPACE) -> str | None:
+    """The identity in the Lease: ``POD_NAME_suffix``, the suffix new for each process."""
     try:
         lease = client.CoordinationV1Api(api).read_namespaced_lease(LEASE, namespace)
     except ApiException as exc:
         if exc.status == 404:
             return None
         raise
-    holder = lease.spec.holder_identity or ""
-    return holder.rpartition("_")[0] or None
+    holder: str | None = lease.spec.holder_identity
+    return holder or None
+
+
+def leader_pod(api: client.ApiClient, namespace: str = OPERATOR_NAMESPACE) -> str | None:
+    """The name of the operator pod whose process holds the Lease."""
+    return (leader_identity(api, namespace) or "").rpartition("_")[0] or None
 
 
 def leading_process(operator: LocalPodRunner, api: client.ApiClient) -> Any:
@@ -177,9 +183,19 @@ def leading_process(operator: LocalPodRunner, api: client.ApiClient) -> Any:
 
 
 def leader_ip(operator: LocalPodRunner, api: client.ApiClient) -> str:
-    """The pod IP of the leading operator replica, where its /healthz and /metrics answer."""
+    """The pod IP of the leading operator replica, once its /metrics answers (the standby's
+    health server hands the port over to the leader's as it starts to lead)."""
     name = leading_process(operator, api).key.split("/", 1)[1]
     ip: str = client.CoreV1Api(api).read_namespaced_pod(name, OPERATOR_NAMESPACE).status.pod_ip
+
+    def leads() -> bool:
+        try:
+            text = httpx.get(f"http://{ip}:8080/metrics", timeout=5).text
+        except httpx.HTTPError:
+            return False
+        return "zimage_operator_leader 1.0" in text
+
+    wait_until(leads, 60, "the leading operator replica's /metrics")
     return ip
 
 

@@ -52,10 +52,13 @@ def test_helm_install_upgrade_and_uninstall(fresh_cluster: LocalCluster, tmp_pat
     with LocalPodRunner(
         cluster.kubeconfig, tmp_path / "pods", images=frozenset({"zimage-operator"})
     ) as runner:
-        wait_until(lambda: bool(runner.pids()), 60, "the operator process")
-        (pod,) = operator_pods()
-        assert pod["spec"]["serviceAccountName"] == "zimage-zimage-operator"
-        assert pod["spec"]["nodeName"] == "gpu-node-0"
+        wait_until(lambda: len(runner.pids()) == 2, 60, "the operator processes: a leader, a standby")
+        pods = operator_pods()
+        assert len(pods) == 2
+        for pod in pods:
+            assert pod["spec"]["serviceAccountName"] == "zimage-zimage-operator"
+            # One node here: the anti-affinity is a preference, so both replicas still run.
+            assert pod["spec"]["nodeName"] == "gpu-node-0"
 
         def example_ready() -> bool:
             return cluster.condition("zis", "example", NAMESPACE) == "True"
@@ -66,19 +69,22 @@ def test_helm_install_upgrade_and_uninstall(fresh_cluster: LocalCluster, tmp_pat
         assert tested.returncode == 0, tested.stdout + tested.stderr
         assert "Phase:          Succeeded" in tested.stdout
 
-        first = pod["metadata"]["uid"]
+        first = {pod["metadata"]["uid"] for pod in pods}
         upgraded = helm("upgrade", "zimage", str(CHART), *values, "--set", "logLevel=debug")
         assert upgraded.returncode == 0, upgraded.stderr
 
         def rolled() -> bool:
             pods = operator_pods()
-            return len(pods) == 1 and pods[0]["metadata"]["uid"] != first
+            return len(pods) == 2 and not first & {pod["metadata"]["uid"] for pod in pods}
 
-        wait_until(rolled, 60, "the operator to roll to the new values")
-        (pod,) = operator_pods()
-        env_values = {e["name"]: e.get("value") for e in pod["spec"]["containers"][0]["env"]}
-        assert env_values["ZIMAGE_OPERATOR_LOG_LEVEL"] == "debug"
-        wait_until(lambda: len(runner.pids()) == 1, 60, "one operator process after the roll")
+        wait_until(rolled, 120, "the operator to roll to the new values")
+        for pod in operator_pods():
+            env_values = {e["name"]: e.get("value") for e in pod["spec"]["containers"][0]["env"]}
+            assert env_values["ZIMAGE_OPERATOR_LOG_LEVEL"] == "debug"
+        wait_until(lambda: len(runner.pids()) == 2, 60, "two operator processes after the roll")
+        # One of the new replicas leads and keeps the example Ready.
+        cluster.kubectl("annotate", "zis", "example", "-n", NAMESPACE, "touched=1")
+        wait_until(example_ready, 60, "the example to stay Ready under the new leader")
 
         uninstalled = helm("uninstall", "zimage", "--wait")
         assert uninstalled.returncode == 0, uninstalled.stderr

@@ -32,7 +32,7 @@ from typing import Any
 from kubernetes import client
 from kubernetes.client.rest import ApiException
 
-from .kube import OUTAGE
+from .failures import OutageLog
 
 logger = logging.getLogger(__name__)
 
@@ -72,12 +72,14 @@ class LeaderElector:
         identity: str | None = None,
         lease_seconds: float = 15.0,
         retry_seconds: float = 2.0,
+        outage: OutageLog | None = None,
     ) -> None:
         self.api = client.CoordinationV1Api(api_client)
         self.namespace, self.name = namespace, name
         self.identity = identity or new_identity()
         self.lease_seconds = lease_seconds
         self.retry_seconds = retry_seconds
+        self.outage = outage or OutageLog()
         self._observed: tuple[Any, ...] | None = None
         self._observed_at = 0.0
         self._stop = threading.Event()
@@ -159,7 +161,7 @@ class LeaderElector:
         while not stop.is_set():
             try:
                 leads = self.try_acquire_or_renew()
-                OUTAGE.succeeded()
+                self.outage.succeeded()
                 if leads:
                     return True
                 holder = self.holder()
@@ -170,8 +172,8 @@ class LeaderElector:
             except Exception as exc:  # the API server unreachable or refusing: keep trying
                 self._observed = None  # the count starts again once the Lease can be read
                 described = f"{type(exc).__name__}: {getattr(exc, 'reason', None) or exc}"
-                # An outage is one warning (kube.py) for the whole operator; else once a problem.
-                if not OUTAGE.record(exc) and described != problem:
+                # An outage is one warning (failures.py) for the whole operator; else once a problem.
+                if not self.outage.record(exc) and described != problem:
                     logger.warning("leader election: cannot read the Lease: %s", described)
                 problem = described
             stop.wait(self.retry_seconds)
@@ -190,12 +192,12 @@ class LeaderElector:
             while not self._stop.wait(self.retry_seconds):
                 try:
                     renewed = self.try_acquire_or_renew()
-                    OUTAGE.succeeded()
+                    self.outage.succeeded()
                     if renewed or self.holder() == self.identity:
                         problem = None
                         continue  # renewed, or a write that lost a race: read again
                 except Exception as exc:
-                    if OUTAGE.record(exc):  # one warning for the whole outage
+                    if self.outage.record(exc):  # one warning for the whole outage
                         continue
                     described = f"{type(exc).__name__}: {getattr(exc, 'reason', None) or exc}"
                     if described != problem:

@@ -57,14 +57,14 @@ def post_event(body: dict[str, Any], kind: str, reason: str, message: str) -> No
 async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **indices: Any) -> None:
     ours: OperatorSettings = memo.settings
     tune(settings, ours)
-    kube = Kube(api_client())
+    kube = Kube(api_client(), memo.outage)
     reconciler = Reconciler(kube, ours, post_event)
     memo.passes = Passes(reconciler, Autoscaler(kube, reconciler, ours, post_event), ours, indices)
     memo.pods_pending = set()
     memo.health = await start_health_server(ours.health_host, ours.health_port)
     memo.tasks = [
         asyncio.create_task(memo.passes.run()),
-        asyncio.create_task(check_permissions(kube.api_client, ours)),
+        asyncio.create_task(check_permissions(kube, ours)),
     ]
 
 

@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import kopf
 
 from .config import FIELD_MANAGER, OperatorSettings
-from .passes import OUTAGE_RETRY_SECONDS
+from .failures import OUTAGE_RETRY_SECONDS
 
 WORKER_THREADS = 16
 

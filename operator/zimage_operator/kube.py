@@ -8,21 +8,18 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import logging
 import threading
-import time
 from typing import Any
 
-import urllib3
 from kubernetes import client, config
-from kubernetes.client.rest import ApiException
 from kubernetes.dynamic import DynamicClient
 from kubernetes.dynamic.exceptions import NotFoundError
 
 from .builders import API_VERSION, KIND
 from .config import FIELD_MANAGER
-from .metrics import API_REACHABLE, API_REQUESTS, ERRORS, WRITES
+from .failures import OutageLog
+from .metrics import API_REQUESTS, WRITES
 
 logger = logging.getLogger(__name__)
 
@@ -51,8 +48,9 @@ def api_client() -> client.ApiClient:
 
 
 class Kube:
-    def __init__(self, api_client: client.ApiClient) -> None:
+    def __init__(self, api_client: client.ApiClient, outage: OutageLog | None = None) -> None:
         self.api_client = api_client
+        self.outage = outage or OutageLog()
         self._dynamic: DynamicClient | None = None
         self._lock = threading.Lock()
         self._resources: dict[tuple[str, str], Any] = {}
@@ -156,105 +154,3 @@ class Kube:
             namespace=namespace,
             content_type="application/merge-patch+json",
         )
-
-
-def unreachable(exc: BaseException) -> bool:
-    """The API server could not be reached at all, or answered that it is not serving now
-    (503: "apiserver is shutting down", or not ready yet), as opposed to refusing a request."""
-    if isinstance(exc, ApiException):
-        return not exc.status or exc.status == 503
-    return isinstance(exc, urllib3.exceptions.HTTPError | OSError)
-
-
-class OutageLog:
-    """One warning when the API server becomes unreachable and one line when it is back,
-    however many calls fail in between. The outage lasts until a reconcile succeeds again: an
-    API server that has just come back may refuse requests for a moment (403 while its
-    authorizer warms up), and those are part of the same outage.
-
-    An outage flickers at its edges: a call on a connection opened before a graceful shutdown
-    can still succeed after the first refusal, and Kopf reports its own refused attempts some
-    seconds after they were made. A failure within ``settle_seconds`` of the last recovery is
-    therefore the same outage going on, not news: it is logged at debug level."""
-
-    def __init__(self, settle_seconds: float = 60.0) -> None:
-        self.settle_seconds = settle_seconds
-        self._since: float | None = None
-        self._recovered: float | None = None
-        self._lock = threading.Lock()
-
-    @property
-    def active(self) -> bool:
-        return self._since is not None
-
-    def covers(self, exc: BaseException) -> bool:
-        """Whether ``exc`` belongs to an outage: it is one, or one is going on."""
-        return unreachable(exc) or self.active
-
-    def record(self, exc: BaseException) -> bool:
-        """``failed(exc)`` if ``exc`` belongs to an outage; whether it did."""
-        if not self.covers(exc):
-            return False
-        self.failed(exc)
-        return True
-
-    def failed(self, exc: BaseException) -> None:
-        ERRORS.labels("unreachable").inc()
-        with self._lock:
-            if self._since is not None:
-                return
-            now = time.monotonic()
-            self._since = now
-            news = self._recovered is None or now - self._recovered > self.settle_seconds
-        API_REACHABLE.set(0)
-        if news:
-            logger.warning(
-                "the API server is unreachable (%s); retrying every few seconds until it is back",
-                _first_line(exc),
-            )
-        else:
-            logger.debug("the API server is unreachable again (%s)", _first_line(exc))
-
-    def succeeded(self) -> None:
-        with self._lock:
-            since, self._since = self._since, None
-            if since is not None:
-                self._recovered = time.monotonic()
-        if since is not None:
-            API_REACHABLE.set(1)
-            logger.info("the API server is reachable again after %.0fs", time.monotonic() - since)
-
-
-def _first_line(exc: BaseException) -> str:
-    # What failed, not the request that met it first: the outage is the API server's, not
-    # any one service's.
-    if isinstance(exc, urllib3.exceptions.MaxRetryError) and exc.reason is not None:
-        exc = exc.reason
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
-
-
-OUTAGE = OutageLog()
-
-
-def is_temporary(exc: ApiException) -> bool:
-    """Worth retrying: conflicts, throttling, server trouble. Other 4xx need a spec change."""
-    return exc.status in (409, 429) or exc.status is None or exc.status >= 500
-
-
-def namespace_terminating(exc: ApiException) -> bool:
-    """The API server refused to create something because its namespace is being deleted."""
-    if exc.status != 403:
-        return False
-    try:
-        causes = (json.loads(exc.body or "{}").get("details") or {}).get("causes") or []
-    except ValueError:
-        return False
-    return any(cause.get("reason") == "NamespaceTerminating" for cause in causes)
-
-
-def api_message(exc: ApiException) -> str:
-    try:
-        return str(json.loads(exc.body or "{}").get("message") or exc.reason)
-    except ValueError:
-        return str(exc.reason)

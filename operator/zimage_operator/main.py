@@ -16,6 +16,7 @@ from pydantic_settings import CliApp
 
 from .config import OperatorSettings
 from .election import LeaderElector, own_namespace
+from .failures import OutageLog
 from .metrics import LEADER, serve_standby
 
 
@@ -23,14 +24,14 @@ def configure_logging(level: str) -> None:
     logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     quiet = level != "debug"
     # Kopf retries its watches and Event posts without end and logs every attempt; what matters
-    # is said once by the operator itself: an unreachable API server (kube.py), a permission the
+    # is said once by the operator itself: an unreachable API server (failures.py), a permission the
     # account lacks (permissions.py), a failed reconcile (reconcile.py). At debug level Kopf
     # says everything. httpx would log every /load read.
     logging.getLogger("kopf").setLevel(logging.CRITICAL if quiet else logging.NOTSET)
     logging.getLogger("httpx").setLevel(logging.WARNING if quiet else logging.NOTSET)
 
 
-def lead(settings: OperatorSettings) -> LeaderElector | None:
+def lead(settings: OperatorSettings, outage: OutageLog) -> LeaderElector | None:
     """Stand by until this replica holds the Lease, answering /healthz meanwhile; then keep
     renewing it, and exit at once when another replica holds it. None when stopped (SIGTERM)
     while standing by."""
@@ -42,6 +43,7 @@ def lead(settings: OperatorSettings) -> LeaderElector | None:
         settings.lease_name,
         lease_seconds=settings.lease_seconds,
         retry_seconds=settings.lease_retry_seconds,
+        outage=outage,
     )
     stop = threading.Event()
     previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -75,7 +77,8 @@ def main(argv: list[str] | None = None) -> int:
 
     handlers.register(settings)
     scope = ", ".join(settings.namespaces) or "all namespaces"
-    elector = lead(settings) if settings.leader_election else None
+    outage = OutageLog()  # one for the process: the election, the reconciler, the passes
+    elector = lead(settings, outage) if settings.leader_election else None
     if elector is None and settings.leader_election:
         return 0  # stopped while standing by
     LEADER.set(1)
@@ -89,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
             identity=cast(Any, f"zimage-operator@{socket.gethostname()}"),
             clusterwide=not settings.namespaces,
             namespaces=settings.namespaces,
-            memo=kopf.Memo(settings=settings),
+            memo=kopf.Memo(settings=settings, outage=outage),
         )
     finally:
         if elector is not None:

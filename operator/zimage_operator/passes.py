@@ -27,35 +27,17 @@ from typing import Any
 
 import httpx
 import kopf
-from kubernetes.client.rest import ApiException
 
 from .autoscaler import Autoscaler
 from .config import OperatorSettings
-from .kube import OUTAGE, api_message
+from .failures import OUTAGE_RETRY_SECONDS, backoff_seconds, describe
 from .metrics import SERVICE_LOOPS
 from .reconcile import Reconciler, TemporaryFailureError
 from .scaling import History
 
 logger = logging.getLogger(__name__)
 
-MAX_BACKOFF_SECONDS = 60.0
-BASE_BACKOFF_SECONDS = 2.0
-# While the API server is unreachable: retried this often, so that a service is reconciled
-# within seconds of its return.
-OUTAGE_RETRY_SECONDS = 2.0
 Key = tuple[str, str]  # namespace, name
-
-
-def backoff_seconds(retry: int) -> float:
-    """Delay before retry number ``retry + 1`` of a failed reconcile: 2, 4, 8, ... 60 seconds."""
-    return min(MAX_BACKOFF_SECONDS, BASE_BACKOFF_SECONDS * 2.0**retry)
-
-
-def describe(exc: BaseException) -> str:
-    """One line for the log: the API server's message for a refused request, not its headers."""
-    if isinstance(exc, ApiException):
-        return f"{exc.status} {api_message(exc)}"
-    return f"{type(exc).__name__}: {exc}"
 
 
 def settled(body: Mapping[str, Any]) -> bool:
@@ -111,6 +93,7 @@ class Passes:
         self.deployments = indices["index_deployment"]
         self.pods = indices["index_server_pod"]
         self.states: dict[str, ServiceState] = {}  # by uid
+        self.outage = reconciler.kube.outage
 
     async def run(self) -> None:
         async with httpx.AsyncClient(timeout=self.settings.load_timeout_seconds) as http:
@@ -158,7 +141,7 @@ class Passes:
         try:
             await self.autoscaler.scale(http, body, deployment, entries(self.pods, key), state.history)
         except Exception as exc:
-            if OUTAGE.record(exc):
+            if self.outage.record(exc):
                 return
             problem = describe(exc)
             if problem != state.problem:  # once per distinct problem, never a traceback
@@ -176,12 +159,12 @@ class Passes:
             await asyncio.to_thread(self.reconciler.reconcile, namespace, name)
         except TemporaryFailureError as exc:
             if state is not None:
-                outage = OUTAGE.record(exc.__cause__ or exc)
+                outage = self.outage.record(exc.__cause__ or exc)
                 delay = OUTAGE_RETRY_SECONDS if outage else backoff_seconds(state.failures)
                 state.failures += 1
                 state.retry_at = loop.time() + delay
             return False
-        OUTAGE.succeeded()
+        self.outage.succeeded()
         if state is not None:
             state.failures = 0
             state.retry_at, state.last_reconcile = None, loop.time()

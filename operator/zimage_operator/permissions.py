@@ -11,10 +11,14 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from kubernetes import client
 
 from .config import OperatorSettings
+
+if TYPE_CHECKING:  # kube.py imports what imports this module
+    from .kube import Kube
 
 logger = logging.getLogger(__name__)
 
@@ -129,16 +133,14 @@ class PermissionReport:
 REPORT = PermissionReport()
 
 
-async def check_permissions(api_client: client.ApiClient, settings: OperatorSettings) -> None:
+async def check_permissions(kube: Kube, settings: OperatorSettings) -> None:
     """Compare the account's permissions with what the operator needs, now and every
     ``permission_check_seconds`` (a grant or a revocation shows without a restart)."""
-    from .kube import OUTAGE
-
     while True:
         try:
-            missing = await asyncio.to_thread(missing_permissions, api_client, settings.namespaces)
+            missing = await asyncio.to_thread(missing_permissions, kube.api_client, settings.namespaces)
         except Exception as exc:
-            if not OUTAGE.record(exc):
+            if not kube.outage.record(exc):
                 logger.warning("cannot check the operator's permissions: %s: %s", type(exc).__name__, exc)
         else:
             REPORT.update(missing)

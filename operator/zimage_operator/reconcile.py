@@ -21,7 +21,8 @@ from .builders import Manifest, Owner
 from .coalesce import MAX_HOLD_SECONDS, QUIET_SECONDS, ChangeCoalescer
 from .config import FIELD_MANAGER, OperatorSettings
 from .drift import contains, foreign_changes
-from .kube import OUTAGE, Kube, api_message, is_temporary, namespace_terminating
+from .failures import api_message, is_temporary, namespace_terminating
+from .kube import Kube
 from .metrics import ERRORS, RECONCILES
 from .spec import InvalidSpecError, ZImageServiceSpec, parse_spec
 from .status import (
@@ -86,14 +87,14 @@ class Reconciler:
                 RECONCILES.labels("retry").inc()
                 raise
             except Exception as exc:
-                if OUTAGE.covers(exc):
+                if self.kube.outage.covers(exc):
                     RECONCILES.labels("retry").inc()
                     raise TemporaryFailureError(f"the API server is unreachable: {exc}") from exc
                 ERRORS.labels("api" if isinstance(exc, ApiException) else "internal").inc()
                 try:
                     self._report_failure(namespace, name, exc)
                 except Exception as report:
-                    if OUTAGE.covers(report):  # the API server went away meanwhile
+                    if self.kube.outage.covers(report):  # the API server went away meanwhile
                         RECONCILES.labels("retry").inc()
                         raise TemporaryFailureError(f"the API server is unreachable: {report}") from report
                     self._log_once(namespace, name, f"cannot report a failure in the status: {report}")
@@ -261,7 +262,7 @@ class Reconciler:
             try:
                 result = self._converge(manifest, live)
             except ApiException as exc:
-                if OUTAGE.covers(exc):
+                if self.kube.outage.covers(exc):
                     raise
                 if namespace_terminating(exc):  # it all goes with the namespace: nothing to do
                     logger.debug("%s/%s: its namespace is being deleted", owner.namespace, owner.name)
@@ -384,7 +385,7 @@ class Reconciler:
         try:
             found: dict[str, Any] | None = self.kube.defaulted(manifest)
         except ApiException as exc:
-            if OUTAGE.covers(exc) or is_temporary(exc):
+            if self.kube.outage.covers(exc) or is_temporary(exc):
                 raise
             meta = manifest["metadata"]
             self._log_once(

@@ -100,9 +100,8 @@ def test_the_chart_runs_the_operator_image_in_a_container_and_it_reconciles(
 def leader_identity(cluster: LocalCluster) -> str:
     """The Lease's holder: ``POD_NAME_suffix``, the suffix new for each process."""
 
-    def holder() -> str | None:
+    def holder() -> str:
         lease = kube_json(cluster, "get", "lease", "zimage-operator", "-n", NAMESPACE)
-        return (lease.get("spec") or {}).get("holderIdentity") or None
+        return str((lease.get("spec") or {}).get("holderIdentity") or "")
 
-    identity: str = wait_until(holder, 60, "an operator replica to lead")
-    return identity
+    return wait_until(holder, 60, "an operator replica to lead")

@@ -7,8 +7,8 @@ import logging
 
 import pytest
 
+from zimage_operator.failures import describe
 from zimage_operator.main import configure_logging
-from zimage_operator.passes import describe
 
 
 @pytest.fixture
@@ -27,8 +27,8 @@ def test_kopfs_retry_lines_stay_out_of_the_log_and_the_operators_own_get_in(
     with caplog.at_level(logging.INFO):
         # Kopf's API client logs each failed attempt at ERROR from a logger under "kopf".
         logging.getLogger("kopf.clients").error("Request attempt #1 failed; will retry: GET ...")
-        logging.getLogger("zimage_operator.kube").warning("the API server is unreachable (...)")
-    assert [record.name for record in caplog.records] == ["zimage_operator.kube"]
+        logging.getLogger("zimage_operator.failures").warning("the API server is unreachable (...)")
+    assert [record.name for record in caplog.records] == ["zimage_operator.failures"]
 
 
 def test_at_debug_level_kopf_says_everything(

@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import types
 
 import pytest
 import urllib3
 
 from zimage_operator.config import OperatorSettings
-from zimage_operator.kube import OUTAGE, OutageLog
-from zimage_operator.passes import OUTAGE_RETRY_SECONDS, Passes, ServiceState, backoff_seconds
+from zimage_operator.failures import OUTAGE_RETRY_SECONDS, OutageLog, backoff_seconds
+from zimage_operator.passes import Passes, ServiceState
 from zimage_operator.reconcile import TemporaryFailureError
 
 INDICES: dict[str, dict[object, object]] = {
@@ -36,6 +37,7 @@ class FailingReconciler:
 
     def __init__(self, cause: BaseException) -> None:
         self.cause = cause
+        self.kube = types.SimpleNamespace(outage=OutageLog())
 
     def reconcile(self, namespace: str, name: str) -> None:
         raise TemporaryFailureError(str(self.cause)) from self.cause
@@ -63,13 +65,12 @@ def test_a_temporary_failure_is_tried_again_after_the_backoff(failures: int) -> 
 
 def test_an_unreachable_api_server_is_retried_every_few_seconds() -> None:
     waited = retried_after(REFUSED, 9)
-    OUTAGE.succeeded()
     assert OUTAGE_RETRY_SECONDS - 0.5 < waited <= OUTAGE_RETRY_SECONDS
 
 
 def test_an_outage_that_flickers_is_one_warning(caplog: pytest.LogCaptureFixture) -> None:
     outage = OutageLog(settle_seconds=60)
-    with caplog.at_level(logging.DEBUG, logger="zimage_operator.kube"):
+    with caplog.at_level(logging.DEBUG, logger="zimage_operator.failures"):
         outage.failed(REFUSED)
         outage.failed(REFUSED)
         outage.succeeded()  # a call on a connection the old API server still served
@@ -84,7 +85,7 @@ def test_an_outage_that_flickers_is_one_warning(caplog: pytest.LogCaptureFixture
 
 def test_an_outage_after_the_settling_time_is_news(caplog: pytest.LogCaptureFixture) -> None:
     outage = OutageLog(settle_seconds=0)
-    with caplog.at_level(logging.WARNING, logger="zimage_operator.kube"):
+    with caplog.at_level(logging.WARNING, logger="zimage_operator.failures"):
         outage.failed(REFUSED)
         outage.succeeded()
         outage.failed(REFUSED)
@@ -95,7 +96,7 @@ def test_an_outage_after_the_settling_time_is_news(caplog: pytest.LogCaptureFixt
 def test_a_namespace_being_deleted_is_told_apart_from_a_refusal() -> None:
     from kubernetes.client.rest import ApiException
 
-    from zimage_operator.kube import namespace_terminating
+    from zimage_operator.failures import namespace_terminating
 
     going = ApiException(status=403)
     going.body = (
@@ -112,7 +113,7 @@ def test_a_namespace_being_deleted_is_told_apart_from_a_refusal() -> None:
 def test_an_api_server_shutting_down_is_part_of_the_outage_not_a_refusal() -> None:
     from kubernetes.client.rest import ApiException
 
-    from zimage_operator.kube import unreachable
+    from zimage_operator.failures import unreachable
 
     # Graceful shutdown answers 503 "apiserver is shutting down" before the socket closes.
     assert unreachable(ApiException(status=503, reason="Service Unavailable"))

@@ -177,9 +177,8 @@ class Autoscaler:
             verb = "ScaledUp" if decision.desired > current else "ScaledDown"
             key = f"{owner.namespace}/{owner.name}"
             logger.info("%s %s: %d -> %d (%s)", verb, key, current, decision.desired, decision.reason)
-            self.post_event(
-                body, "Normal", verb, f"{current} -> {decision.desired} replicas: {decision.reason}"
-            )
+            message = f"{current} -> {decision.desired} replicas: {decision.reason}"
+            await asyncio.to_thread(self.post_event, body, "Normal", verb, message)
             await asyncio.to_thread(self.reconciler.reconcile, owner.namespace, owner.name)
 
 

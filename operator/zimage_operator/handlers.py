@@ -6,7 +6,7 @@
 
 Kopf's indices hold the services, their Deployments and their server pods as the watches last
 saw them; the passes read those, not the API server. No handler needs a finalizer, so none is
-set. Events go out through Kopf's event helpers.
+set. Events go out through the operator's own client (kube.py).
 """
 
 from __future__ import annotations
@@ -50,16 +50,12 @@ INSTANCE_LABEL = "app.kubernetes.io/instance"
 POD_SETTLE_SECONDS = 0.5
 
 
-def post_event(body: dict[str, Any], kind: str, reason: str, message: str) -> None:
-    kopf.event(body, type=kind, reason=reason, message=message[:1024])  # type: ignore[arg-type]
-
-
 async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **indices: Any) -> None:
     ours: OperatorSettings = memo.settings
     tune(settings, ours)
     kube = Kube(api_client(), memo.outage)
-    reconciler = Reconciler(kube, ours, post_event)
-    memo.passes = Passes(reconciler, Autoscaler(kube, reconciler, ours, post_event), ours, indices)
+    reconciler = Reconciler(kube, ours, kube.post_event)
+    memo.passes = Passes(reconciler, Autoscaler(kube, reconciler, ours, kube.post_event), ours, indices)
     memo.pods_pending = set()
     memo.health = await start_health_server(ours.health_host, ours.health_port)
     memo.tasks = [

@@ -25,11 +25,11 @@ class _Backoffs:
 
 
 def tune(settings: kopf.OperatorSettings, ours: OperatorSettings) -> None:
-    settings.posting.level = logging.WARNING  # Kopf's own messages; ours go through post_event
+    settings.posting.level = logging.WARNING  # Kopf's own messages; ours go through Kube.post_event
     settings.posting.reporting_component = FIELD_MANAGER
     settings.execution.max_workers = WORKER_THREADS
-    # Blocking calls (asyncio.to_thread, which carries the context Kopf's event helpers need)
-    # run on the loop's default executor: as many threads as Kopf's own.
+    # Blocking calls (asyncio.to_thread) run on the loop's default executor: as many threads as
+    # Kopf's own.
     loop = asyncio.get_running_loop()
     loop.set_default_executor(ThreadPoolExecutor(WORKER_THREADS, thread_name_prefix="zimage-operator"))
     settings.watching.server_timeout = 300

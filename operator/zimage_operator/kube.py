@@ -8,17 +8,19 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import datetime
 import logging
 import threading
 from typing import Any
 
 from kubernetes import client, config
+from kubernetes.client.rest import ApiException
 from kubernetes.dynamic import DynamicClient
 from kubernetes.dynamic.exceptions import NotFoundError
 
 from .builders import API_VERSION, KIND
 from .config import FIELD_MANAGER
-from .failures import OutageLog
+from .failures import OutageLog, describe, namespace_terminating
 from .metrics import API_REQUESTS, WRITES
 
 logger = logging.getLogger(__name__)
@@ -145,6 +147,48 @@ class Kube:
         for namespace in namespaces:
             found.extend(item.to_dict() for item in resource.get(namespace=namespace).items)
         return found
+
+    def post_event(self, body: dict[str, Any], kind: str, reason: str, message: str) -> None:
+        """A Kubernetes Event about ``body``, best effort: one that cannot be posted (an outage,
+        a namespace being deleted) is logged at debug level, else as a warning, and never
+        raises. Posted with the operator's own client: Kopf's event helpers work only inside
+        its resource handlers, and the periodic passes are not one."""
+        meta = body["metadata"]
+        now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        event = {
+            "apiVersion": "v1",
+            "kind": "Event",
+            "metadata": {"generateName": f"{meta['name']}.", "namespace": meta["namespace"]},
+            "involvedObject": {
+                "apiVersion": body.get("apiVersion") or API_VERSION,
+                "kind": body.get("kind") or KIND,
+                "name": meta["name"],
+                "namespace": meta["namespace"],
+                "uid": meta.get("uid"),
+                "resourceVersion": meta.get("resourceVersion"),
+            },
+            "type": kind,
+            "reason": reason,
+            "message": message[:1024],
+            "source": {"component": FIELD_MANAGER},
+            "reportingComponent": FIELD_MANAGER,
+            "firstTimestamp": now,
+            "lastTimestamp": now,
+            "count": 1,
+        }
+        try:
+            self._resource("v1", "Event").create(body=event, namespace=meta["namespace"])
+        except Exception as exc:
+            going = isinstance(exc, ApiException) and (namespace_terminating(exc) or exc.status == 404)
+            quiet = going or self.outage.covers(exc)
+            logger.log(
+                logging.DEBUG if quiet else logging.WARNING,
+                "could not post the event %s on %s/%s: %s",
+                reason,
+                meta["namespace"],
+                meta["name"],
+                describe(exc),
+            )
 
     def patch_status(self, namespace: str, name: str, status: dict[str, Any]) -> None:
         WRITES.labels(KIND, "status").inc()

@@ -22,7 +22,7 @@ RECONCILES = Counter(
 WRITES = Counter("zimage_operator_writes", "Writes the operator sent to the API server", ["kind", "verb"])
 API_REQUESTS = Counter(
     "zimage_operator_api_requests",
-    "Requests the operator's own code sent to the API server (Kopf's watches and events aside), by verb",
+    "Requests the operator's own code sent to the API server (Kopf's watches aside), by verb",
     ["verb"],
 )
 ERRORS = Counter(

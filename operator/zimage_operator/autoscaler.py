@@ -1,8 +1,8 @@
 """The built-in autoscaler's pass over one service: read the load of its ready pods, decide
 (scaling.py), and scale through the reconciler. One slow or unreachable pod cannot stall it:
 reads run concurrently with a short timeout, and a pod that does not answer is reported, not idle.
-Each service's Kopf daemon (handlers.py) runs the passes, from what the operator's watches hold:
-an idle service costs the API server nothing between resyncs."""
+The operator's periodic passes (passes.py) run it, from what the operator's watches hold: an
+idle service costs the API server nothing between resyncs."""
 
 from __future__ import annotations
 

@@ -32,7 +32,7 @@ from typing import Any
 from kubernetes import client
 from kubernetes.client.rest import ApiException
 
-from .failures import OutageLog
+from .failures import OutageLog, describe
 
 logger = logging.getLogger(__name__)
 
@@ -111,13 +111,11 @@ class LeaderElector:
                 "namespace": self.namespace,
                 "resourceVersion": lease.metadata.resource_version,
             },
-            "spec": {
-                "holderIdentity": self.identity,
-                "leaseDurationSeconds": int(self.lease_seconds),
-                "acquireTime": micro_time(now if taking_over else spec.acquire_time or now),
-                "renewTime": micro_time(now),
-                "leaseTransitions": (spec.lease_transitions or 0) + (1 if taking_over else 0),
-            },
+            "spec": self._held(
+                now,
+                acquired=now if taking_over else spec.acquire_time or now,
+                transitions=(spec.lease_transitions or 0) + (1 if taking_over else 0),
+            ),
         }
         try:
             self.api.replace_namespaced_lease(self.name, self.namespace, body)
@@ -129,19 +127,23 @@ class LeaderElector:
             self._leads()
         return True
 
+    def _held(self, now: datetime.datetime, acquired: datetime.datetime, transitions: int) -> dict[str, Any]:
+        """The Lease's spec with this replica holding it, renewed ``now``."""
+        return {
+            "holderIdentity": self.identity,
+            "leaseDurationSeconds": int(self.lease_seconds),
+            "acquireTime": micro_time(acquired),
+            "renewTime": micro_time(now),
+            "leaseTransitions": transitions,
+        }
+
     def _leads(self) -> None:
         logger.info("leader election: %s now leads (Lease %s/%s)", self.identity, self.namespace, self.name)
 
     def _create(self, now: datetime.datetime) -> bool:
         body = {
             "metadata": {"name": self.name, "namespace": self.namespace},
-            "spec": {
-                "holderIdentity": self.identity,
-                "leaseDurationSeconds": int(self.lease_seconds),
-                "acquireTime": micro_time(now),
-                "renewTime": micro_time(now),
-                "leaseTransitions": 0,
-            },
+            "spec": self._held(now, acquired=now, transitions=0),
         }
         try:
             self.api.create_namespaced_lease(self.namespace, body)
@@ -171,7 +173,7 @@ class LeaderElector:
                 problem = None
             except Exception as exc:  # the API server unreachable or refusing: keep trying
                 self._observed = None  # the count starts again once the Lease can be read
-                described = f"{type(exc).__name__}: {getattr(exc, 'reason', None) or exc}"
+                described = describe(exc)
                 # An outage is one warning (failures.py) for the whole operator; else once a problem.
                 if not self.outage.record(exc) and described != problem:
                     logger.warning("leader election: cannot read the Lease: %s", described)
@@ -199,7 +201,7 @@ class LeaderElector:
                 except Exception as exc:
                     if self.outage.record(exc):  # one warning for the whole outage
                         continue
-                    described = f"{type(exc).__name__}: {getattr(exc, 'reason', None) or exc}"
+                    described = describe(exc)
                     if described != problem:
                         logger.warning("leader election: cannot renew the Lease: %s", described)
                     problem = described
@@ -227,4 +229,4 @@ class LeaderElector:
             self.api.patch_namespaced_lease(self.name, self.namespace, body)
             logger.info("leader election: gave the Lease up")
         except Exception as exc:  # it expires on its own
-            logger.warning("leader election: could not give the Lease up: %s", type(exc).__name__)
+            logger.warning("leader election: could not give the Lease up: %s", describe(exc))

@@ -49,13 +49,13 @@ def unreachable(exc: BaseException) -> bool:
 
 class OutageLog:
     """One warning when the API server becomes unreachable and one line when it is back,
-    however many calls fail in between. The outage lasts until a reconcile succeeds again: an
-    API server that has just come back may refuse requests for a moment (403 while its
-    authorizer warms up), and those are part of the same outage.
+    however many calls fail in between. The outage lasts until a call succeeds again (a
+    reconcile, a renewal of the Lease): an API server that has just come back may refuse
+    requests for a moment (403 while its authorizer warms up), and those are part of the same
+    outage.
 
     An outage flickers at its edges: a call on a connection opened before a graceful shutdown
-    can still succeed after the first refusal, and Kopf reports its own refused attempts some
-    seconds after they were made. A failure within ``settle_seconds`` of the last recovery is
+    can still succeed after the first refusal. A failure within ``settle_seconds`` of the last recovery is
     therefore the same outage going on, not news: it is logged at debug level."""
 
     def __init__(self, settle_seconds: float = 60.0) -> None:

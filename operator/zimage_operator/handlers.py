@@ -102,11 +102,8 @@ async def pod_changed(labels: kopf.Labels, namespace: str | None, memo: kopf.Mem
     await memo.passes.reconcile(namespace, name)
 
 
-def index_service(namespace: str | None, name: str | None, body: kopf.Body, **_: Any) -> Any:
-    return {(namespace, name): dict(body)}
-
-
-def index_deployment(namespace: str | None, name: str | None, body: kopf.Body, **_: Any) -> Any:
+def by_name(namespace: str | None, name: str | None, body: kopf.Body, **_: Any) -> Any:
+    """An index of the services, and of their Deployments: each by (namespace, name)."""
     return {(namespace, name): dict(body)}
 
 
@@ -119,10 +116,8 @@ def register(settings: OperatorSettings, registry: kopf.OperatorRegistry | None 
     registry = registry or kopf.get_default_registry()
     kopf.on.startup(registry=registry)(configure)
     kopf.on.cleanup(registry=registry)(stop)
-    kopf.index(GROUP, VERSION, PLURAL, id="index_service", registry=registry)(index_service)
-    kopf.index("apps", "v1", "deployments", labels=MANAGED, id="index_deployment", registry=registry)(
-        index_deployment
-    )
+    kopf.index(GROUP, VERSION, PLURAL, id="index_service", registry=registry)(by_name)
+    kopf.index("apps", "v1", "deployments", labels=MANAGED, id="index_deployment", registry=registry)(by_name)
     kopf.index("", "v1", "pods", labels=SERVER_POD, id="index_server_pod", registry=registry)(
         index_server_pod
     )

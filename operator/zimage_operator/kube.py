@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import datetime
 import logging
 import threading
 from typing import Any
@@ -22,6 +21,7 @@ from .builders import API_VERSION, KIND
 from .config import FIELD_MANAGER
 from .failures import OutageLog, describe, namespace_terminating
 from .metrics import API_REQUESTS, WRITES
+from .status import now_rfc3339
 
 logger = logging.getLogger(__name__)
 
@@ -154,7 +154,7 @@ class Kube:
         raises. Posted with the operator's own client: Kopf's event helpers work only inside
         its resource handlers, and the periodic passes are not one."""
         meta = body["metadata"]
-        now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        now = now_rfc3339()
         event = {
             "apiVersion": "v1",
             "kind": "Event",

@@ -20,24 +20,24 @@ def restore_levels() -> object:
         logging.getLogger(name).setLevel(level)
 
 
-def test_kopfs_retry_lines_stay_out_of_the_log_and_the_operators_own_get_in(
-    restore_levels: object, caplog: pytest.LogCaptureFixture
+@pytest.mark.parametrize(
+    ("level", "logged"),
+    [
+        # Kopf's retry line stays out; the operator's own warning gets in.
+        ("info", ["zimage_operator.failures"]),
+        # At debug level Kopf says everything.
+        ("debug", ["kopf.clients", "zimage_operator.failures"]),
+    ],
+)
+def test_kopfs_retry_lines_stay_out_of_the_log_but_at_debug_level(
+    level: str, logged: list[str], restore_levels: object, caplog: pytest.LogCaptureFixture
 ) -> None:
-    configure_logging("info")
-    with caplog.at_level(logging.INFO):
+    configure_logging(level)
+    with caplog.at_level(logging.DEBUG):
         # Kopf's API client logs each failed attempt at ERROR from a logger under "kopf".
         logging.getLogger("kopf.clients").error("Request attempt #1 failed; will retry: GET ...")
         logging.getLogger("zimage_operator.failures").warning("the API server is unreachable (...)")
-    assert [record.name for record in caplog.records] == ["zimage_operator.failures"]
-
-
-def test_at_debug_level_kopf_says_everything(
-    restore_levels: object, caplog: pytest.LogCaptureFixture
-) -> None:
-    configure_logging("debug")
-    with caplog.at_level(logging.DEBUG):
-        logging.getLogger("kopf.clients").error("Request attempt #1 failed; will retry: GET ...")
-    assert [record.name for record in caplog.records] == ["kopf.clients"]
+    assert [record.name for record in caplog.records] == logged
 
 
 def test_a_refused_request_is_one_line_with_the_api_servers_words() -> None:

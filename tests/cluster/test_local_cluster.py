@@ -118,6 +118,43 @@ def test_a_pod_asking_for_more_gpus_than_a_node_has_stays_pending(
     _wait_for(unschedulable, 60, "the scheduler to refuse the pod")
 
 
+def test_a_pod_marked_not_ready_by_the_node_controller_is_ready_again_as_a_kubelet_reports_it(
+    api: client.ApiClient, namespace: str
+) -> None:
+    """After an API server outage the node lifecycle controller marks the pods of nodes whose
+    heartbeats it missed not ready; a kubelet reports them ready again, and so does kwok. A pod
+    whose container is not ready (a crash loop reported by a test) stays not ready."""
+    manifest = _deployment("marked")
+    manifest["spec"]["replicas"] = 1
+    client.AppsV1Api(api).create_namespaced_deployment(namespace, manifest)
+    core = client.CoreV1Api(api)
+    (pod,) = _wait_for(lambda: _ready_pods(core, namespace, "marked", 1), 60, "a Ready pod")
+    name = pod.metadata.name
+
+    def ready() -> str:
+        found = core.read_namespaced_pod_status(name, namespace).status.conditions
+        return str(next(c.status for c in found if c.type == "Ready"))
+
+    # What MarkPodsNotReady writes: the Ready condition alone.
+    core.patch_namespaced_pod_status(
+        name, namespace, {"status": {"conditions": [{"type": "Ready", "status": "False"}]}}
+    )
+    _wait_for(lambda: ready() == "True", 15, "the pod to be reported ready again")
+
+    container = {
+        "name": "main",
+        "image": pod.spec.containers[0].image,
+        "imageID": "",
+        "ready": False,
+        "restartCount": 1,
+        "state": {"waiting": {"reason": "CrashLoopBackOff"}},
+    }
+    status = {"conditions": [{"type": "Ready", "status": "False"}], "containerStatuses": [container]}
+    core.patch_namespaced_pod_status(name, namespace, {"status": status})
+    time.sleep(3)
+    assert ready() == "False", "a pod whose container is not ready was reported ready"
+
+
 def test_deleting_the_owner_garbage_collects_its_children(api: client.ApiClient, namespace: str) -> None:
     apps = client.AppsV1Api(api)
     core = client.CoreV1Api(api)

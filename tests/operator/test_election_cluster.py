@@ -107,8 +107,13 @@ def test_killing_the_leading_operator_hands_over_within_30_seconds(
     assert leader_identity(api) != old, (
         "another process leads (the other replica, or the killed one's restart)"
     )
+    # Ready means serving (one replica is enough); the second replica comes after it.
     wait_ready(api, namespace, "before", timeout=30)
-    assert get(api, namespace, "before")["status"]["readyReplicas"] == 2
+    wait_for(
+        lambda: (get(api, namespace, "before").get("status") or {}).get("readyReplicas") == 2,
+        60,
+        "both replicas of the scaled-up service to be ready",
+    )
 
 
 def test_a_second_copy_with_other_settings_stands_by_and_writes_nothing(

@@ -166,6 +166,7 @@ def render(results: dict[str, Any], paths: tuple[str, ...], prompt: str) -> str:
                 f"{parts} | {calls} |"
             )
         lines.append("")
+        lines += first_image_table(cold)
     imports = results.get("imports", {}).get("runs", [])
     if imports:
         lines += [
@@ -179,3 +180,32 @@ def render(results: dict[str, Any], paths: tuple[str, ...], prompt: str) -> str:
             lines.append(f"| {number} | {run['wall_s']:.1f} | {run['import_s']:.1f} | {packages} |")
         lines.append("")
     return "\n".join(lines)
+
+
+def first_image_table(cold: dict[str, Any]) -> list[str]:
+    """Each start as a client saw it: its first image, Ready, and the first request served by
+    the compiled pipeline."""
+    rows = [
+        (path, run, row[f"{run}_seen"])
+        for path, row in cold.items()
+        for run in ("empty_cache", "warm_cache", "artifacts")
+        if f"{run}_seen" in row
+    ]
+    if not rows:
+        return []
+    names = {"empty_cache": "new replica", "warm_cache": "container restart", "artifacts": "with artifacts"}
+    lines = [
+        "Seen by a client that sends its request again and again from the process's start:",
+        "",
+        "| path | start | first image served s | Ready s | full speed s | first request's own s "
+        "| a request at full speed s |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for path, run, seen in rows:
+        lines.append(
+            f"| {path} | {names[run]} | {cell(seen.get('first_image_s'), '.1f')} | "
+            f"{cell(seen.get('ready_s'), '.1f')} | {cell(seen.get('full_speed_s'), '.1f')} | "
+            f"{cell(seen.get('first_request_s'), '.2f')} | {cell(seen.get('compiled_request_s'), '.2f')} |"
+        )
+    lines.append("")
+    return lines

@@ -53,6 +53,25 @@ def test_the_benchmark_measures_side_by_side_and_keeps_the_notes(tmp_path: Path)
     assert "| 2 | " in text.split("## The server's imports")[1]
 
 
+@pytest.mark.slow
+def test_the_cold_start_sees_the_first_image_before_the_compiled_pipeline(tmp_path: Path) -> None:
+    """A new replica with compile on (the tiny model on the CPU): the client's first image comes
+    once the server is ready and before the compiled pipeline takes over; the report shows it."""
+    command = [sys.executable, str(ROOT / "bench" / "performance.py"), "--scale", "tiny", "--device", "cpu"]
+    command += ["--size", "256x256", "--steps", "2", "--work", str(tmp_path / "work")]
+    command += ["--paths", "server-bf16", "--coldstart-runs", "new", "--server-args=--compile true"]
+    subprocess.run([*command, "--stages", "coldstart"], check=True, cwd=ROOT, timeout=900)
+    doc = tmp_path / "performance.md"
+    subprocess.run([*command, "--stages", "report", "--doc", str(doc)], check=True, cwd=ROOT, timeout=120)
+
+    row = json.loads((tmp_path / "work" / "results.json").read_text())["coldstart"]["server-bf16"]
+    seen = row["empty_cache_seen"]
+    assert seen["ready_s"] <= seen["first_image_s"] < seen["compiled_s"] <= seen["full_speed_s"], seen
+    assert row["empty_cache_s"] == seen["ready_s"]
+    assert row["empty_cache_phases"]["until_compiled"] > row["empty_cache_phases"]["until_ready"]
+    assert "| server-bf16 | new replica | " in doc.read_text().split("first image served s")[1]
+
+
 def test_server_flags_reach_the_server_paths_measured_in_process(tmp_path: Path) -> None:
     """``--server-args`` sets the server paths of the pipeline stage as it sets the servers the
     other stages start; the plain diffusers baseline stays as diffusers has it."""

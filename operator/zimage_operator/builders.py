@@ -287,18 +287,17 @@ def shared_memory_gib(spec: ZImageServiceSpec) -> int:
 def startup_budget_seconds(spec: ZImageServiceSpec) -> int:
     """How long a replica may take to become ready before the kubelet restarts it: what its
     start has to do, with room to spare. Loading the weights and a warm-up without compile take
-    seconds to a minute; with compile, a replica that finds no compile artifacts for its GPU and
-    versions (the first one, or any after an upgrade) compiles from nothing, which took 193 s
-    for bf16 on an H200 and over 9 minutes for fp8 on a fresh card (docs/performance.md); each
-    further warm-up size compiles its own shapes; a model the server downloads itself (hf://
-    without model.cache) comes over the network first. Shared artifacts make most starts far
-    faster, but the budget must still hold the cold one."""
+    seconds to a minute. With compile, a replica is ready once its weights are loaded and
+    compiles after that, serving uncompiled meanwhile (the server's serve_while_compiling),
+    except with sequence parallelism: its ranks warm up, compiles included, before they are
+    ready, and one that finds no compile artifacts for its GPU and versions compiles from
+    nothing, which took 193 s for bf16 on an H200 and over 9 minutes for fp8 on a fresh card
+    (docs/performance.md), each further warm-up size its own shapes. A model the server
+    downloads itself (hf:// without model.cache) comes over the network first."""
     budget = 600
-    if spec.runtime.compile:
+    if spec.runtime.compile and spec.parallelism.sequence_parallel > 1:
         budget = 1800 if spec.runtime.precision == "fp8" else 900
         budget += 120 * max(0, len(spec.runtime.warmup_sizes) - 1)
-        # Workers warm up one after the other; each after the first finds the compiled kernels.
-        budget += 120 * (spec.workers - 1)
     if spec.model.scheme == "hf" and not spec.needs_cache:
         budget += 1800
     return budget

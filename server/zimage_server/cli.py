@@ -111,15 +111,20 @@ def _exit(app: Any, code: int) -> int:
     """End the process with ``code``. Stopped while it loads or warms up, it exits at once: the
     worker thread is inside a load or a warm-up call (a compile can take minutes), which the
     interpreter's exit would wait for, and no request has been accepted that could be lost.
-    The same after a drain whose time ran out: every request got its 503 already. Otherwise
-    returns ``code``."""
+    The same once drained while the compiled pipeline is still being built beside the
+    requests (its thread is inside a warm-up call), and after a drain whose time ran out:
+    every request got its answer or its 503 already. Otherwise returns ``code``."""
     from zimage_server.core.state import Phase
 
     starting = app.state.server_state.phase in (Phase.LOADING, Phase.WARMING)
-    if starting or app.state.abandoned:
+    service = getattr(app.state, "service", None)
+    compiling = service is not None and service.engine.compile_state == "compiling"
+    if starting or compiling or app.state.abandoned:
         logging.getLogger(__name__).info(
             "stopped during start-up: the warm-up is abandoned"
             if starting
+            else "stopped while compiling: the compile is abandoned"
+            if compiling
             else "the drain's time is up: a batch still on the GPU is abandoned"
         )
         logging.shutdown()

@@ -228,15 +228,45 @@ def test_sigterm_during_the_warm_up_exits_at_once(tiny_model_dir: Path) -> None:
             assert time.monotonic() < deadline, "the server never started its warm-up"
             time.sleep(0.1)
         time.sleep(1)  # inside the long warm-up call now
-        stopped = time.monotonic()
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=30)
-        assert time.monotonic() - stopped < 15
+        _stops_at_once(proc)
     finally:
         stop_process(proc)
+    _exited_saying(proc, "stopped during start-up: the warm-up is abandoned")
+
+
+def _stops_at_once(proc: subprocess.Popen[str]) -> None:
+    stopped = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=30)
+    assert time.monotonic() - stopped < 15
+
+
+def _exited_saying(proc: subprocess.Popen[str], line: str) -> None:
     assert proc.returncode == 0
     assert proc.stdout is not None
-    assert "the warm-up is abandoned" in proc.stdout.read()
+    assert line in proc.stdout.read()
+
+
+def test_sigterm_while_compiling_beside_the_requests_exits_at_once(tiny_model_dir: Path) -> None:
+    """A pod deleted while it compiles after it became ready (serving uncompiled meanwhile):
+    drained, it exits now, not when the warm-up call on the compile thread does."""
+    port = free_port()
+    proc = _start(
+        [
+            "--port", str(port), "--model", str(tiny_model_dir), "--device", "cpu", "--compile", "true",
+            "--warmup-sizes", "2048x2048", "--warmup-steps", "400", "--log-level", "info",
+        ]
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_ready(proc, url)
+        assert httpx.get(f"{url}/load").json()["compile"] == "compiling"
+        small = {"prompt": "a fox", "size": "256x256", "num_inference_steps": 2}
+        assert httpx.post(f"{url}/v1/images/generations", json=small, timeout=60).status_code == 200
+        _stops_at_once(proc)
+    finally:
+        stop_process(proc)
+    _exited_saying(proc, "stopped while compiling: the compile is abandoned")
 
 
 @pytest.mark.parametrize("prefetch", [True, False])

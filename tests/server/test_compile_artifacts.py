@@ -114,11 +114,12 @@ def _metrics(url: str) -> dict[str, float]:
     return values
 
 
-def _serve_until_ready(
+def _serve_until_compiled(
     tiny_model_dir: Path, shared: Path, local_cache: Path
 ) -> tuple[dict[str, float], dict[str, Any]]:
     """One replica as a process of its own (its own in-memory compile state and local cache):
-    its metrics and what its /load says of the artifacts, once ready."""
+    its metrics and what its /load says of the artifacts, once its compiled pipeline serves
+    (it is ready before that, serving uncompiled)."""
     port = free_port()
     log = local_cache.with_suffix(".log").open("w+")  # a file, not a pipe nobody drains
     proc = subprocess.Popen(
@@ -140,11 +141,13 @@ def _serve_until_ready(
                 raise AssertionError(f"the server exited {proc.returncode}:\n{log.read()[-6000:]}")
             try:
                 if httpx.get(f"{url}/healthz/ready", timeout=2).status_code == 200:
-                    return _metrics(url), httpx.get(f"{url}/load", timeout=10).json()["compile_artifacts"]
+                    load = httpx.get(f"{url}/load", timeout=10).json()
+                    if load["compile"] == "compiled":
+                        return _metrics(url), load["compile_artifacts"]
             except httpx.TransportError:
                 pass
             time.sleep(0.5)
-        raise AssertionError("the server was not ready within 10 minutes")
+        raise AssertionError("the server's compiled pipeline did not serve within 10 minutes")
     finally:
         stop_process(proc)
         log.close()
@@ -152,7 +155,7 @@ def _serve_until_ready(
 
 def test_the_second_replica_loads_what_the_first_compiled(tiny_model_dir: Path, tmp_path: Path) -> None:
     shared = tmp_path / "shared"
-    first, first_load = _serve_until_ready(tiny_model_dir, shared, tmp_path / "local-1")
+    first, first_load = _serve_until_compiled(tiny_model_dir, shared, tmp_path / "local-1")
     assert first["zimage_compile_artifacts:saved"] == 1
     assert first["zimage_compile_fx_graphs:miss"] > 0
     (artifact,) = shared.glob("zimage-compile-*.bin")
@@ -160,7 +163,7 @@ def test_the_second_replica_loads_what_the_first_compiled(tiny_model_dir: Path, 
     assert first_load == {"state": "saved", "artifact": compile_artifacts.artifact_key(artifact)}
 
     # A new replica, on a node of its own: nothing in its local cache, the shared file only.
-    second, second_load = _serve_until_ready(tiny_model_dir, shared, tmp_path / "local-2")
+    second, second_load = _serve_until_compiled(tiny_model_dir, shared, tmp_path / "local-2")
     assert second["zimage_compile_artifacts:loaded"] == 1
     assert second_load == {"state": "loaded", "artifact": compile_artifacts.artifact_key(artifact)}
     assert second["zimage_compile_fx_graphs:hit"] >= first["zimage_compile_fx_graphs:miss"]

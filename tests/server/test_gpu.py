@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import time
 from pathlib import Path
 
 import httpx
@@ -76,7 +77,13 @@ def test_fp8_and_compile_serve_images(serve: ServerFactory) -> None:
     assert runner.tuning.compiled == ["transformer", "vae", "text_encoder"]
     assert runner.tuning.cuda_graphs == ["text_encoder", "transformer"]  # on by default on a GPU
     transformer = runner.graphs["transformer"]
-    assert transformer.captures >= 1  # the warm-up shapes
+    # Ready before the compile ends (serve_while_compiling): no graph is captured beside it.
+    deadline = time.monotonic() + 600
+    while httpx.get(f"{server.url}/load").json()["compile"] == "compiling":
+        assert transformer.captures == 0
+        assert time.monotonic() < deadline, "the compiled pipeline never took over"
+        time.sleep(0.5)
+    assert runner.gate.opened
     replays = transformer.replays
     body = {"prompt": "a red fox", "size": "256x256", "num_inference_steps": 4, "n": 2}
     for _ in range(3):  # the text encoder's graph for this shape: run, captured, then replayed

@@ -184,6 +184,12 @@ class Settings(BaseSettings):
         "size from the first call): fewer traces on the CPU; on an H100 with torch 2.11 the block cannot "
         "be traced so (it falls back per batch size, with a warning); images were 12% slower: leave it off",
     )
+    serve_while_compiling: bool | None = Field(
+        None,
+        description="With compile: serve requests uncompiled (slower) as soon as the model is loaded, "
+        "and switch to the compiled parts once a warm-up beside them has built them; false: warm up "
+        "before ready. Default: on, except with sequence_parallel (its ranks warm up before ready)",
+    )
     compile_cache_dir: str | None = Field(
         None,
         description="Directory for Inductor's and Triton's compile caches (a volume, so restarts skip most "
@@ -331,6 +337,11 @@ class Settings(BaseSettings):
             raise ValueError(
                 "sequence_parallel cannot replay the transformer as CUDA graphs: its steps exchange "
                 "the sequence with the other ranks; drop transformer from cuda_graph_parts"
+            )
+        if self.sequence_parallel > 1 and self.serve_while_compiling:
+            raise ValueError(
+                "serve_while_compiling cannot be on with sequence_parallel: the ranks run every call in "
+                "lockstep, so they warm up before they serve; leave it unset or false"
             )
         if not self.served_model_names:
             raise ValueError("served_model_names needs at least one name")

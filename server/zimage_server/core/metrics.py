@@ -111,7 +111,8 @@ class Metrics:
             "load (weights to the device), tune (attention timing, fp8; artifacts_load included), "
             "warmup (the warm-up generations, compiles included) and its part warmup_compile, "
             "artifacts_load and artifacts_save (the shared compile artifacts), weights_prefetch "
-            "(reading the weight files ahead, beside start and load)",
+            "(reading the weight files ahead, beside start and load); until_ready and until_compiled: "
+            "the process's age when it became ready and when the compiled pipeline took over",
             ["phase"],
             registry=r,
         )
@@ -119,6 +120,14 @@ class Metrics:
             "zimage_compile_artifacts",
             "1 for what this replica did with the shared compile artifacts: off, absent (none yet), "
             "loaded, ignored (partial, corrupt or unreadable), saved, exists (saved by another)",
+            ["state"],
+            registry=r,
+        )
+        self.compile_state = Gauge(
+            "zimage_compile_state",
+            "1 for where the compiled pipeline stands: off (compile off), compiling (built beside the "
+            "requests, which run uncompiled and slower meanwhile), compiled (requests run it), failed "
+            "(its build failed; requests run uncompiled, the log says why)",
             ["state"],
             registry=r,
         )

@@ -33,7 +33,7 @@ from zimage_server.core.adapters import Selection
 from zimage_server.core.config import Settings
 from zimage_server.core.errors import APIError, draining_error
 from zimage_server.core.metrics import Metrics
-from zimage_server.engine.cost_model import CostModel
+from zimage_server.engine.cost_model import UNCOMPILED_SLOWDOWN, CostModel
 from zimage_server.pipeline.runner import (
     BatchResult,
     BatchSpec,
@@ -159,7 +159,12 @@ class Engine:
         self._arrived = asyncio.Event()
         self._forming = asyncio.Lock()  # one free worker at a time takes from the queue
         self._tasks: list[asyncio.Task[None]] = []
-        self.cost = CostModel()
+        # Where compile is on and requests are served while it builds, work is priced uncompiled
+        # until every worker runs the compiled pipeline (``compiled``).
+        early = any(runner.serves_while_compiling for runner in runners)
+        self.cost = CostModel(slowdown=UNCOMPILED_SLOWDOWN if early else 1.0)
+        compiles = self.lead.compile and bool(settings.compile_parts)
+        self.compile_state = "compiling" if early else "compiled" if compiles else "off"
         self._progress = asyncio.Event()  # set whenever work finishes or leaves the queue
         # After a batch: until when the next one waits for the requests it answered to come back,
         # how many requests it answered, and how many have arrived since.
@@ -193,7 +198,24 @@ class Engine:
         """What this replica did with the shared compile artifacts (the lead runner's record)."""
         return self.lead.artifacts
 
+    def compiled(self) -> None:
+        """Every worker runs the compiled pipeline now (their gates are open)."""
+        if self.compile_state == "compiling":
+            self.compile_state = "compiled"
+            self.cost.compiled()
+        self._update_compile_state()
+
+    def compile_failed(self) -> None:
+        """The compiled pipeline could not be built: the workers go on uncompiled."""
+        self.compile_state = "failed"
+        self._update_compile_state()
+
+    def _update_compile_state(self) -> None:
+        for state in ("off", "compiling", "compiled", "failed"):
+            self.metrics.compile_state.labels(state).set(1 if state == self.compile_state else 0)
+
     def start(self) -> None:
+        self._update_compile_state()
         loop = asyncio.get_running_loop()
         self._tasks = [
             loop.create_task(self._run(worker), name=f"zimage-engine-{worker.label}")
@@ -354,6 +376,7 @@ class Engine:
         self.metrics.worker_busy.labels(worker.label).set(1)
         self._update_gauges()
         spec = _spec(key, batch)
+        compiled = worker.runner.gate.opened
         try:
             result = await self._generate(worker, spec, batch)
         except Exception as exc:
@@ -365,7 +388,10 @@ class Engine:
                 for job in jobs:
                     await self._run_alone(worker, job, [(j, i) for j, i in batch if j is job], key)
         else:
-            self._finish(worker, result, batch, key)
+            # A batch that ran partly uncompiled, or not as the cost model now prices, is not
+            # measured (its time would be taken for the other kind).
+            priced = compiled == worker.runner.gate.opened == (self.cost.slowdown == 1.0)
+            self._finish(worker, result, batch, key, priced)
             linger = min(self.settings.batch_linger_ms / 1000.0, LINGER_SHARE * result.seconds)
             self._linger_until = time.monotonic() + linger
             self._answered = sum(1 for job in jobs if job.future.done())
@@ -378,10 +404,16 @@ class Engine:
             self._progress.set()
 
     def _finish(
-        self, worker: Worker, result: BatchResult, batch: list[tuple[Job, int]], key: BatchKey
+        self,
+        worker: Worker,
+        result: BatchResult,
+        batch: list[tuple[Job, int]],
+        key: BatchKey,
+        priced: bool = True,
     ) -> None:
         self._record(worker, result, len(batch), key.adapters)
-        self.cost.observe(key.width, key.height, key.work_steps, len(batch), result.seconds)
+        if priced:
+            self.cost.observe(key.width, key.height, key.work_steps, len(batch), result.seconds)
         for (job, index), image in zip(batch, result.images, strict=True):
             self._deliver(job, index, image)
 

@@ -177,6 +177,9 @@ async def load(request: Request) -> dict[str, Any]:
         "in_flight": engine.in_flight,
         "pending_gpu_seconds": round(engine.pending_gpu_seconds(), 4),
         "seconds_per_megapixel_step": round(engine.cost.rate, 6),
+        # Where the compiled pipeline stands: off, compiling (requests run uncompiled, slower,
+        # and are priced so), compiled, failed (uncompiled for good).
+        "compile": engine.compile_state,
         "max_batch_size": service.settings.max_batch_size,
         "max_queue": service.settings.max_queue,
         # Pipeline workers behind the queue (one per GPU), and how many run a batch now.

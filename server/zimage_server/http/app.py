@@ -1,4 +1,5 @@
-"""Builds the FastAPI application and runs model loading and warm-up in the background."""
+"""Builds the FastAPI application and runs model loading and warm-up in the background
+(engine/startup.py)."""
 
 from __future__ import annotations
 
@@ -6,8 +7,7 @@ import asyncio
 import contextlib
 import gc
 import logging
-import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 
 from fastapi import FastAPI
 
@@ -17,9 +17,10 @@ from zimage_server.core.config import Settings
 from zimage_server.core.errors import install_error_handlers
 from zimage_server.core.keys import parse_keys
 from zimage_server.core.metrics import Metrics
-from zimage_server.core.state import Phase, ServerState, write_termination_log
+from zimage_server.core.state import ServerState
 from zimage_server.core.vram_limit import VramLimit
 from zimage_server.engine.engine import Engine
+from zimage_server.engine.startup import load_and_warm_up
 from zimage_server.health.health import HealthProcess, probe_responses
 from zimage_server.health.vram import (
     FileSource,
@@ -39,7 +40,6 @@ from zimage_server.http.http_server import MAX_HEAD_BYTES
 from zimage_server.http.middleware import LastWordMiddleware, RequestLimitMiddleware, RequestMetricsMiddleware
 from zimage_server.http.openapi import openapi_document
 from zimage_server.http.service import ImageService
-from zimage_server.pipeline import compile_artifacts
 from zimage_server.pipeline.workers import make_runners
 
 logger = logging.getLogger(__name__)
@@ -70,7 +70,7 @@ def create_app(settings: Settings, memory_source: MemorySource | None = None) ->
         engine.start()
         sampler.start()
         loader = asyncio.create_task(
-            _load_and_warm_up(engine, state, metrics, settings, lambda: app.state.on_load_failure())
+            load_and_warm_up(engine, state, metrics, settings, lambda: app.state.on_load_failure())
         )
         publisher = None
         if health_process is not None:
@@ -178,80 +178,3 @@ def make_vram_sampler(settings: Settings, metrics: Metrics, source: MemorySource
             metrics.vram_over.set(1 if verdict.over else 0)
 
     return VramSampler(source, policy, settings.vram_sample_period_s, on_sample=record)
-
-
-async def _load_and_warm_up(
-    engine: Engine,
-    state: ServerState,
-    metrics: Metrics,
-    settings: Settings,
-    on_failure: Callable[[], None],
-) -> None:
-    """Load the model and warm it up on every worker (the phase's detail, which the probes
-    answer to anyone, names no path and no error: the log has them); ``on_failure`` when it cannot be loaded
-    (the command line ends the process then, so that the kubelet restarts it with backoff).
-
-    The workers load and warm up one after the other: the first one loads the shared compile
-    artifacts and compiles what they lack, into the process's compile caches, which the
-    others then hit. The artifacts are saved once every worker has warmed up."""
-    loop = asyncio.get_running_loop()
-    runner = engine.lead
-    where = {
-        worker.label: f" on GPU {worker.label}" if len(engine.workers) > 1 else ""
-        for worker in engine.workers
-    }
-    try:
-        for worker in engine.workers:
-            state.set(Phase.LOADING, f"loading the model{where[worker.label]}")
-            await loop.run_in_executor(worker.thread, worker.runner.load)
-        warmup_started = time.perf_counter()
-        # What of the warm-up is torch.compile's (tracing, compiling or loading compiled
-        # graphs) rather than running: per call in the log, in all as `warmup_compile`.
-        compiling_before = compiling = compile_artifacts.compile_seconds()
-        # Warm-up runs price nothing: they pay for one-time set-up and run at small sizes and
-        # few steps, where fixed costs dominate (priced from them, Retry-After and the load
-        # signal came out several times too high). The prior holds until the first real batch.
-        for worker in engine.workers:
-            for spec in worker.runner.warmup_specs():
-                size, count = f"{spec.width}x{spec.height}", len(spec.prompts)
-                state.set(Phase.WARMING, f"warming up at {size} (batch {count}){where[worker.label]}")
-                result = await loop.run_in_executor(worker.thread, worker.runner.generate, spec)
-                now = compile_artifacts.compile_seconds()
-                of_which = ""
-                if now is not None and compiling is not None:
-                    of_which = f", of which compiling {now - compiling:.2f}s"
-                compiling = now
-                logger.info(
-                    "warm-up at %s, batch %d%s took %.2fs%s",
-                    size, count, where[worker.label], result.seconds, of_which,
-                )  # fmt: skip
-        runner.startup_seconds["warmup"] = time.perf_counter() - warmup_started
-        if compiling_before is not None and compiling is not None and compiling > compiling_before:
-            runner.startup_seconds["warmup_compile"] = compiling - compiling_before
-            steps = compile_artifacts.compile_time_parts()
-            logger.info(
-                "torch.compile's longest steps so far (they nest): %s",
-                ", ".join(f"{name} {seconds:.2f}s" for name, seconds in steps),
-            )
-        await loop.run_in_executor(engine.workers[0].thread, runner.save_artifacts)
-        metrics.compile_artifacts.labels(runner.artifacts.state).set(1)
-        for lookup, count in compile_artifacts.fx_graph_lookups().items():
-            metrics.compile_fx_graphs.labels(lookup).set(count)
-        for phase, seconds in runner.startup_seconds.items():
-            metrics.startup_seconds.labels(phase).set(seconds)
-    except asyncio.CancelledError:
-        raise
-    except Exception as exc:
-        logger.exception("the model could not be loaded")
-        state.set(Phase.FAILED, "the model could not be loaded; the server log says why")
-        write_termination_log(settings.termination_log_path, f"zimage: the model could not be loaded: {exc}")
-        on_failure()
-        return
-    # Loading torch, transformers and diffusers leaves millions of long-lived objects; a full
-    # garbage collection that walks them holds the GIL for tens of milliseconds. Freezing them
-    # keeps such pauses out of request and probe latency.
-    gc.collect()
-    gc.freeze()
-    state.set(Phase.READY, f"serving {settings.served_model_names[0]}")
-    metrics.ready.set(1)
-    logger.info("ready: serving %s", runner.source)

@@ -17,7 +17,14 @@ from typing import Any
 import torch
 
 from zimage_server.core.choices import COMPILABLE
-from zimage_server.pipeline.block_compile import DECODER_LAYER, TRANSFORMER_BLOCK, compile_blocks
+from zimage_server.pipeline.block_compile import (
+    DECODER_LAYER,
+    OPEN,
+    TRANSFORMER_BLOCK,
+    CompileGate,
+    compile_blocks,
+    compile_module,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -152,25 +159,32 @@ def quantize_fp8(transformer: torch.nn.Module, device: torch.device) -> int:
     return len(chosen)
 
 
-def compile_layers(model: torch.nn.Module) -> int:
+def compile_layers(model: torch.nn.Module, gate: CompileGate = OPEN) -> int:
     """Regional compile of a transformers model: each decoder layer (the classes the model
     names in ``_no_split_modules``) compiled once and reused by all the others, its prompt
     length and batch dynamic from the first call (block_compile.py). Tracing the whole 36-layer
     text encoder instead takes about five times longer, on every start, even with a warm
     compile cache (docs/performance.md). Returns how many layers; a model without such layers
-    is compiled whole."""
-    count = compile_blocks(model, getattr(model, "_no_split_modules", None) or [], DECODER_LAYER)
+    is compiled whole. ``gate``: when calls run the compiled code (block_compile.py)."""
+    count = compile_blocks(model, getattr(model, "_no_split_modules", None) or [], DECODER_LAYER, gate)
     if not count:
-        model.compile()
+        compile_module(model, gate)
     return count
 
 
-def compile_pipeline(pipe: Any, parts: list[str], copies: int = 1, unbacked_batch: bool = False) -> list[str]:
+def compile_pipeline(
+    pipe: Any,
+    parts: list[str],
+    copies: int = 1,
+    unbacked_batch: bool = False,
+    gate: CompileGate = OPEN,
+) -> list[str]:
     """Regional compile: the transformer's repeated block and the text encoder's decoder layer
     (their varying dimensions dynamic from the first call, see block_compile.py) are each
     compiled once and reused by all their instances; the VAE decoder is compiled whole.
     ``copies``: pipelines in this process on other GPUs, each with variants of its own.
-    ``unbacked_batch``: the transformer's block traces one image and several alike."""
+    ``unbacked_batch``: the transformer's block traces one image and several alike.
+    ``gate``: when calls run the compiled code rather than the parts' own."""
     import torch._dynamo.config as dynamo_config
 
     # Sizes, prompt lengths and batch sizes vary; after the first change a dimension is
@@ -183,14 +197,14 @@ def compile_pipeline(pipe: Any, parts: list[str], copies: int = 1, unbacked_batc
         if part == "transformer":
             blocks = getattr(pipe.transformer, "_repeated_blocks", None) or []
             marking = replace(TRANSFORMER_BLOCK, unbacked_batch=unbacked_batch)
-            if not compile_blocks(pipe.transformer, blocks, marking, fullgraph=True):
+            if not compile_blocks(pipe.transformer, blocks, marking, gate, fullgraph=True):
                 raise AccelerationError(
                     f"{type(pipe.transformer).__name__} names no repeated blocks to compile"
                 )
         elif part == "vae":
-            pipe.vae.decoder.compile()
+            compile_module(pipe.vae.decoder, gate)
         elif part == "text_encoder":
-            compile_layers(pipe.text_encoder)
+            compile_layers(pipe.text_encoder, gate)
         else:
             raise AccelerationError(f"compile part {part!r} is not one of {', '.join(COMPILABLE)}")
         compiled.append(part)
@@ -209,6 +223,7 @@ def apply(
     compile_copies: int = 1,
     compile_batch_unbacked: bool = False,
     before_compile: Callable[[Any], None] | None = None,
+    gate: CompileGate = OPEN,
 ) -> AccelerationReport:
     report = AccelerationReport(precision=precision)
     started = time.perf_counter()
@@ -241,7 +256,7 @@ def apply(
     if compile_parts:
         if compile_cache_dir:
             report.compile_cache_dir = use_compile_cache(compile_cache_dir)
-        report.compiled = compile_pipeline(pipe, compile_parts, compile_copies, compile_batch_unbacked)
+        report.compiled = compile_pipeline(pipe, compile_parts, compile_copies, compile_batch_unbacked, gate)
     logger.info(
         "pipeline tuned in %.1fs: attention %s%s, precision %s (%d fp8 linears), compiled %s, cache %s",
         time.perf_counter() - started,

@@ -18,13 +18,21 @@ own first (a few megabytes, in the four refiner blocks only).
 The text encoder's decoder layer is marked the same way (the prompt's length, the batch): two
 traces, one prompt or several, instead of three (static, then its length dynamic, then its
 batch).
+
+Every compiled part answers to a ``CompileGate``: until the gate opens, calls run the part's
+own, uncompiled ``forward``, except on a thread that is building the compiled path (its
+warm-up). So a server can answer requests while it compiles, and switch to the compiled code
+once it is traced, in one step for all parts.
 """
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
-from collections.abc import Callable, Iterable, Mapping
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -106,6 +114,85 @@ def _unmark_batch(value: Any) -> None:
         getattr(value, "_dynamo_unbacked_indices", set()).discard(0)
 
 
+class CompileGate:
+    """Whether calls run the compiled code: everywhere once ``opened``; before that, only on a
+    thread inside ``building()`` (the warm-up that traces and compiles the parts)."""
+
+    def __init__(self, opened: bool = True) -> None:
+        self.opened = opened
+        self._local = threading.local()
+
+    def open(self) -> None:
+        self.opened = True
+
+    @contextlib.contextmanager
+    def building(self) -> Iterator[None]:
+        self._local.building = True
+        try:
+            yield
+        finally:
+            self._local.building = False
+
+    @property
+    def compiled_here(self) -> bool:
+        """Whether a call on this thread runs the compiled code."""
+        return self.opened or getattr(self._local, "building", False)
+
+
+# The gate of parts compiled without one: always open.
+OPEN = CompileGate()
+
+
+class GatedForward:
+    """Stands in for a module's ``forward``: the compiled one where the gate says so, else the
+    module's own."""
+
+    def __init__(self, compiled: Callable[..., Any], eager: Callable[..., Any], gate: CompileGate) -> None:
+        self.compiled = compiled
+        self.eager = eager
+        self.gate = gate
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self.gate.compiled_here:
+            return self.compiled(*args, **kwargs)
+        return self.eager(*args, **kwargs)
+
+
+class OneAtATime:
+    """Stands in for a module's ``forward`` that two threads must not run at once while
+    ``gate`` is shut (one serving, one compiling). transformers' models keep the outputs they
+    capture (the hidden states the pipeline reads) in process-wide state whenever
+    ``torch.compiler.is_compiling()`` says so, and PyTorch says so in every thread while any
+    one of them compiles: a text encoder run beside its own compile mixes the two calls'
+    hidden states, and dynamo fails building the layer's guards."""
+
+    def __init__(self, forward: Callable[..., Any], gate: CompileGate) -> None:
+        self.forward = forward
+        self.gate = gate
+        self.lock = threading.Lock()
+        self._waited = threading.local()
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self.gate.opened:
+            return self.forward(*args, **kwargs)
+        started = time.perf_counter()
+        with self.lock:
+            self._waited.seconds = self.waited() + time.perf_counter() - started
+            return self.forward(*args, **kwargs)
+
+    def waited(self, reset: bool = False) -> float:
+        """Seconds this thread's calls waited for the other thread's; ``reset`` starts again."""
+        seconds: float = getattr(self._waited, "seconds", 0.0)
+        if reset:
+            self._waited.seconds = 0.0
+        return seconds
+
+
+def compile_module(module: torch.nn.Module, gate: CompileGate = OPEN, **options: Any) -> None:
+    """Compile ``module``'s ``forward`` whole, behind ``gate``."""
+    module.forward = GatedForward(torch.compile(module.forward, **options), module.forward, gate)
+
+
 class SharedMarking:
     """The marking every block compiled together uses; one block finding the unbacked batch
     untraceable turns it off for all of them."""
@@ -116,18 +203,30 @@ class SharedMarking:
 
 class DynamicBlockForward:
     """Stands in for a block's ``forward``: marks the inputs' dimensions, then calls the
-    compiled forward (the block's own, or whatever wraps it, such as sequence-parallel hooks).
+    compiled forward (the block's own, or whatever wraps it, such as sequence-parallel hooks);
+    where ``gate`` keeps the compiled code shut, the forward it wraps, unmarked.
 
     Where dynamo cannot trace the block with an unbacked batch (an operation that asks whether
     the batch is one, as PyTorch 2.11's CUDA attention does), the block is traced per batch
     size instead, with a warning, rather than failing the request."""
 
-    def __init__(self, compiled: Callable[..., Any], names: list[str], shared: SharedMarking) -> None:
+    def __init__(
+        self,
+        compiled: Callable[..., Any],
+        names: list[str],
+        shared: SharedMarking,
+        eager: Callable[..., Any] | None = None,
+        gate: CompileGate = OPEN,
+    ) -> None:
         self.compiled = compiled
         self.names = names
         self.shared = shared
+        self.eager = eager
+        self.gate = gate
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self.eager is not None and not self.gate.compiled_here:
+            return self.eager(*args, **kwargs)
         marking = self.shared.marking
         marked = tuple(_mark(marking, name, value) for name, value in zip(self.names, args, strict=False))
         args = marked + args[len(marked) :]
@@ -149,10 +248,16 @@ class DynamicBlockForward:
             return self(*args, **kwargs)
 
 
-def compile_blocks(model: torch.nn.Module, names: Iterable[str], marking: Marking, **options: Any) -> int:
+def compile_blocks(
+    model: torch.nn.Module,
+    names: Iterable[str],
+    marking: Marking,
+    gate: CompileGate = OPEN,
+    **options: Any,
+) -> int:
     """Compile the ``forward`` of every module of ``model`` whose class is one of ``names``
-    through ``DynamicBlockForward``; returns how many. The modules' hooks stay outside the
-    compiled code."""
+    through ``DynamicBlockForward``, behind ``gate``; returns how many. The modules' hooks stay
+    outside the compiled code."""
     wanted = set(names)
     shared = SharedMarking(marking)
     count = 0
@@ -160,6 +265,8 @@ def compile_blocks(model: torch.nn.Module, names: Iterable[str], marking: Markin
         if type(module).__name__ not in wanted or isinstance(module.forward, DynamicBlockForward):
             continue
         parameters = list(inspect.signature(type(module).forward).parameters)[1:]  # without self
-        module.forward = DynamicBlockForward(torch.compile(module.forward, **options), parameters, shared)
+        forward = module.forward
+        compiled = torch.compile(forward, **options)
+        module.forward = DynamicBlockForward(compiled, parameters, shared, forward, gate)
         count += 1
     return count

@@ -15,6 +15,9 @@ one call's activations however many shapes there are. Callers get copies of the 
 
 A shape whose capture fails (an operation that cannot be captured) runs as usual from then
 on; the failure is logged once.
+
+Behind a compile gate (block_compile.py), nothing is captured or replayed until it opens: while
+one thread compiles and another serves, neither captures a graph beside the other's work.
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ from typing import Any
 
 import torch
 from torch.utils import _pytree as pytree
+
+from zimage_server.pipeline.block_compile import OPEN, CompileGate
 
 logger = logging.getLogger(__name__)
 
@@ -51,8 +56,11 @@ class _Graph:
 class ShapeGraphs:
     """Stands in for a module's ``forward`` (see ``install``): same arguments, same results."""
 
-    def __init__(self, forward: Callable[..., Any], name: str, max_graphs: int = 32) -> None:
+    def __init__(
+        self, forward: Callable[..., Any], name: str, max_graphs: int = 32, gate: CompileGate = OPEN
+    ) -> None:
         self.forward = forward
+        self.gate = gate
         self.name = name
         self.max_graphs = max_graphs
         self.graphs: OrderedDict[Key, _Graph] = OrderedDict()
@@ -63,6 +71,8 @@ class ShapeGraphs:
         self.replays = 0
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if not self.gate.opened:
+            return self.forward(*args, **kwargs)
         leaves, spec = pytree.tree_flatten((args, kwargs))
         key = _key(leaves, spec)
         if key is None or key in self.failed:
@@ -132,10 +142,12 @@ def _shapes(leaves: list[Any]) -> list[tuple[int, ...]]:
     return [tuple(item.shape) for item in leaves if isinstance(item, torch.Tensor)]
 
 
-def install(module: torch.nn.Module, name: str, max_graphs: int = 32) -> ShapeGraphs:
+def install(
+    module: torch.nn.Module, name: str, max_graphs: int = 32, gate: CompileGate = OPEN
+) -> ShapeGraphs:
     """Route ``module``'s calls through CUDA graphs (``nn.Module.__call__`` calls the
-    instance's ``forward``, which this replaces)."""
-    graphed = ShapeGraphs(module.forward, name, max_graphs)
+    instance's ``forward``, which this replaces) once ``gate`` is open."""
+    graphed = ShapeGraphs(module.forward, name, max_graphs, gate)
     module.forward = graphed
     return graphed
 
@@ -163,13 +175,15 @@ class _TextEncoderForward:
         return self.graphs(*args, attention_mask=attention_mask, **kwargs)
 
 
-def install_text_encoder(text_encoder: torch.nn.Module, max_graphs: int = 32) -> ShapeGraphs | None:
+def install_text_encoder(
+    text_encoder: torch.nn.Module, max_graphs: int = 32, gate: CompileGate = OPEN
+) -> ShapeGraphs | None:
     """CUDA graphs for a transformers text encoder; None (and nothing changed) unless it
     attends through SDPA, the implementation the 4D mask is made for."""
     implementation = getattr(text_encoder.config, "_attn_implementation", None)
     if implementation != "sdpa":
         logger.warning("no CUDA graphs for the text encoder: its attention is %s, not sdpa", implementation)
         return None
-    graphs = ShapeGraphs(text_encoder.forward, "text encoder", min(max_graphs, TEXT_ENCODER_MAX_GRAPHS))
+    graphs = ShapeGraphs(text_encoder.forward, "text encoder", min(max_graphs, TEXT_ENCODER_MAX_GRAPHS), gate)
     text_encoder.forward = _TextEncoderForward(graphs)
     return graphs

@@ -26,6 +26,7 @@ from zimage_server.pipeline import (
     partials,
     weight_prefetch,
 )
+from zimage_server.pipeline.block_compile import CompileGate, OneAtATime
 from zimage_server.pipeline.model_source import resolve
 
 # This process's age once torch and the server's modules are imported (the interpreter's start
@@ -153,6 +154,19 @@ class PipelineRunner:
         self.admission_tokenizer: Any = None
         self.model_path: Path | None = None
         self.compile = settings.compile if settings.compile is not None else self.device.type == "cuda"
+        # Serve uncompiled from the load on, and switch to the compiled parts once a warm-up
+        # beside the serving has traced them (the gate opens); sequence-parallel ranks must run
+        # each call in lockstep, so they warm up before they serve.
+        self.serves_while_compiling = (
+            self.compile
+            and bool(settings.compile_parts)
+            and settings.serve_while_compiling is not False
+            and settings.sequence_parallel == 1
+        )
+        self.gate = CompileGate(opened=not self.serves_while_compiling)
+        self._warmup_pipe: Any = None
+        self._text_encoder_turns: OneAtATime | None = None
+        self.warmup_prompts = WARMUP_PROMPTS
         self.tuning: acceleration.AccelerationReport | None = None
         self.startup_seconds: dict[str, float] = {}
         self.graphs: dict[str, cuda_graphs.ShapeGraphs] = {}
@@ -236,10 +250,14 @@ class PipelineRunner:
             compile_copies=self.workers,
             compile_batch_unbacked=self.settings.compile_batch_unbacked,
             before_compile=self.before_compile,
+            gate=self.gate,
             # image tokens after the 2x2 patching of the 8x smaller latents, plus a prompt's
             attention_tokens=(width // 16) * (height // 16) + 64,
         )
         self.graphs = self._install_cuda_graphs(pipe)
+        if not self.gate.opened:
+            self._text_encoder_turns = OneAtATime(pipe.text_encoder.forward, self.gate)
+            pipe.text_encoder.forward = self._text_encoder_turns
         self.tuning.cuda_graphs = sorted(self.graphs)
         if self.tuning.compiled and self.settings.compile_artifacts_dir and self.shares_artifacts:
             # Before the warm-up, whose calls do the compiling: loaded artifacts make them hits.
@@ -251,6 +269,16 @@ class PipelineRunner:
         # truncation while another encodes raises "Already borrowed"): admission checks on
         # the event loop get their own copy, the GPU worker keeps the pipeline's.
         self.admission_tokenizer = copy.deepcopy(pipe.tokenizer)
+        # Worked out now, while nothing else uses the tokenizer (warm-up calls may run beside
+        # requests).
+        self.warmup_prompts = warmup_prompts(pipe.tokenizer)
+        if self.serves_while_compiling:
+            # The warm-up's own pipeline over the same modules, made here for the same reason.
+            components = dict(pipe.components)
+            components["scheduler"] = copy.deepcopy(pipe.scheduler)
+            components["tokenizer"] = copy.deepcopy(pipe.tokenizer)
+            self._warmup_pipe = type(pipe)(**components)
+            self._warmup_pipe.set_progress_bar_config(disable=True)
         self.pipe = pipe
         self.edit_pipes = edit_pipelines(pipe)
 
@@ -318,9 +346,11 @@ class PipelineRunner:
         limit = self.settings.max_cuda_graphs
         for part in self.settings.cuda_graph_parts:
             if part == "transformer":
-                graphs[part] = cuda_graphs.install(pipe.transformer, "transformer", limit)
-            elif (graphed := cuda_graphs.install_text_encoder(pipe.text_encoder, limit)) is not None:
-                graphs[part] = graphed
+                graphs[part] = cuda_graphs.install(pipe.transformer, "transformer", limit, self.gate)
+            else:
+                graphed = cuda_graphs.install_text_encoder(pipe.text_encoder, limit, self.gate)
+                if graphed is not None:
+                    graphs[part] = graphed
         return graphs
 
     def warmup_specs(self) -> list[BatchSpec]:
@@ -333,7 +363,7 @@ class PipelineRunner:
         the latter, and the two compile apart. Prompts longer than the 512-token window fill
         it without padding and still compile their own variant on first use."""
         steps = self.settings.warmup_steps
-        prompts = warmup_prompts(self.pipe.tokenizer) if self.pipe is not None else WARMUP_PROMPTS
+        prompts = self.warmup_prompts
         specs = []
         for index, size in enumerate(self.settings.warmup_sizes):
             width, height = self.settings.check_size(size)
@@ -350,6 +380,34 @@ class PipelineRunner:
             if batch > 2:  # another batch size and padded length: both dimensions turn dynamic
                 specs.append(BatchSpec([prompts[2], prompts[0]], [0, 1], width, height, steps))
         return specs
+
+    def warm_up(self, spec: BatchSpec) -> BatchResult:
+        """One warm-up call that builds the compiled path while requests are served beside it
+        (on another thread, uncompiled): on a pipeline of its own over the same modules (its own
+        scheduler and tokenizer, which keep per-call state), with the adapters left as the
+        serving batch set them, its calls compiled whatever the gate says."""
+        if self._warmup_pipe is None:
+            raise RuntimeError("no warm-up beside the requests: serve_while_compiling is off or done")
+        timer = _StepTimer(self.device)
+        started = time.perf_counter()
+        with self.gate.building():
+            output = self._call_pipe(self._warmup_pipe, spec, timer, "pt")
+        return BatchResult(partials.to_pil(output.images), timer.durations(), time.perf_counter() - started)
+
+    def finish_warm_up(self) -> None:
+        """The compiled path is built: every call runs it from now on."""
+        self.gate.open()
+        self._warmup_pipe = None
+
+    def warm_up_failed(self) -> None:
+        """The compiled path could not be built: calls go on uncompiled, the gate shut."""
+        self._warmup_pipe = None
+
+    @property
+    def compiling(self) -> bool:
+        """Whether a warm-up beside the requests is building the compiled path (from the load
+        until it ends or fails)."""
+        return self._warmup_pipe is not None
 
     def check_prompt(self, prompt: str) -> None:
         """Raise ``ValueError`` if the pipeline's tokenizer cannot encode ``prompt``: refused at
@@ -372,6 +430,9 @@ class PipelineRunner:
         if observer is not None:
             decoder = partials.PartialDecoder(pipe, spec.partials, spec.denoising_steps, observer)
             timer.observe(observer, decoder)
+        uncompiled = self.compiling  # beside the warm-up that builds the compiled pipeline
+        if uncompiled and self._text_encoder_turns is not None:
+            self._text_encoder_turns.waited(reset=True)
         started = time.perf_counter()
         output = self.run_pipe(spec, timer, "pt")
         images = partials.to_pil(output.images)
@@ -381,20 +442,31 @@ class PipelineRunner:
                 Image.composite(image, original.convert("RGB"), mask)
                 for image, original, mask in zip(images, spec.edit.images, spec.edit.masks, strict=True)
             ]
-        return BatchResult(
-            images=images,
-            step_seconds=timer.durations(),
-            seconds=time.perf_counter() - started,
-        )
+        seconds = time.perf_counter() - started
+        result = BatchResult(images=images, step_seconds=timer.durations(), seconds=seconds)
+        if uncompiled:
+            waited = self._text_encoder_turns.waited() if self._text_encoder_turns is not None else 0.0
+            logger.info(
+                "a batch of %d served uncompiled beside the compile in %.2fs: %.2fs of it waiting for the "
+                "text encoder, steps %s s",
+                len(spec.prompts),
+                result.seconds,
+                waited,
+                ", ".join(f"{step:.3f}" for step in result.step_seconds),
+            )
+        return result
 
     def run_pipe(self, spec: BatchSpec, callback: Any, output_type: str) -> Any:
         """One pipeline call for ``spec``: the seeds' CPU generators (the same starting noise on
         any device and in any batch), the prompts' window, no guidance, the batch's adapters."""
         self.adapters.activate(spec.adapters)
+        pipe = self.pipe if spec.edit is None else self.edit_pipes[spec.edit.kind]
+        return self._call_pipe(pipe, spec, callback, output_type)
+
+    def _call_pipe(self, pipe: Any, spec: BatchSpec, callback: Any, output_type: str) -> Any:
         generators = [torch.Generator("cpu").manual_seed(seed) for seed in spec.seeds]
-        pipe, edit = self.pipe, {}
+        edit: dict[str, Any] = {}
         if spec.edit is not None:
-            pipe = self.edit_pipes[spec.edit.kind]
             edit = {"image": list(spec.edit.images), "strength": spec.edit.strength}
             if spec.edit.kind == "inpaint":
                 edit["mask_image"] = list(spec.edit.masks)
@@ -406,7 +478,7 @@ class PipelineRunner:
             num_inference_steps=spec.steps,
             guidance_scale=TURBO_GUIDANCE_SCALE,
             generator=generators,
-            max_sequence_length=prompt_window(self.pipe.tokenizer, spec.prompts),
+            max_sequence_length=prompt_window(pipe.tokenizer, spec.prompts),
             callback_on_step_end=callback,
             output_type=output_type,
         )

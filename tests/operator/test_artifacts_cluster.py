@@ -63,6 +63,7 @@ def test_the_second_replica_loads_the_compile_artifacts_the_first_wrote(
         "runtime": {
             "compileArtifacts": {"enabled": True, "claimName": "kernels"},
             "warmupSizes": ["256x256"],
+            "maxBatchSize": 1,  # the warm-up's two calls instead of six (no batch shapes)
         },
         "autoscaling": {"mode": "none"},
         "replicas": 1,

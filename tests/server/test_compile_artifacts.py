@@ -128,6 +128,8 @@ def _serve_until_compiled(
             "--model", str(tiny_model_dir), "--device", "cpu", "--compile", "true",
             "--compile-cache-dir", str(local_cache), "--compile-artifacts-dir", str(shared),
             "--warmup-sizes", "256x256", "--min-size", "64",
+            # One image a batch: the warm-up's two calls instead of six (no batch shapes).
+            "--max-batch-size", "1",
         ],
         stdout=log,
         stderr=subprocess.STDOUT,
